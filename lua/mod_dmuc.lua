@@ -1,0 +1,325 @@
+-- mod_dmuc: Distributed MUC (DMUC3) for Prosody.
+--
+-- A thin shim over the dmuc engine (dmuc_prosody.so, built from Rust, found next to this file).
+-- It forwards host events into the engine and routes what comes back. No protocol logic lives
+-- here: it is written and tested once, in the engine.
+--
+-- The role comes from where the module is loaded:
+--   * on a MUC component (Component "conference.x" "muc", modules_enabled = { "dmuc" }): master;
+--   * as a component of its own (Component "mirror.x" "dmuc"): mirror;
+--   * on a VirtualHost: hands local users' stanzas for mirrored services to the mirror.
+
+local st = require "util.stanza";
+local xml = require "util.xml";
+local jid_resource = require "util.jid".resource;
+local time_now = require "util.time".now;
+
+local DMUC_FEATURE = "http://tridsys.com/protocol/dmuc";
+
+-- The native module, loaded from this module's own folder (no global path edits).
+local open, load_err = package.loadlib(module:get_directory() .. "/dmuc_prosody.so", "luaopen_dmuc_prosody");
+if not open then
+	error("mod_dmuc: cannot load dmuc_prosody.so from " .. module:get_directory() .. ": " .. tostring(load_err));
+end
+local native = open();
+native.set_logger(function(level, message) module:log(level, "%s", message) end);
+
+-- Engine output is XML text; Prosody routes stanza objects. Our stanzas belong to the stream's
+-- default namespace, which Prosody leaves implicit.
+local function to_stanza(text)
+	local stanza, err = xml.parse(text);
+	if not stanza then
+		module:log("error", "engine produced unparsable XML (%s): %s", err, text);
+		return nil;
+	end
+	stanza.attr.xmlns = nil;
+	return stanza;
+end
+
+-- Call into the engine; an error is logged, never raised into Prosody's stanza processing.
+local function call(engine, method, ...)
+	local ok, a, b, c = pcall(engine[method], engine, ...);
+	if not ok then
+		module:log("warn", "dmuc %s refused input: %s", method, tostring(a));
+		return nil, tostring(a);
+	end
+	return a, b, c;
+end
+
+-- Answer a stanza the engine could not take with an XMPP error, so nothing is silently lost.
+local function bounce(origin, stanza, text)
+	if stanza.attr.type ~= "error" and stanza.attr.type ~= "result" then
+		local reply = st.error_reply(stanza, "modify", "bad-request", text);
+		if origin and origin.send then origin.send(reply) else module:send(reply) end
+	end
+end
+
+local function drain(engine)
+	while true do
+		local text = engine:poll_transmit();
+		if not text then break end
+		local stanza = to_stanza(text);
+		if stanza then module:send(stanza); end
+	end
+end
+
+local host_type = module:get_host_type();
+local component_module = module:get_option_string("component_module");
+
+if host_type == "component" and component_module == "muc" then
+	---------------------------------------------------------------- master
+	local trusted = module:get_option("dmuc_trusted_mirrors", {});
+	local ok, master = pcall(native.master, { trusted_mirrors = trusted });
+	if not ok then error("mod_dmuc: " .. tostring(master)); end
+
+	local mod_muc = module:depends("muc");
+	local room_mt = mod_muc.room_mt;
+
+	module:add_feature(DMUC_FEATURE);
+	module:hook("muc-disco#info", function(event)
+		event.reply:tag("feature", { var = DMUC_FEATURE }):up();
+	end);
+
+	local function evict(action)
+		local room = mod_muc.get_room_from_jid(action.room);
+		local occupant = room and room:get_occupant_by_nick(action.room .. "/" .. action.nick);
+		if not occupant then return end
+		-- Show the occupant leaving for a technical reason (XEP-0045 status 333).
+		local x = st.stanza("x", { xmlns = "http://jabber.org/protocol/muc#user" })
+			:tag("status", { code = "333" }):up();
+		occupant.role = nil;
+		room:save_occupant(occupant);
+		room:publicise_occupant_status(occupant, x);
+		module:fire_event("muc-occupant-left", { room = room; nick = occupant.nick; occupant = occupant });
+	end
+
+	local function drain_master()
+		drain(master);
+		while true do
+			local action = master:poll_action();
+			if not action then break end
+			if action.kind == "evict" then evict(action); end
+		end
+	end
+
+	local function snapshot(room, mirror, nick)
+		local occupants = {};
+		for _, occupant in room:each_occupant() do
+			local pres = st.clone(occupant:get_presence());
+			pres.attr.from = occupant.nick;
+			local x = st.stanza("x", { xmlns = "http://jabber.org/protocol/muc#user" });
+			room:build_item_list(occupant, x, false);
+			pres:add_child(x);
+			table.insert(occupants, tostring(pres));
+		end
+		local form = room:get_form_layout(true):form(nil, "form");
+		call(master, "handle_snapshot", time_now(), room.jid, mirror, nick, tostring(form), occupants);
+	end
+
+	-- Joins, leaves and status changes of users behind a mirror. Low priority: the room's own
+	-- access checks (bans, members-only, passwords) run first.
+	local function on_presence(event)
+		local stanza = event.stanza;
+		local occupant = event.occupant or event.dest_occupant;
+		local granted = occupant and jid_resource(occupant.nick);
+		local verdict, mirror, sync = call(master, "handle_presence", time_now(), tostring(stanza), granted);
+		if verdict == nil then
+			bounce(event.origin, stanza, "Malformed presence");
+			return true;
+		end
+		if verdict == "join" and sync then
+			snapshot(event.room, mirror, granted);
+		end
+		drain_master();
+		if verdict == "refused" then return true; end
+	end
+	module:hook("muc-occupant-pre-join", on_presence, -100);
+	module:hook("muc-occupant-pre-change", on_presence, -100);
+	module:hook("muc-occupant-pre-leave", on_presence, -100);
+
+	module:hook("muc-occupant-left", function(event)
+		local real = event.stanza and event.stanza.attr.from;
+		if real then master:handle_left(event.room.jid, real); end
+		for session in event.occupant:each_session() do
+			master:handle_left(event.room.jid, session);
+		end
+	end);
+
+	-- History requests from mirrors, and the mirrors' answers to our sync IQs.
+	local function on_iq(event)
+		local stanza = event.stanza;
+		if stanza.attr.type == "set" then return end
+		if stanza.attr.type == "get" and not stanza:get_child("room", "urn:xmpp:dmuc:0") then return end
+		local verdict, request = call(master, "handle_iq", time_now(), tostring(stanza));
+		if verdict == nil then
+			bounce(event.origin, stanza, "Malformed request");
+			return true;
+		end
+		if verdict == "history" then
+			local room = mod_muc.get_room_from_jid(request.room);
+			local messages = {};
+			for _, entry in ipairs(room and room._history or {}) do
+				table.insert(messages, tostring(entry.stanza));
+			end
+			local subject;
+			if room then
+				local from, text = room:get_subject();
+				subject = tostring(st.message({ from = from; type = "groupchat" }):tag("subject"):text(text or ""):up());
+			end
+			call(master, "handle_history", time_now(), request, messages, subject);
+		end
+		drain_master();
+		if verdict ~= "pass" then return true; end
+	end
+	module:hook("iq/full", on_iq, 10);
+	module:hook("iq/bare", on_iq, 10);
+
+	-- One broadcast = one copy per mirror: bracket the room methods that fan out.
+	local wrapped = {};
+	for _, name in ipairs({ "broadcast", "publicise_occupant_status" }) do
+		local original = room_mt[name];
+		wrapped[name] = original;
+		room_mt[name] = function(room, ...)
+			master:begin_broadcast(room.jid);
+			local result = table.pack(pcall(original, room, ...));
+			master:end_broadcast(room.jid);
+			drain_master();
+			if not result[1] then error(result[2], 0); end
+			return table.unpack(result, 2, result.n);
+		end
+	end
+	function module.unload()
+		for name, original in pairs(wrapped) do room_mt[name] = original; end
+	end
+
+	-- Everything the MUC sends towards other servers passes here.
+	module:hook("route/remote", function(event)
+		local stanza = event.stanza;
+		if not master:routes_via_mirror(stanza.attr.to or "") then return end
+		local verdict, replacement = call(master, "handle_outbound", time_now(), tostring(stanza));
+		if verdict == "drop" then return true; end
+		if verdict == "replace" then
+			local s = to_stanza(replacement);
+			if s then module:send(s); end
+			return true;
+		end
+	end, 10);
+
+	-- Link loss: the mirror's users are shown leaving; the mirror's rejoin resyncs it.
+	local function on_link(up)
+		return function(event)
+			local session = event.session;
+			local peer = session.to_host or session.from_host;
+			if peer then
+				master:handle_link(time_now(), peer, up);
+				drain_master();
+			end
+		end
+	end
+	module:hook("s2sout-destroyed", on_link(false));
+	module:hook("s2sin-destroyed", on_link(false));
+	module:hook("s2sout-established", on_link(true));
+
+	module:log("info", "dmuc master: trusted mirrors %s", table.concat(trusted, ", "));
+
+elseif host_type == "component" and component_module == "dmuc" then
+	---------------------------------------------------------------- mirror
+	local masters = module:get_option("dmuc_masters", {});
+	local ok, mirror = pcall(native.mirror, {
+		service = module.host;
+		masters = masters;
+		queue_limit = module:get_option("dmuc_queue_limit");
+		join_timeout = module:get_option("dmuc_join_timeout");
+		history_size = module:get_option("dmuc_history_size");
+	});
+	if not ok then error("mod_dmuc: " .. tostring(mirror)); end
+
+	module:add_feature(DMUC_FEATURE);
+
+	local timer_at;
+	local function schedule()
+		local at = mirror:poll_timeout();
+		if at and (not timer_at or at < timer_at) then
+			timer_at = at;
+			module:add_timer(math.max(0, at - time_now()), function()
+				timer_at = nil;
+				mirror:handle_timeout(time_now());
+				drain(mirror);
+				schedule();
+			end);
+		end
+	end
+
+	local function run(method, origin, stanza)
+		local consumed = call(mirror, method, time_now(), tostring(stanza));
+		if consumed == nil then
+			bounce(origin, stanza, "Malformed stanza");
+			return true;
+		end
+		drain(mirror);
+		schedule();
+		return consumed;
+	end
+
+	-- The VirtualHost half finds this mirror through a table shared by every host.
+	local registry = module:shared("/*/dmuc/mirrors");
+	registry[module.host] = {
+		handles = function(to) return mirror:handles(to) end;
+		handle_local = function(origin, stanza) return run("handle_local", origin, stanza) end;
+		handle_remote = function(origin, stanza) return run("handle_remote", origin, stanza) end;
+	};
+	function module.unload() registry[module.host] = nil; end
+
+	-- Stanzas from masters to the mirror service and to users' escaped JIDs at it.
+	local function from_master(event)
+		if run("handle_remote", event.origin, event.stanza) then return true; end
+	end
+	for _, kind in ipairs({ "presence", "message", "iq" }) do
+		module:hook(kind .. "/host", from_master);
+		module:hook(kind .. "/bare", from_master);
+	end
+
+	local function on_link(up)
+		return function(event)
+			local session = event.session;
+			local peer = session.to_host or session.from_host;
+			if peer then
+				mirror:handle_link(time_now(), peer, up);
+				drain(mirror);
+			end
+		end
+	end
+	-- s2s sessions belong to the users' host (the mirror speaks as its users), so listen globally.
+	module:hook_global("s2sout-destroyed", on_link(false));
+	module:hook_global("s2sout-established", on_link(true));
+
+	module:log("info", "dmuc mirror for %s", table.concat(masters, ", "));
+
+elseif host_type == "local" then
+	---------------------------------------------------------------- user host
+	local registry = module:shared("/*/dmuc/mirrors");
+	local function mirror_for(to)
+		if not to then return nil end
+		for _, m in pairs(registry) do
+			if m.handles(to) then return m end
+		end
+	end
+
+	-- Local users' presences to occupant JIDs and groupchat messages go through the mirror.
+	local function outgoing(event)
+		local m = mirror_for(event.stanza.attr.to);
+		if m and m.handle_local(event.origin, event.stanza) then return true; end
+	end
+	module:hook("pre-presence/full", outgoing, 100);
+	module:hook("pre-message/bare", outgoing, 100);
+
+	-- A join error the master sent straight to the user ends the mirror's pending join.
+	module:hook("presence/full", function(event)
+		local stanza = event.stanza;
+		if stanza.attr.type ~= "error" or not event.origin or event.origin.type ~= "s2sin" then return end
+		local m = mirror_for(stanza.attr.from);
+		if m then m.handle_remote(event.origin, stanza); end
+	end, 100);
+else
+	error("mod_dmuc: load it on a MUC component (master), as Component \"...\" \"dmuc\" (mirror), or on a VirtualHost");
+end

@@ -1,0 +1,21 @@
+//! `dmuc_prosody`: the Lua 5.4 native module that `mod_dmuc.lua` loads. It only exports; the
+//! wrappers live in [`master`] and [`mirror`], error mapping in [`error`], logging in [`log`].
+
+mod error;
+mod log;
+mod master;
+mod mirror;
+
+use mlua::prelude::*;
+
+/// `luaopen_dmuc_prosody`: returns `{ master = fn(config), mirror = fn(config), set_logger = fn(f) }`.
+#[mlua::lua_module]
+fn dmuc_prosody(lua: &Lua) -> LuaResult<LuaTable> {
+    log::install();
+    let exports = lua.create_table()?;
+    exports.set("master", lua.create_function(master::new)?)?;
+    exports.set("mirror", lua.create_function(mirror::new)?)?;
+    exports.set("set_logger", lua.create_function(log::set_logger)?)?;
+    exports.set("version", env!("CARGO_PKG_VERSION"))?;
+    Ok(exports)
+}

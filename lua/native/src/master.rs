@@ -1,0 +1,185 @@
+//! The master role as Lua userdata: `native.master{ trusted_mirrors = {...} }`.
+
+use dmuc::master::{
+    HistoryRequest, IqVerdict, Master, MasterAction, MasterConfig, Outbound, PresenceVerdict,
+    TrustedMirror,
+};
+use dmuc::Timestamp;
+use mlua::prelude::*;
+
+use crate::error::ShimError;
+use crate::log;
+
+pub struct LuaMaster(Master);
+
+/// A history request handed to Lua and back.
+pub struct LuaHistoryRequest(HistoryRequest);
+
+impl LuaUserData for LuaHistoryRequest {
+    fn add_fields<F: LuaUserDataFields<Self>>(fields: &mut F) {
+        fields.add_field_method_get("room", |_, this| Ok(this.0.room.clone()));
+        fields.add_field_method_get("to", |_, this| Ok(this.0.to.clone()));
+    }
+}
+
+fn strings(option: &'static str, value: Option<LuaValue>) -> Result<Vec<String>, ShimError> {
+    let bad = |reason: &str| ShimError::Option {
+        option,
+        reason: reason.to_string(),
+    };
+    match value {
+        None | Some(LuaValue::Nil) => Ok(Vec::new()),
+        Some(LuaValue::String(s)) => Ok(vec![s.to_string_lossy()]),
+        Some(LuaValue::Table(t)) => t
+            .sequence_values::<LuaValue>()
+            .map(|v| match v {
+                Ok(LuaValue::String(s)) if !s.to_string_lossy().trim().is_empty() => {
+                    Ok(s.to_string_lossy().trim().to_ascii_lowercase())
+                }
+                _ => Err(bad("expected a list of domain names")),
+            })
+            .collect(),
+        Some(_) => Err(bad("expected a list of domain names")),
+    }
+}
+
+pub(crate) fn domains(
+    option: &'static str,
+    value: Option<LuaValue>,
+) -> Result<Vec<String>, ShimError> {
+    let list = strings(option, value)?;
+    for d in &list {
+        if jid::DomainPart::new(d).is_err() || d.contains('@') || d.contains('/') {
+            return Err(ShimError::Option {
+                option,
+                reason: format!("'{d}' is not a domain name"),
+            });
+        }
+    }
+    Ok(list)
+}
+
+pub fn new(_: &Lua, config: LuaTable) -> LuaResult<LuaMaster> {
+    let mirrors = domains("dmuc_trusted_mirrors", config.get("trusted_mirrors")?)?;
+    let config = MasterConfig {
+        trusted_mirrors: mirrors.into_iter().map(TrustedMirror::new).collect(),
+    };
+    Ok(LuaMaster(Master::new(config)))
+}
+
+fn now(t: f64) -> Timestamp {
+    Timestamp::from_secs_f64(t)
+}
+
+impl LuaUserData for LuaMaster {
+    fn add_methods<M: LuaUserDataMethods<Self>>(methods: &mut M) {
+        methods.add_method("routes_via_mirror", |_, this, to: String| {
+            Ok(this.0.routes_via_mirror(&to))
+        });
+        methods.add_method("mirrors", |_, this, room: String| Ok(this.0.mirrors(&room)));
+        methods.add_method_mut(
+            "handle_presence",
+            |lua, this, (t, xml, nick): (f64, String, Option<String>)| {
+                let r = this.0.handle_presence(now(t), &xml, nick.as_deref());
+                log::flush(lua);
+                Ok(match r.map_err(ShimError::from)? {
+                    PresenceVerdict::Pass => ("pass", None, false),
+                    PresenceVerdict::Refused => ("refused", None, false),
+                    PresenceVerdict::MirrorJoin { mirror, sync } => ("join", Some(mirror), sync),
+                })
+            },
+        );
+        methods.add_method_mut(
+            "handle_snapshot",
+            |lua,
+             this,
+             (t, room, mirror, nick, form, occupants): (
+                f64,
+                String,
+                String,
+                String,
+                String,
+                Vec<String>,
+            )| {
+                let r = this
+                    .0
+                    .handle_snapshot(now(t), &room, &mirror, &nick, &form, &occupants);
+                log::flush(lua);
+                r.map_err(ShimError::from)?;
+                Ok(())
+            },
+        );
+        methods.add_method_mut("handle_iq", |lua, this, (t, xml): (f64, String)| {
+            let r = this.0.handle_iq(now(t), &xml);
+            log::flush(lua);
+            Ok(match r.map_err(ShimError::from)? {
+                IqVerdict::Pass => ("pass", None),
+                IqVerdict::Consumed => ("consumed", None),
+                IqVerdict::History(req) => ("history", Some(LuaHistoryRequest(req))),
+            })
+        });
+        methods.add_method_mut(
+            "handle_history",
+            |lua,
+             this,
+             (t, req, messages, subject): (
+                f64,
+                LuaUserDataRef<LuaHistoryRequest>,
+                Vec<String>,
+                Option<String>,
+            )| {
+                let r = this
+                    .0
+                    .handle_history(now(t), &req.0, &messages, subject.as_deref());
+                log::flush(lua);
+                r.map_err(ShimError::from)?;
+                Ok(())
+            },
+        );
+        methods.add_method_mut("begin_broadcast", |_, this, room: String| {
+            this.0.begin_broadcast(&room);
+            Ok(())
+        });
+        methods.add_method_mut("end_broadcast", |lua, this, room: String| {
+            this.0.end_broadcast(&room);
+            log::flush(lua);
+            Ok(())
+        });
+        methods.add_method_mut("handle_outbound", |lua, this, (t, xml): (f64, String)| {
+            let r = this.0.handle_outbound(now(t), &xml);
+            log::flush(lua);
+            Ok(match r.map_err(ShimError::from)? {
+                Outbound::Send => ("send", None),
+                Outbound::Drop => ("drop", None),
+                Outbound::Replace(x) => ("replace", Some(x)),
+            })
+        });
+        methods.add_method_mut("handle_left", |lua, this, (room, jid): (String, String)| {
+            this.0.handle_left(&room, &jid);
+            log::flush(lua);
+            Ok(())
+        });
+        methods.add_method_mut(
+            "handle_link",
+            |lua, this, (t, domain, up): (f64, String, bool)| {
+                this.0.handle_link(now(t), &domain, up);
+                log::flush(lua);
+                Ok(())
+            },
+        );
+        methods.add_method_mut("poll_transmit", |_, this, ()| Ok(this.0.poll_transmit()));
+        methods.add_method_mut("poll_action", |lua, this, ()| {
+            Ok(match this.0.poll_action() {
+                None => None,
+                Some(MasterAction::Evict { room, nick, jid }) => {
+                    let t = lua.create_table()?;
+                    t.set("kind", "evict")?;
+                    t.set("room", room)?;
+                    t.set("nick", nick)?;
+                    t.set("jid", jid)?;
+                    Some(t)
+                }
+            })
+        });
+    }
+}

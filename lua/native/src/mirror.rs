@@ -1,0 +1,103 @@
+//! The mirror role as Lua userdata: `native.mirror{ service = ..., masters = {...}, ... }`.
+
+use dmuc::mirror::{Mirror, MirrorConfig, Verdict};
+use dmuc::Timestamp;
+use mlua::prelude::*;
+
+use crate::error::ShimError;
+use crate::log;
+use crate::master::domains;
+
+pub struct LuaMirror(Mirror);
+
+fn positive(
+    config: &LuaTable,
+    key: &'static str,
+    option: &'static str,
+) -> Result<Option<u64>, LuaError> {
+    match config.get::<LuaValue>(key)? {
+        LuaValue::Nil => Ok(None),
+        LuaValue::Integer(i) if i > 0 => Ok(Some(i as u64)),
+        LuaValue::Number(n) if n > 0.0 && n.fract() == 0.0 => Ok(Some(n as u64)),
+        _ => Err(ShimError::Option {
+            option,
+            reason: "expected a positive whole number".into(),
+        }
+        .into()),
+    }
+}
+
+pub fn new(_: &Lua, config: LuaTable) -> LuaResult<LuaMirror> {
+    let service: String = config.get("service")?;
+    let masters = domains("dmuc_masters", config.get("masters")?)?;
+    if masters.is_empty() {
+        return Err(ShimError::Option {
+            option: "dmuc_masters",
+            reason: "list at least one MUC service to mirror".into(),
+        }
+        .into());
+    }
+    let mut c = MirrorConfig::new(service, masters);
+    if let Some(n) = positive(&config, "queue_limit", "dmuc_queue_limit")? {
+        c.queue_limit = n as usize;
+    }
+    if let Some(n) = positive(&config, "join_timeout", "dmuc_join_timeout")? {
+        c.join_timeout_ms = n * 1000;
+    }
+    if let Some(n) = positive(&config, "history_size", "dmuc_history_size")? {
+        c.history_size = n as usize;
+    }
+    Ok(LuaMirror(Mirror::new(c)))
+}
+
+fn now(t: f64) -> Timestamp {
+    Timestamp::from_secs_f64(t)
+}
+
+fn verdict(v: Verdict) -> bool {
+    v == Verdict::Consumed
+}
+
+impl LuaUserData for LuaMirror {
+    fn add_methods<M: LuaUserDataMethods<Self>>(methods: &mut M) {
+        methods.add_method("handles", |_, this, jid: String| Ok(this.0.handles(&jid)));
+        methods.add_method_mut("handle_local", |lua, this, (t, xml): (f64, String)| {
+            let r = this.0.handle_local(now(t), &xml);
+            log::flush(lua);
+            Ok(verdict(r.map_err(ShimError::from)?))
+        });
+        methods.add_method_mut("handle_remote", |lua, this, (t, xml): (f64, String)| {
+            let r = this.0.handle_remote(now(t), &xml);
+            log::flush(lua);
+            Ok(verdict(r.map_err(ShimError::from)?))
+        });
+        methods.add_method_mut(
+            "handle_link",
+            |lua, this, (t, domain, up): (f64, String, bool)| {
+                this.0.handle_link(now(t), &domain, up);
+                log::flush(lua);
+                Ok(())
+            },
+        );
+        methods.add_method_mut("handle_timeout", |lua, this, t: f64| {
+            this.0.handle_timeout(now(t));
+            log::flush(lua);
+            Ok(())
+        });
+        methods.add_method_mut("poll_transmit", |_, this, ()| Ok(this.0.poll_transmit()));
+        methods.add_method("poll_timeout", |_, this, ()| {
+            Ok(this.0.poll_timeout().map(|t| t.0 as f64 / 1000.0))
+        });
+        methods.add_method("stats", |lua, this, ()| {
+            let t = lua.create_table()?;
+            for room in this.0.rooms() {
+                let r = lua.create_table()?;
+                r.set("local_occupants", this.0.local_occupants(&room).len())?;
+                r.set("occupants", this.0.occupants(&room).len())?;
+                r.set("queue_depth", this.0.queue_depth(&room))?;
+                t.set(room, r)?;
+            }
+            Ok(t)
+        });
+    }
+}

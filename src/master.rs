@@ -1,0 +1,817 @@
+//! The master role: a hook beside the host's own MUC service. The host's rooms stay the
+//! authority on who is in a room and what is said; the master engine knows which occupants joined
+//! through which mirror, applies the trust policy to those joins, syncs a new mirror (config,
+//! roster, history), and turns the room's per-occupant broadcasts into one copy per mirror.
+//!
+//! # API
+//!
+//! Getters: [`Master::routes_via_mirror`], [`Master::mirrors`], [`Master::remote_occupants`].
+//!
+//! Inputs (`handle_*`, each given the current time):
+//! - [`Master::handle_presence`]: a presence to an occupant JID, before the MUC processes it;
+//! - [`Master::handle_snapshot`]: the room's config form and occupants, when a join asked for a sync;
+//! - [`Master::handle_iq`]: an IQ to a room (history requests, answers to our sync IQs);
+//! - [`Master::handle_history`]: the room's history, answering a [`HistoryRequest`];
+//! - [`Master::begin_broadcast`] / [`Master::end_broadcast`]: bracket one room broadcast;
+//! - [`Master::handle_outbound`]: every stanza the MUC sends towards a remote domain;
+//! - [`Master::handle_left`]: an occupant left the room;
+//! - [`Master::handle_link`]: the s2s link to a domain went down or came up.
+//!
+//! Outputs (`poll_*`): [`Master::poll_transmit`] (stanzas to route) and [`Master::poll_action`]
+//! (things only the host can do to its room, such as removing the occupants of a lost mirror).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+use jid::Jid;
+use minidom::Element;
+use tracing::{debug, info, warn};
+
+use crate::elements::{
+    Affiliation, Config, Dmuc, HistoryResult, Role, Room, Roster, RosterAffiliation, RosterItem,
+};
+use crate::error::Error;
+use crate::escape;
+use crate::ns;
+use crate::room_history::{self, Entry};
+use crate::stanza::{self, Condition};
+use crate::time::Timestamp;
+use xmpp_parsers::muc::muc::History;
+
+/// A mirror the master accepts joins from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustedMirror {
+    /// The mirror service's domain, e.g. `mirror.raleigh.localhost`.
+    pub mirror: String,
+    /// User domains the mirror may speak for. Empty means the mirror's parent domain
+    /// (`raleigh.localhost` for `mirror.raleigh.localhost`).
+    pub user_domains: Vec<String>,
+}
+
+impl TrustedMirror {
+    /// A mirror that speaks for its parent domain.
+    pub fn new(mirror: impl Into<String>) -> Self {
+        TrustedMirror {
+            mirror: mirror.into().to_ascii_lowercase(),
+            user_domains: Vec::new(),
+        }
+    }
+
+    /// May this mirror forward joins of users at `domain`?
+    pub fn may_speak_for(&self, domain: &str) -> bool {
+        if self.user_domains.is_empty() {
+            parent_domain(&self.mirror) == Some(domain)
+        } else {
+            self.user_domains
+                .iter()
+                .any(|d| d.eq_ignore_ascii_case(domain))
+        }
+    }
+}
+
+fn parent_domain(domain: &str) -> Option<&str> {
+    domain
+        .split_once('.')
+        .map(|(_, parent)| parent)
+        .filter(|p| p.contains('.') || !p.is_empty())
+}
+
+/// Master settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MasterConfig {
+    /// Mirrors allowed to forward joins.
+    pub trusted_mirrors: Vec<TrustedMirror>,
+}
+
+/// What the host does with a presence after [`Master::handle_presence`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PresenceVerdict {
+    /// Not a mirror matter, or a mirror matter the MUC handles as usual: go on.
+    Pass,
+    /// A join through a trusted mirror: go on with the join. If `sync` is true, this is the
+    /// mirror's first occupant in the room: call [`Master::handle_snapshot`] before the MUC
+    /// broadcasts the join.
+    MirrorJoin {
+        /// The mirror's domain.
+        mirror: String,
+        /// Whether the mirror needs the room's config and roster.
+        sync: bool,
+    },
+    /// Refused. The error is queued for [`Master::poll_transmit`]; the host must stop processing.
+    Refused,
+}
+
+/// What the host does with an IQ after [`Master::handle_iq`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum IqVerdict {
+    /// Not ours.
+    Pass,
+    /// Handled (an answer to one of our sync IQs, or an error reply is queued).
+    Consumed,
+    /// A mirror asks for history: gather the room's messages and call [`Master::handle_history`].
+    History(HistoryRequest),
+}
+
+/// A mirror's request for a room's history.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryRequest {
+    /// The room's bare JID.
+    pub room: String,
+    /// Where the answer goes (the mirror).
+    pub to: String,
+    /// The JID the request was addressed to (the answer comes from it).
+    pub from: String,
+    /// The IQ id.
+    pub id: String,
+    /// `maxchars`, `maxstanzas`, `seconds`, `since`.
+    pub limits: History,
+}
+
+/// What the host does with an outbound stanza after [`Master::handle_outbound`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outbound {
+    /// Send it as it is.
+    Send,
+    /// Don't send it: it was folded into one copy per mirror, or the mirror serves it itself.
+    Drop,
+    /// Send this instead (an error re-addressed to the user's escaped JID at the mirror).
+    Replace(String),
+}
+
+/// Things the host must do to its own room.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MasterAction {
+    /// Remove an occupant whose mirror's link is lost: show it leaving with status 333.
+    Evict {
+        /// The room's bare JID.
+        room: String,
+        /// The occupant's nick.
+        nick: String,
+        /// The occupant's real JID.
+        jid: String,
+    },
+}
+
+/// An occupant that joined through a mirror.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Remote {
+    nick: String,
+    mirror: String,
+    /// Has the room broadcast this occupant's join yet? Until then an error is a refused join.
+    confirmed: bool,
+}
+
+#[derive(Debug, Default)]
+struct RoomState {
+    /// Occupants that joined through a mirror, by real (full) JID.
+    by_real: HashMap<String, Remote>,
+    /// Mirrors with occupants here, and whether their link is down.
+    mirrors: BTreeMap<String, MirrorLink>,
+    /// Leaves the mirror announced itself: its copy of that broadcast is not sent back.
+    announced_leave: BTreeSet<String>,
+    /// Nesting depth of broadcasts.
+    depth: u32,
+    /// One candidate copy per mirror for the broadcast under way.
+    captured: BTreeMap<String, Captured>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct MirrorLink {
+    down: bool,
+}
+
+#[derive(Debug)]
+struct Captured {
+    rank: u8,
+    stanza: Element,
+}
+
+impl RoomState {
+    fn remote_by_nick(&self, nick: &str) -> Option<(&String, &Remote)> {
+        self.by_real.iter().find(|(_, r)| r.nick == nick)
+    }
+
+    fn mirror_has_occupants(&self, mirror: &str) -> bool {
+        self.by_real.values().any(|r| r.mirror == mirror)
+    }
+}
+
+/// The master engine for one MUC service.
+#[derive(Debug)]
+pub struct Master {
+    config: MasterConfig,
+    rooms: HashMap<String, RoomState>,
+    transmits: VecDeque<String>,
+    actions: VecDeque<MasterAction>,
+    sync_iqs: BTreeSet<String>,
+    next_id: u64,
+}
+
+/// Split `room@service/nick` into (`room@service`, `nick`).
+fn split_occupant(jid: &Jid) -> (String, Option<String>) {
+    (
+        jid.to_bare().to_string(),
+        jid.resource().map(|r| r.to_string()),
+    )
+}
+
+impl Master {
+    /// A master with these settings.
+    pub fn new(config: MasterConfig) -> Self {
+        Master {
+            config,
+            rooms: HashMap::new(),
+            transmits: VecDeque::new(),
+            actions: VecDeque::new(),
+            sync_iqs: BTreeSet::new(),
+            next_id: 0,
+        }
+    }
+
+    // ---- getters ----
+
+    /// Does a stanza to `to` need [`Master::handle_outbound`]? True for occupants that joined
+    /// through a mirror. Cheap: the host can skip serialising everything else.
+    pub fn routes_via_mirror(&self, to: &str) -> bool {
+        !self.rooms.is_empty() && self.rooms.values().any(|r| r.by_real.contains_key(to))
+    }
+
+    /// The mirrors with occupants in `room`.
+    pub fn mirrors(&self, room: &str) -> Vec<String> {
+        self.rooms
+            .get(room)
+            .map(|r| r.mirrors.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// `(nick, real JID, mirror)` of the occupants of `room` that joined through a mirror.
+    pub fn remote_occupants(&self, room: &str) -> Vec<(String, String, String)> {
+        let mut v: Vec<_> = self
+            .rooms
+            .get(room)
+            .map(|r| {
+                r.by_real
+                    .iter()
+                    .map(|(j, o)| (o.nick.clone(), j.clone(), o.mirror.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// Is the link to `mirror` known to be down?
+    pub fn link_down(&self, mirror: &str) -> bool {
+        self.rooms
+            .values()
+            .any(|r| r.mirrors.get(mirror).is_some_and(|l| l.down))
+    }
+
+    // ---- outputs ----
+
+    /// The next stanza to route.
+    pub fn poll_transmit(&mut self) -> Option<String> {
+        self.transmits.pop_front()
+    }
+
+    /// The next thing the host must do to its room.
+    pub fn poll_action(&mut self) -> Option<MasterAction> {
+        self.actions.pop_front()
+    }
+
+    fn send(&mut self, el: &Element) {
+        self.transmits.push_back(stanza::serialize(el));
+    }
+
+    fn id(&mut self, prefix: &str) -> String {
+        self.next_id += 1;
+        format!("dmuc-{prefix}-{}", self.next_id)
+    }
+
+    fn trust(&self, mirror: &str) -> Option<&TrustedMirror> {
+        self.config
+            .trusted_mirrors
+            .iter()
+            .find(|t| t.mirror.eq_ignore_ascii_case(mirror))
+    }
+
+    /// Send `error` about `stanza` to the user: at their escaped JID at the mirror (DMUC3
+    /// §Failure case) when the mirror is trusted, else straight to the user.
+    fn refuse(
+        &mut self,
+        stanza: &Element,
+        user: &Jid,
+        mirror: Option<&str>,
+        cond: Condition,
+        text: &str,
+    ) {
+        let from = stanza.attr("to").unwrap_or_default().to_string();
+        let room = Jid::new(&from)
+            .map(|j| j.to_bare().to_string())
+            .unwrap_or(from);
+        let to = match mirror {
+            Some(domain) => match escape::jid_at_service(user, domain) {
+                Ok(addr) => addr.to_string(),
+                Err(_) => user.to_string(),
+            },
+            None => user.to_string(),
+        };
+        let reply = stanza::error_reply(stanza, &room, &to, cond, text);
+        self.send(&reply);
+    }
+
+    // ---- inputs ----
+
+    /// A presence addressed to an occupant JID (`room@service/nick`), before the MUC sees it.
+    /// `granted_nick` is the nick the MUC will give the user, when the host knows it (a nick the
+    /// MUC would rewrite fails the join instead: DMUC3 §Business Rules).
+    pub fn handle_presence(
+        &mut self,
+        _now: Timestamp,
+        xml: &str,
+        granted_nick: Option<&str>,
+    ) -> Result<PresenceVerdict, Error> {
+        let p = stanza::parse(xml)?;
+        if p.name() != "presence" {
+            return Err(Error::UnexpectedElement {
+                expected: "presence",
+                got: p.name().to_string(),
+            });
+        }
+        let from = stanza::jid_attr(&p, "presence", "from")?;
+        let to = stanza::jid_attr(&p, "presence", "to")?;
+        let (room, Some(nick)) = split_occupant(&to) else {
+            return Ok(PresenceVerdict::Pass);
+        };
+        let from_s = from.to_string();
+        let known = self
+            .rooms
+            .get(&room)
+            .and_then(|r| r.by_real.get(&from_s))
+            .cloned();
+        match stanza::stanza_type(&p) {
+            Some("unavailable") => {
+                if let (Some(r), Some(state)) = (&known, self.rooms.get_mut(&room)) {
+                    state.announced_leave.insert(r.nick.clone());
+                }
+                return Ok(PresenceVerdict::Pass);
+            }
+            Some(_) => return Ok(PresenceVerdict::Pass),
+            None => {}
+        }
+        if let Some(r) = known {
+            if r.nick != nick {
+                info!(%from, old = %r.nick, new = %nick, "refused a nick change through a mirror");
+                self.refuse(
+                    &p,
+                    &from,
+                    Some(&r.mirror),
+                    Condition::NotAcceptable,
+                    "Nick changes are not allowed through a mirror",
+                );
+                return Ok(PresenceVerdict::Refused);
+            }
+            return Ok(PresenceVerdict::Pass);
+        }
+        let Some(marker) = p.get_child("dmuc", ns::DMUC) else {
+            return Ok(PresenceVerdict::Pass);
+        };
+        let marker = match Dmuc::try_from(marker.clone()) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(%from, error = %e, "malformed dmuc marker");
+                self.refuse(
+                    &p,
+                    &from,
+                    None,
+                    Condition::BadRequest,
+                    "Malformed dmuc element",
+                );
+                return Ok(PresenceVerdict::Refused);
+            }
+        };
+        let mirror = marker.from.to_string().to_ascii_lowercase();
+        let Some(trusted) = self.trust(&mirror) else {
+            warn!(%from, %mirror, "join through an untrusted mirror refused");
+            self.refuse(&p, &from, None, Condition::Forbidden, "Untrusted mirror");
+            return Ok(PresenceVerdict::Refused);
+        };
+        if !trusted.may_speak_for(from.domain().as_str()) {
+            warn!(%from, %mirror, "mirror may not speak for this user's domain");
+            self.refuse(
+                &p,
+                &from,
+                Some(&mirror),
+                Condition::Forbidden,
+                "This mirror may not speak for your domain",
+            );
+            return Ok(PresenceVerdict::Refused);
+        }
+        if let Some(granted) = granted_nick {
+            if granted != nick {
+                info!(%from, requested = %nick, %granted, "join would rewrite the nick: refused");
+                self.refuse(
+                    &p,
+                    &from,
+                    Some(&mirror),
+                    Condition::NotAcceptable,
+                    "This room would change your nick",
+                );
+                return Ok(PresenceVerdict::Refused);
+            }
+        }
+        let state = self.rooms.entry(room).or_default();
+        let sync = !state.mirror_has_occupants(&mirror);
+        state.mirrors.insert(mirror.clone(), MirrorLink::default());
+        state.by_real.insert(
+            from_s,
+            Remote {
+                nick,
+                mirror: mirror.clone(),
+                confirmed: false,
+            },
+        );
+        debug!(%mirror, sync, "join through mirror");
+        Ok(PresenceVerdict::MirrorJoin { mirror, sync })
+    }
+
+    /// The room's state for a mirror's first occupant: its config form (`<x xmlns='jabber:x:data'/>`)
+    /// and each occupant's presence as the room would broadcast it with real JIDs visible
+    /// (`from='room/nick'`, a muc#user `<item/>`). Queues the config and roster IQs.
+    /// `joining_nick` is the nick of the join that asked for the sync.
+    pub fn handle_snapshot(
+        &mut self,
+        _now: Timestamp,
+        room: &str,
+        mirror: &str,
+        joining_nick: &str,
+        config_form: &str,
+        occupants: &[String],
+    ) -> Result<(), Error> {
+        let form = stanza::parse(config_form)?;
+        if !form.is("x", ns::DATA_FORMS) {
+            return Err(Error::UnexpectedElement {
+                expected: "x",
+                got: form.name().to_string(),
+            });
+        }
+        let mut roster = Roster::default();
+        for text in occupants {
+            match roster_item(text) {
+                Ok(item) => roster.items.push(item),
+                Err(e) => warn!(error = %e, "skipped an occupant the host could not describe"),
+            }
+        }
+        let id = self.id("config");
+        let config = iq_set(
+            &format!("{room}/{joining_nick}"),
+            mirror,
+            &id,
+            Config::new(form).into(),
+        );
+        self.sync_iqs.insert(id);
+        self.send(&config);
+        let id = self.id("roster");
+        let roster = iq_set(room, mirror, &id, roster.into());
+        self.sync_iqs.insert(id);
+        self.send(&roster);
+        Ok(())
+    }
+
+    /// An IQ addressed to a room or occupant JID of this service.
+    pub fn handle_iq(&mut self, _now: Timestamp, xml: &str) -> Result<IqVerdict, Error> {
+        let iq = stanza::parse(xml)?;
+        if iq.name() != "iq" {
+            return Err(Error::UnexpectedElement {
+                expected: "iq",
+                got: iq.name().to_string(),
+            });
+        }
+        match stanza::stanza_type(&iq) {
+            Some("result") | Some("error") => {
+                let id = iq.attr("id").unwrap_or_default();
+                if self.sync_iqs.remove(id) {
+                    if stanza::stanza_type(&iq) == Some("error") {
+                        warn!(id, "mirror refused a sync IQ");
+                    }
+                    return Ok(IqVerdict::Consumed);
+                }
+                Ok(IqVerdict::Pass)
+            }
+            Some("get") => {
+                let Some(room_el) = iq.get_child("room", ns::DMUC0) else {
+                    return Ok(IqVerdict::Pass);
+                };
+                let from = stanza::jid_attr(&iq, "iq", "from")?;
+                let to = iq.attr("to").unwrap_or_default().to_string();
+                let request = match Room::try_from(room_el.clone()) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let reply = stanza::error_reply(
+                            &iq,
+                            &to,
+                            &from.to_string(),
+                            Condition::BadRequest,
+                            &e.to_string(),
+                        );
+                        self.send(&reply);
+                        return Ok(IqVerdict::Consumed);
+                    }
+                };
+                let room = request.id.to_string();
+                let mirror = from.to_string();
+                let known = self
+                    .rooms
+                    .get(&room)
+                    .is_some_and(|r| r.mirrors.contains_key(&mirror));
+                if !known || self.trust(&mirror).is_none() {
+                    let reply = stanza::error_reply(
+                        &iq,
+                        &to,
+                        &mirror,
+                        Condition::Forbidden,
+                        "Not a mirror of this room",
+                    );
+                    self.send(&reply);
+                    return Ok(IqVerdict::Consumed);
+                }
+                Ok(IqVerdict::History(HistoryRequest {
+                    room,
+                    to: mirror,
+                    from: to,
+                    id: iq.attr("id").unwrap_or_default().to_string(),
+                    limits: request.history.unwrap_or_default(),
+                }))
+            }
+            _ => Ok(IqVerdict::Pass),
+        }
+    }
+
+    /// Answer a history request with the room's messages (oldest first, each with its XEP-0203
+    /// delay) and its current subject message, if any. The request's limits are applied here.
+    pub fn handle_history(
+        &mut self,
+        now: Timestamp,
+        request: &HistoryRequest,
+        messages: &[String],
+        subject: Option<&str>,
+    ) -> Result<(), Error> {
+        let entries: Vec<Entry> = messages
+            .iter()
+            .filter_map(|m| match stanza::parse(m) {
+                Ok(el) => Some(Entry::new(without_to(el), now)),
+                Err(e) => {
+                    warn!(error = %e, "skipped a history message");
+                    None
+                }
+            })
+            .collect();
+        let mut result = HistoryResult::default();
+        for e in room_history::select(entries.iter(), now, &request.limits) {
+            result.messages.push(e.message.clone());
+        }
+        if let Some(subject) = subject {
+            result.messages.push(without_to(stanza::parse(subject)?));
+        }
+        let mut iq = Element::builder("iq", ns::JABBER_CLIENT).build();
+        stanza::set_attr(&mut iq, "from", &request.room);
+        stanza::set_attr(&mut iq, "to", &request.to);
+        stanza::set_attr(&mut iq, "id", &request.id);
+        stanza::set_attr(&mut iq, "type", "result");
+        iq.append_child(result.into());
+        self.send(&iq);
+        Ok(())
+    }
+
+    /// The room starts one broadcast (a message or an occupant's presence to every occupant).
+    pub fn begin_broadcast(&mut self, room: &str) {
+        if let Some(state) = self.rooms.get_mut(room) {
+            state.depth += 1;
+        }
+    }
+
+    /// The broadcast is over: queue one copy per mirror.
+    pub fn end_broadcast(&mut self, room: &str) {
+        let Some(state) = self.rooms.get_mut(room) else {
+            return;
+        };
+        state.depth = state.depth.saturating_sub(1);
+        if state.depth > 0 {
+            return;
+        }
+        let captured = std::mem::take(&mut state.captured);
+        let mut out = Vec::new();
+        for (mirror, c) in captured {
+            if state.mirrors.get(&mirror).is_none_or(|l| l.down) {
+                continue;
+            }
+            let mut el = c.stanza;
+            let nick = el
+                .attr("from")
+                .and_then(|f| Jid::new(f).ok())
+                .and_then(|j| j.resource().map(|r| r.to_string()));
+            let from_this_mirror = nick
+                .as_deref()
+                .and_then(|n| state.remote_by_nick(n))
+                .is_some_and(|(_, r)| r.mirror == mirror);
+            if from_this_mirror
+                && el.name() == "message"
+                && el.get_child("subject", ns::JABBER_CLIENT).is_none()
+            {
+                // The mirror already delivered its user's message to its local occupants.
+                continue;
+            }
+            if from_this_mirror
+                && el.name() == "presence"
+                && stanza::stanza_type(&el) == Some("unavailable")
+            {
+                if let Some(n) = &nick {
+                    if state.announced_leave.remove(n) {
+                        continue;
+                    }
+                }
+            }
+            stanza::set_attr(&mut el, "to", mirror.as_str());
+            out.push(el);
+        }
+        for el in out {
+            self.send(&el);
+        }
+    }
+
+    /// A stanza the MUC is about to send to a remote domain (the host calls this for stanzas
+    /// whose `to` makes [`Master::routes_via_mirror`] true).
+    pub fn handle_outbound(&mut self, _now: Timestamp, xml: &str) -> Result<Outbound, Error> {
+        let el = stanza::parse(xml)?;
+        let Some(to) = el.attr("to") else {
+            return Ok(Outbound::Send);
+        };
+        let to = to.to_string();
+        let Some(from) = el.attr("from").and_then(|f| Jid::new(f).ok()) else {
+            return Ok(Outbound::Send);
+        };
+        let room = from.to_bare().to_string();
+        let Some(state) = self.rooms.get_mut(&room) else {
+            return Ok(Outbound::Send);
+        };
+        let Some(remote) = state.by_real.get(&to).cloned() else {
+            return Ok(Outbound::Send);
+        };
+        let kind = stanza::stanza_type(&el);
+        if kind == Some("error") {
+            if !remote.confirmed && el.name() == "presence" {
+                // A join the room refused: route it through the mirror, to the escaped JID.
+                state.by_real.remove(&to);
+                if !state.mirror_has_occupants(&remote.mirror) {
+                    state.mirrors.remove(&remote.mirror);
+                }
+                let user = stanza::parse_jid(&to)?;
+                let addr = escape::jid_at_service(&user, &remote.mirror).map_err(|e| {
+                    Error::InvalidJid {
+                        jid: to.clone(),
+                        reason: e.to_string(),
+                    }
+                })?;
+                let mut el = el;
+                stanza::set_attr(&mut el, "to", addr.to_string());
+                return Ok(Outbound::Replace(stanza::serialize(&el)));
+            }
+            return Ok(Outbound::Send);
+        }
+        let broadcast_kind =
+            el.name() == "presence" || (el.name() == "message" && kind == Some("groupchat"));
+        if !broadcast_kind {
+            // Private messages, IQ answers: straight to the user, as plain MUC does.
+            return Ok(Outbound::Send);
+        }
+        if state.depth == 0 {
+            // Outside a broadcast, presences and groupchat messages to one occupant are the
+            // occupant list, history and subject of a join: the mirror serves those itself.
+            return Ok(Outbound::Drop);
+        }
+        if el.name() == "presence"
+            && remote.nick == from.resource().map(|r| r.as_str()).unwrap_or_default()
+        {
+            if let Some(r) = state.by_real.get_mut(&to) {
+                r.confirmed = true;
+            }
+        }
+        let rank = if stanza::has_status(&el, "110") {
+            2
+        } else if stanza::muc_item(&el).and_then(|i| i.attr("jid")).is_some() {
+            1
+        } else {
+            0
+        };
+        let slot = state.captured.entry(remote.mirror.clone());
+        match slot {
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(Captured { rank, stanza: el });
+            }
+            std::collections::btree_map::Entry::Occupied(mut o) => {
+                if rank > o.get().rank {
+                    o.insert(Captured { rank, stanza: el });
+                }
+            }
+        }
+        Ok(Outbound::Drop)
+    }
+
+    /// An occupant left `room` (after the room broadcast its leave).
+    pub fn handle_left(&mut self, room: &str, real_jid: &str) {
+        let Some(state) = self.rooms.get_mut(room) else {
+            return;
+        };
+        if let Some(r) = state.by_real.remove(real_jid) {
+            state.announced_leave.remove(&r.nick);
+            if !state.mirror_has_occupants(&r.mirror) {
+                state.mirrors.remove(&r.mirror);
+            }
+        }
+        if state.by_real.is_empty() && state.depth == 0 {
+            self.rooms.remove(room);
+        }
+    }
+
+    /// The s2s link to `domain` went down or came up. On loss, every occupant that joined
+    /// through a mirror at that domain (or whose own domain it is) is evicted: the host shows them
+    /// leaving (status 333) to its local users and to the other mirrors. On return, the mirror
+    /// rejoins its users, and that join resyncs it.
+    pub fn handle_link(&mut self, _now: Timestamp, domain: &str, up: bool) {
+        let domain = domain.to_ascii_lowercase();
+        let mut evict = Vec::new();
+        for (room, state) in &mut self.rooms {
+            for (mirror, link) in &mut state.mirrors {
+                let user_domain = state.by_real.iter().any(|(j, r)| {
+                    &r.mirror == mirror && Jid::new(j).is_ok_and(|j| j.domain().as_str() == domain)
+                });
+                if *mirror == domain || user_domain {
+                    link.down = !up;
+                    if !up {
+                        for (jid, r) in state.by_real.iter().filter(|(_, r)| &r.mirror == mirror) {
+                            evict.push(MasterAction::Evict {
+                                room: room.clone(),
+                                nick: r.nick.clone(),
+                                jid: jid.clone(),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        if !evict.is_empty() {
+            info!(%domain, occupants = evict.len(), "link lost: evicting the mirror's occupants");
+        }
+        evict.sort_by(|a, b| format!("{a:?}").cmp(&format!("{b:?}")));
+        self.actions.extend(evict);
+    }
+}
+
+fn without_to(mut el: Element) -> Element {
+    stanza::remove_attr(&mut el, "to");
+    el
+}
+
+fn iq_set(from: &str, to: &str, id: &str, payload: Element) -> Element {
+    let mut iq = Element::builder("iq", ns::JABBER_CLIENT).build();
+    stanza::set_attr(&mut iq, "from", from);
+    stanza::set_attr(&mut iq, "to", to);
+    stanza::set_attr(&mut iq, "id", id);
+    stanza::set_attr(&mut iq, "type", "set");
+    iq.append_child(payload);
+    iq
+}
+
+/// A roster item from an occupant's presence as the room broadcasts it.
+fn roster_item(xml: &str) -> Result<RosterItem, Error> {
+    let p = stanza::parse(xml)?;
+    let from = stanza::jid_attr(&p, "presence", "from")?;
+    let nick = from
+        .resource()
+        .map(|r| r.to_string())
+        .ok_or(Error::invalid("presence", "from has no nick"))?;
+    let item = stanza::muc_item(&p).ok_or(Error::invalid("presence", "no muc#user item"))?;
+    let affiliation: Affiliation = item
+        .attr("affiliation")
+        .unwrap_or("none")
+        .parse()
+        .map_err(|e: xso::error::Error| Error::invalid("item", e))?;
+    let role: Role = item
+        .attr("role")
+        .unwrap_or("participant")
+        .parse()
+        .map_err(|e: xso::error::Error| Error::invalid("item", e))?;
+    let jid = item.attr("jid").and_then(|j| Jid::new(j).ok());
+    let mut presence = Element::builder("presence", ns::JABBER_CLIENT).build();
+    let mut any = false;
+    for child in p.children().filter(|c| !c.is("x", ns::MUC_USER)) {
+        presence.append_child(child.clone());
+        any = true;
+    }
+    Ok(RosterItem {
+        affiliation: RosterAffiliation(affiliation),
+        role: Some(role),
+        jid,
+        name: nick,
+        presence: any.then_some(presence),
+    })
+}

@@ -1,0 +1,1271 @@
+//! The mirror role: a service on the users' server that keeps a copy of each remote room that has
+//! local occupants. Local users' stanzas for a mirrored room come here; the mirror serves joins
+//! from its copy, delivers each message to its local occupants at once and sends it to the master
+//! once, fans the master's broadcasts out to its local occupants, and keeps local chat going while
+//! the link is down.
+//!
+//! # API
+//!
+//! Getters: [`Mirror::handles`], [`Mirror::rooms`], [`Mirror::local_occupants`],
+//! [`Mirror::occupants`], [`Mirror::queue_depth`], [`Mirror::link_up`].
+//!
+//! Inputs (`handle_*`, each given the current time):
+//! - [`Mirror::handle_local`]: a stanza from a local user to a mirrored service;
+//! - [`Mirror::handle_remote`]: a stanza from a mirrored service, to the mirror (or to a local user);
+//! - [`Mirror::handle_link`]: the s2s link to a master went down or came up;
+//! - [`Mirror::handle_timeout`]: the time asked for by [`Mirror::poll_timeout`] has come.
+//!
+//! Outputs (`poll_*`): [`Mirror::poll_transmit`] (stanzas to route: to local users, or to the
+//! master) and [`Mirror::poll_timeout`].
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use jid::Jid;
+use minidom::Element;
+use tracing::{debug, info, warn};
+
+use crate::elements::{Config, Dmuc, History, HistoryResult, Room, Roster, RosterItem, Whois};
+use crate::error::Error;
+use crate::escape;
+use crate::ns;
+use crate::room_history::{Entry, RoomHistory};
+use crate::stanza::{self, Condition};
+use crate::time::Timestamp;
+
+/// Mirror settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MirrorConfig {
+    /// The mirror service's own domain, e.g. `mirror.raleigh.localhost`.
+    pub service: String,
+    /// The MUC services this mirror mirrors, e.g. `conference.fairfax.localhost`.
+    pub masters: Vec<String>,
+    /// Groupchat messages queued per room while the link is down; past this, senders get
+    /// `resource-constraint`.
+    pub queue_limit: usize,
+    /// How long a join waits for the master before the user gets `remote-server-timeout`.
+    pub join_timeout_ms: u64,
+    /// Messages of history kept per room, and served to local joins.
+    pub history_size: usize,
+}
+
+impl MirrorConfig {
+    /// Defaults: a queue of 1000 messages, joins time out after 30 s, 20 messages of history.
+    pub fn new(service: impl Into<String>, masters: Vec<String>) -> Self {
+        MirrorConfig {
+            service: service.into().to_ascii_lowercase(),
+            masters: masters
+                .into_iter()
+                .map(|m| m.to_ascii_lowercase())
+                .collect(),
+            queue_limit: 1000,
+            join_timeout_ms: 30_000,
+            history_size: 20,
+        }
+    }
+}
+
+/// What the host does with a stanza after [`Mirror::handle_local`] or [`Mirror::handle_remote`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The mirror took it; its consequences come from [`Mirror::poll_transmit`].
+    Consumed,
+    /// Not the mirror's business: route it as usual.
+    Pass,
+}
+
+#[derive(Debug, Clone)]
+struct Occupant {
+    /// The presence as the room broadcasts it (`from` = room/nick, no `to`, a muc#user item).
+    presence: Element,
+    /// Set when the occupant is one of our local users: their full JID.
+    local: Option<String>,
+}
+
+impl Occupant {
+    fn role(&self) -> &str {
+        stanza::muc_item(&self.presence)
+            .and_then(|i| i.attr("role"))
+            .unwrap_or("participant")
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Pending {
+    user: String,
+    deadline: Timestamp,
+    /// The user's join presence: kept as their own presence once the master admits them.
+    join: Element,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sync {
+    /// Waiting for config and roster.
+    Roster,
+    /// Waiting for the history answer (id, deadline).
+    History,
+    /// In sync.
+    Ready,
+}
+
+#[derive(Debug)]
+struct MirrorRoom {
+    jid: String,
+    master: String,
+    occupants: BTreeMap<String, Occupant>,
+    /// Local occupants: full JID -> (nick, their own last presence to the room).
+    local: BTreeMap<String, (String, Element)>,
+    pending: BTreeMap<String, Pending>,
+    /// Joins the master confirmed while we were still syncing: served once sync is done.
+    awaiting: Vec<String>,
+    sync: Sync,
+    history_iq: Option<(String, Timestamp)>,
+    /// Stamp of the newest message before a resync: history after it is a catch-up.
+    catch_up_since: Option<Timestamp>,
+    whois: Whois,
+    history: RoomHistory,
+    subject: Option<Element>,
+    queue: VecDeque<Element>,
+    /// Local occupants whose rejoin echo is expected after a resync.
+    resync: BTreeSet<String>,
+}
+
+impl MirrorRoom {
+    fn new(jid: String, master: String, history_size: usize) -> Self {
+        MirrorRoom {
+            jid,
+            master,
+            occupants: BTreeMap::new(),
+            local: BTreeMap::new(),
+            pending: BTreeMap::new(),
+            awaiting: Vec::new(),
+            sync: Sync::Roster,
+            history_iq: None,
+            catch_up_since: None,
+            whois: Whois::default(),
+            history: RoomHistory::new(history_size),
+            subject: None,
+            queue: VecDeque::new(),
+            resync: BTreeSet::new(),
+        }
+    }
+
+    fn occupant_jid(&self, nick: &str) -> String {
+        format!("{}/{}", self.jid, nick)
+    }
+
+    fn is_moderator(&self, nick: &str) -> bool {
+        self.occupants
+            .get(nick)
+            .is_some_and(|o| o.role() == "moderator")
+    }
+
+    /// `presence` about `subject` as `recipient` (a local occupant's nick) should see it.
+    fn presence_for(
+        &self,
+        presence: &Element,
+        subject: &str,
+        recipient: &str,
+        to: &str,
+    ) -> Element {
+        let mut p = presence.clone();
+        stanza::set_attr(&mut p, "to", to);
+        if subject == recipient {
+            stanza::add_status(&mut p, "110");
+        } else {
+            stanza::strip_self_status(&mut p);
+            if self.whois == Whois::Moderators && !self.is_moderator(recipient) {
+                stanza::strip_real_jids(&mut p);
+            }
+        }
+        p
+    }
+}
+
+/// The mirror engine for one mirror service.
+#[derive(Debug)]
+pub struct Mirror {
+    config: MirrorConfig,
+    rooms: BTreeMap<String, MirrorRoom>,
+    down: BTreeSet<String>,
+    transmits: VecDeque<String>,
+    next_id: u64,
+}
+
+fn split(jid: &Jid) -> (String, Option<String>) {
+    (
+        jid.to_bare().to_string(),
+        jid.resource().map(|r| r.to_string()),
+    )
+}
+
+impl Mirror {
+    /// A mirror with these settings.
+    pub fn new(config: MirrorConfig) -> Self {
+        Mirror {
+            config,
+            rooms: BTreeMap::new(),
+            down: BTreeSet::new(),
+            transmits: VecDeque::new(),
+            next_id: 0,
+        }
+    }
+
+    // ---- getters ----
+
+    /// Is `jid` (a room or occupant JID, or a service) on a service this mirror mirrors?
+    pub fn handles(&self, jid: &str) -> bool {
+        let domain = jid.split('/').next().unwrap_or_default();
+        let domain = domain.rsplit('@').next().unwrap_or_default();
+        self.config
+            .masters
+            .iter()
+            .any(|m| m.eq_ignore_ascii_case(domain))
+    }
+
+    /// The mirrored rooms that have local occupants (or joins under way).
+    pub fn rooms(&self) -> Vec<String> {
+        self.rooms.keys().cloned().collect()
+    }
+
+    /// `(full JID, nick)` of the local occupants of `room`.
+    pub fn local_occupants(&self, room: &str) -> Vec<(String, String)> {
+        self.rooms
+            .get(room)
+            .map(|r| {
+                r.local
+                    .iter()
+                    .map(|(j, (n, _))| (j.clone(), n.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Nicks of every occupant of `room` the mirror knows, local or remote.
+    pub fn occupants(&self, room: &str) -> Vec<String> {
+        self.rooms
+            .get(room)
+            .map(|r| r.occupants.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Messages queued for the master in `room`.
+    pub fn queue_depth(&self, room: &str) -> usize {
+        self.rooms.get(room).map(|r| r.queue.len()).unwrap_or(0)
+    }
+
+    /// Is the link to `master` (a MUC service domain) up, as far as the mirror knows?
+    pub fn link_up(&self, master: &str) -> bool {
+        !self.down.contains(&master.to_ascii_lowercase())
+    }
+
+    // ---- outputs ----
+
+    /// The next stanza to route.
+    pub fn poll_transmit(&mut self) -> Option<String> {
+        self.transmits.pop_front()
+    }
+
+    /// When [`Mirror::handle_timeout`] should next be called.
+    pub fn poll_timeout(&self) -> Option<Timestamp> {
+        self.rooms
+            .values()
+            .flat_map(|r| {
+                r.pending
+                    .values()
+                    .map(|p| p.deadline)
+                    .chain(r.history_iq.as_ref().map(|(_, d)| *d))
+            })
+            .min()
+    }
+
+    fn send(&mut self, el: &Element) {
+        self.transmits.push_back(stanza::serialize(el));
+    }
+
+    fn id(&mut self, prefix: &str) -> String {
+        self.next_id += 1;
+        format!("dmuc-{prefix}-{}", self.next_id)
+    }
+
+    // ---- inputs ----
+
+    /// A stanza from a local user addressed to a mirrored service.
+    pub fn handle_local(&mut self, now: Timestamp, xml: &str) -> Result<Verdict, Error> {
+        let el = stanza::parse(xml)?;
+        let from = stanza::jid_attr(&el, "stanza", "from")?;
+        let to = stanza::jid_attr(&el, "stanza", "to")?;
+        if !self.handles(to.as_str()) {
+            return Ok(Verdict::Pass);
+        }
+        let (room, nick) = split(&to);
+        match (el.name(), nick) {
+            ("presence", Some(nick)) => self.local_presence(now, el, from, room, nick),
+            ("message", None) if stanza::stanza_type(&el) == Some("groupchat") => {
+                self.local_groupchat(now, el, from, room)
+            }
+            _ => Ok(Verdict::Pass),
+        }
+    }
+
+    fn local_presence(
+        &mut self,
+        now: Timestamp,
+        el: Element,
+        from: Jid,
+        room: String,
+        nick: String,
+    ) -> Result<Verdict, Error> {
+        let user = from.to_string();
+        let master_down = self.is_down(&room);
+        let kind = stanza::stanza_type(&el).map(str::to_string);
+        let current = self
+            .rooms
+            .get(&room)
+            .and_then(|r| r.local.get(&user))
+            .map(|(n, _)| n.clone());
+        match kind.as_deref() {
+            Some("unavailable") => {
+                let Some(current) = current else {
+                    // A leave from a user whose join is still pending: cancel it, and tell the master.
+                    if let Some(r) = self.rooms.get_mut(&room) {
+                        r.pending.retain(|_, p| p.user != user);
+                    }
+                    if !master_down {
+                        self.send(&el);
+                    }
+                    self.close_if_empty(&room);
+                    return Ok(Verdict::Consumed);
+                };
+                self.local_leave(&room, &user, &current, &el);
+                if !master_down {
+                    self.send(&el);
+                }
+                self.close_if_empty(&room);
+                Ok(Verdict::Consumed)
+            }
+            Some(_) => Ok(Verdict::Pass),
+            None => {
+                if let Some(current) = current {
+                    if current != nick {
+                        let reply = stanza::error_reply(
+                            &el,
+                            &to_string(&room, &nick),
+                            &user,
+                            Condition::NotAcceptable,
+                            "Nick changes are not allowed in a mirrored room",
+                        );
+                        self.send(&reply);
+                        return Ok(Verdict::Consumed);
+                    }
+                    // A status change: the master confirms it to everyone, us included.
+                    let Some(r) = self.rooms.get_mut(&room) else {
+                        return Ok(Verdict::Consumed);
+                    };
+                    if let Some(entry) = r.local.get_mut(&user) {
+                        entry.1 = el.clone();
+                    }
+                    if master_down {
+                        self.local_status(&room, &nick, &el);
+                    } else {
+                        let fwd = self.to_master(&el);
+                        self.send(&fwd);
+                    }
+                    return Ok(Verdict::Consumed);
+                }
+                self.local_join(now, el, user, room, nick, master_down)
+            }
+        }
+    }
+
+    fn local_join(
+        &mut self,
+        now: Timestamp,
+        el: Element,
+        user: String,
+        room: String,
+        nick: String,
+        master_down: bool,
+    ) -> Result<Verdict, Error> {
+        let occupant_jid = to_string(&room, &nick);
+        if master_down {
+            let reply = stanza::error_reply(
+                &el,
+                &occupant_jid,
+                &user,
+                Condition::RemoteServerTimeout,
+                "The link to this room is down",
+            );
+            self.send(&reply);
+            return Ok(Verdict::Consumed);
+        }
+        let master = Jid::new(&room)
+            .map(|j| j.domain().to_string())
+            .unwrap_or_default();
+        let history_size = self.config.history_size;
+        let deadline = now.plus_ms(self.config.join_timeout_ms);
+        let fwd = self.to_master(&el);
+        let r = self
+            .rooms
+            .entry(room.clone())
+            .or_insert_with(|| MirrorRoom::new(room.clone(), master, history_size));
+        let taken = r
+            .occupants
+            .get(&nick)
+            .is_some_and(|o| o.local.as_deref() != Some(&user))
+            || r.pending.get(&nick).is_some_and(|p| p.user != user);
+        if taken {
+            let reply = stanza::error_reply(&el, &occupant_jid, &user, Condition::Conflict, "");
+            self.send(&reply);
+            return Ok(Verdict::Consumed);
+        }
+        debug!(%room, %nick, "forwarding a local join");
+        r.pending.insert(
+            nick,
+            Pending {
+                user,
+                deadline,
+                join: el,
+            },
+        );
+        self.send(&fwd);
+        Ok(Verdict::Consumed)
+    }
+
+    /// The user's join as the master gets it: `<x/>` without `<history/>` (the mirror serves
+    /// history), plus `<dmuc from='mirror'/>`.
+    fn to_master(&self, el: &Element) -> Element {
+        let mut fwd = el.clone();
+        if let Some(x) = fwd.get_child_mut("x", ns::MUC) {
+            let mut rebuilt = Element::builder("x", ns::MUC).build();
+            for c in x.children().filter(|c| !c.is("history", ns::MUC)) {
+                rebuilt.append_child(c.clone());
+            }
+            *x = rebuilt;
+        }
+        while fwd.remove_child("dmuc", ns::DMUC).is_some() {}
+        if let Ok(service) = Jid::new(&self.config.service) {
+            fwd.append_child(Dmuc { from: service }.into());
+        }
+        fwd
+    }
+
+    fn local_leave(&mut self, room: &str, user: &str, nick: &str, el: &Element) {
+        let Some(r) = self.rooms.get_mut(room) else {
+            return;
+        };
+        r.local.remove(user);
+        let mut gone = match r.occupants.remove(nick) {
+            Some(o) => o.presence,
+            None => Element::builder("presence", ns::JABBER_CLIENT).build(),
+        };
+        // The leave as XEP-0045 shows it: type unavailable, role none, the user's status text.
+        let mut p = Element::builder("presence", ns::JABBER_CLIENT).build();
+        stanza::set_attr(&mut p, "from", r.occupant_jid(nick));
+        stanza::set_attr(&mut p, "type", "unavailable");
+        for c in el.children().filter(|c| c.is("status", ns::JABBER_CLIENT)) {
+            p.append_child(c.clone());
+        }
+        let mut x = Element::builder("x", ns::MUC_USER).build();
+        if let Some(item) = stanza::muc_item(&gone) {
+            let mut item = item.clone();
+            stanza::set_attr(&mut item, "role", "none");
+            x.append_child(item);
+        }
+        p.append_child(x);
+        gone = p;
+        self.fan_out_presence(room, nick, &gone, Some(user));
+    }
+
+    fn local_status(&mut self, room: &str, nick: &str, el: &Element) {
+        let Some(r) = self.rooms.get_mut(room) else {
+            return;
+        };
+        let Some(o) = r.occupants.get_mut(nick) else {
+            return;
+        };
+        let mut p = el.clone();
+        stanza::remove_attr(&mut p, "to");
+        stanza::set_attr(&mut p, "from", format!("{room}/{nick}"));
+        while p.remove_child("x", ns::MUC).is_some() {}
+        if let Some(x) = stanza::muc_user(&o.presence) {
+            p.append_child(x.clone());
+        }
+        o.presence = p.clone();
+        self.fan_out_presence(room, nick, &p, None);
+    }
+
+    /// Send `presence` about `subject` to every local occupant (and to `extra`, a user who has
+    /// just left, who sees their own leave).
+    fn fan_out_presence(
+        &mut self,
+        room: &str,
+        subject: &str,
+        presence: &Element,
+        extra: Option<&str>,
+    ) {
+        let Some(r) = self.rooms.get(room) else {
+            return;
+        };
+        let mut out = Vec::new();
+        for (user, (nick, _)) in &r.local {
+            out.push(r.presence_for(presence, subject, nick, user));
+        }
+        if let Some(user) = extra {
+            let mut p = presence.clone();
+            stanza::set_attr(&mut p, "to", user);
+            stanza::add_status(&mut p, "110");
+            out.push(p);
+        }
+        for p in out {
+            self.send(&p);
+        }
+    }
+
+    fn local_groupchat(
+        &mut self,
+        now: Timestamp,
+        el: Element,
+        from: Jid,
+        room: String,
+    ) -> Result<Verdict, Error> {
+        let user = from.to_string();
+        let down = self.is_down(&room);
+        let queue_limit = self.config.queue_limit;
+        let service = self.config.service.clone();
+        let Some(r) = self.rooms.get_mut(&room) else {
+            let reply = stanza::error_reply(
+                &el,
+                &room,
+                &user,
+                Condition::NotAcceptable,
+                "You are not in this room",
+            );
+            self.send(&reply);
+            return Ok(Verdict::Consumed);
+        };
+        let Some((nick, _)) = r.local.get(&user).cloned() else {
+            let reply = stanza::error_reply(
+                &el,
+                &room,
+                &user,
+                Condition::NotAcceptable,
+                "You are not in this room",
+            );
+            self.send(&reply);
+            return Ok(Verdict::Consumed);
+        };
+        if el.get_child("subject", ns::JABBER_CLIENT).is_some() {
+            // A subject change needs the master's permission: it comes back as a broadcast.
+            if down {
+                let reply = stanza::error_reply(
+                    &el,
+                    &room,
+                    &user,
+                    Condition::RemoteServerTimeout,
+                    "The link to this room is down",
+                );
+                self.send(&reply);
+            } else {
+                self.send(&el);
+            }
+            return Ok(Verdict::Consumed);
+        }
+        if r.occupants
+            .get(&nick)
+            .is_some_and(|o| o.role() == "visitor")
+        {
+            let reply = stanza::error_reply(
+                &el,
+                &room,
+                &user,
+                Condition::Forbidden,
+                "Visitors may not speak in this room",
+            );
+            self.send(&reply);
+            return Ok(Verdict::Consumed);
+        }
+        if down {
+            if r.queue.len() >= queue_limit {
+                warn!(%room, "outbound queue full: message refused");
+                let reply = stanza::error_reply(
+                    &el,
+                    &room,
+                    &user,
+                    Condition::ResourceConstraint,
+                    "The link to this room is down and the queue is full",
+                );
+                self.send(&reply);
+                return Ok(Verdict::Consumed);
+            }
+            let mut queued = el.clone();
+            if queued.get_child("delay", ns::DELAY).is_none() {
+                let mut d = Element::builder("delay", ns::DELAY).build();
+                stanza::set_attr(&mut d, "from", &service);
+                stanza::set_attr(&mut d, "stamp", now.to_xep0082());
+                queued.append_child(d);
+            }
+            r.queue.push_back(queued);
+        }
+        let mut shown = el.clone();
+        stanza::set_attr(&mut shown, "from", r.occupant_jid(&nick));
+        stanza::remove_attr(&mut shown, "to");
+        while shown.remove_child("delay", ns::DELAY).is_some() {}
+        r.history.push(Entry::new(shown.clone(), now));
+        let recipients: Vec<String> = r.local.keys().cloned().collect();
+        for to in recipients {
+            let mut m = shown.clone();
+            stanza::set_attr(&mut m, "to", to);
+            self.send(&m);
+        }
+        if !down {
+            self.send(&el);
+        }
+        Ok(Verdict::Consumed)
+    }
+
+    fn is_down(&self, room: &str) -> bool {
+        let domain = room.rsplit('@').next().unwrap_or_default();
+        self.down.contains(&domain.to_ascii_lowercase())
+    }
+
+    /// Forget a room once it has no local occupants and no joins under way: it costs nothing.
+    fn close_if_empty(&mut self, room: &str) {
+        let empty = self
+            .rooms
+            .get(room)
+            .is_some_and(|r| r.local.is_empty() && r.pending.is_empty() && r.queue.is_empty());
+        if empty {
+            info!(%room, "last local occupant left: the mirror leaves the room");
+            self.rooms.remove(room);
+        }
+    }
+
+    /// A stanza from a mirrored service: to the mirror service itself, to a user's escaped JID at
+    /// the mirror, or to a local user (which the mirror only observes).
+    pub fn handle_remote(&mut self, now: Timestamp, xml: &str) -> Result<Verdict, Error> {
+        let el = stanza::parse(xml)?;
+        let from = stanza::jid_attr(&el, "stanza", "from")?;
+        let to = stanza::jid_attr(&el, "stanza", "to")?;
+        if !self.handles(from.as_str()) {
+            return Ok(Verdict::Pass);
+        }
+        let to_service = to
+            .domain()
+            .as_str()
+            .eq_ignore_ascii_case(&self.config.service);
+        if !to_service {
+            self.observe(&el, &from, &to);
+            return Ok(Verdict::Pass);
+        }
+        if to.node().is_some() {
+            return self.escaped(el, &to);
+        }
+        let (room, nick) = split(&from);
+        if !self.rooms.contains_key(&room) {
+            if el.name() == "iq" && matches!(stanza::stanza_type(&el), Some("get") | Some("set")) {
+                let reply = stanza::error_reply(
+                    &el,
+                    &self.config.service.clone(),
+                    from.as_str(),
+                    Condition::ItemNotFound,
+                    "This mirror has no occupants in that room",
+                );
+                self.send(&reply);
+                return Ok(Verdict::Consumed);
+            }
+            debug!(%room, "dropped a stanza for a room with no local occupants");
+            return Ok(Verdict::Consumed);
+        }
+        match el.name() {
+            "presence" => {
+                if let Some(nick) = nick {
+                    self.remote_presence(now, el, &room, &nick);
+                }
+            }
+            "message" if stanza::stanza_type(&el) == Some("groupchat") => {
+                self.remote_groupchat(now, el, &room)
+            }
+            "iq" => self.remote_iq(now, el, &room)?,
+            _ => debug!(%room, "ignored a stanza from the master"),
+        }
+        Ok(Verdict::Consumed)
+    }
+
+    /// A stanza from a mirrored room straight to a local user: a join error from a master
+    /// that does not route errors through the mirror ends the pending join.
+    fn observe(&mut self, el: &Element, from: &Jid, to: &Jid) {
+        if el.name() != "presence" || stanza::stanza_type(el) != Some("error") {
+            return;
+        }
+        let (room, nick) = split(from);
+        let user = to.to_string();
+        if let Some(r) = self.rooms.get_mut(&room) {
+            r.pending
+                .retain(|n, p| !(p.user == user && nick.as_deref().is_none_or(|x| x == n)));
+        }
+        self.close_if_empty(&room);
+    }
+
+    /// A stanza to `user\40host\2fres@mirror`: deliver it to the user. The node may have been
+    /// case-folded on the way, so the exact JID comes from the users the mirror knows.
+    fn escaped(&mut self, mut el: Element, to: &Jid) -> Result<Verdict, Error> {
+        let guess = escape::jid_from_service_address(to).map_err(|e| Error::InvalidJid {
+            jid: to.to_string(),
+            reason: e.to_string(),
+        })?;
+        let known = self
+            .rooms
+            .values()
+            .flat_map(|r| {
+                r.pending
+                    .values()
+                    .map(|p| p.user.clone())
+                    .chain(r.local.keys().cloned())
+            })
+            .find(|u| escape::matches_address(to, u));
+        let user = match known {
+            Some(u) => stanza::parse_jid(&u)?,
+            None => guess,
+        };
+        stanza::set_attr(&mut el, "to", user.to_string());
+        if let Some(from) = el.attr("from").and_then(|f| Jid::new(f).ok()) {
+            self.observe(&el, &from, &user);
+        }
+        self.send(&el);
+        Ok(Verdict::Consumed)
+    }
+
+    fn remote_presence(&mut self, now: Timestamp, mut el: Element, room: &str, nick: &str) {
+        stanza::remove_attr(&mut el, "to");
+        let Some(r) = self.rooms.get_mut(room) else {
+            return;
+        };
+        match stanza::stanza_type(&el) {
+            Some("unavailable") => {
+                let Some(o) = r.occupants.remove(nick) else {
+                    return;
+                };
+                let kicked = o.local.clone();
+                if let Some(user) = &kicked {
+                    r.local.remove(user);
+                }
+                self.fan_out_presence(room, nick, &el, kicked.as_deref());
+                self.close_if_empty(room);
+            }
+            Some("error") => {
+                if let Some(p) = r.pending.remove(nick) {
+                    stanza::set_attr(&mut el, "to", p.user);
+                    self.send(&el);
+                    self.close_if_empty(room);
+                }
+            }
+            Some(_) => {}
+            None => {
+                if let Some(p) = r.pending.remove(nick) {
+                    // The master admitted a pending join.
+                    r.local.insert(p.user.clone(), (nick.to_string(), p.join));
+                    r.occupants.insert(
+                        nick.to_string(),
+                        Occupant {
+                            presence: el,
+                            local: Some(p.user),
+                        },
+                    );
+                    if r.sync == Sync::Ready {
+                        self.serve_join(now, room, nick);
+                    } else {
+                        r.awaiting.push(nick.to_string());
+                    }
+                    return;
+                }
+                let local = r.occupants.get(nick).and_then(|o| o.local.clone());
+                if r.resync.remove(nick) {
+                    // The echo of our own rejoin after a link loss: nothing changed for anyone here.
+                    if let Some(o) = r.occupants.get_mut(nick) {
+                        o.presence = el;
+                    }
+                    return;
+                }
+                r.occupants.insert(
+                    nick.to_string(),
+                    Occupant {
+                        presence: el.clone(),
+                        local,
+                    },
+                );
+                self.fan_out_presence(room, nick, &el, None);
+            }
+        }
+    }
+
+    /// Serve a confirmed local join from the mirror's copy: the other occupants, the join itself
+    /// to everyone (with 110 to the joiner), history, subject (XEP-0045 §7.2 order).
+    fn serve_join(&mut self, _now: Timestamp, room: &str, nick: &str) {
+        let Some(r) = self.rooms.get(room) else {
+            return;
+        };
+        let Some(user) = r.occupants.get(nick).and_then(|o| o.local.clone()) else {
+            return;
+        };
+        let mut out = Vec::new();
+        for (other, o) in r.occupants.iter().filter(|(n, _)| n.as_str() != nick) {
+            out.push(r.presence_for(&o.presence, other, nick, &user));
+        }
+        for e in r.history.iter() {
+            let mut m = e.delayed(&r.jid);
+            stanza::set_attr(&mut m, "to", &user);
+            out.push(m);
+        }
+        let mut subject = r.subject.clone().unwrap_or_else(|| {
+            let mut s = Element::builder("message", ns::JABBER_CLIENT).build();
+            stanza::set_attr(&mut s, "from", &r.jid);
+            stanza::set_attr(&mut s, "type", "groupchat");
+            s.append_child(Element::builder("subject", ns::JABBER_CLIENT).build());
+            s
+        });
+        stanza::set_attr(&mut subject, "to", &user);
+        let presence = r.occupants.get(nick).map(|o| o.presence.clone());
+        let split_at = r.occupants.len().saturating_sub(1);
+        let (before, after) = out.split_at(split_at);
+        let (before, after) = (before.to_vec(), after.to_vec());
+        for p in before {
+            self.send(&p);
+        }
+        if let Some(p) = presence {
+            self.fan_out_presence(room, nick, &p, None);
+        }
+        for m in after {
+            self.send(&m);
+        }
+        self.send(&subject);
+    }
+
+    fn remote_groupchat(&mut self, now: Timestamp, mut el: Element, room: &str) {
+        stanza::remove_attr(&mut el, "to");
+        let Some(r) = self.rooms.get_mut(room) else {
+            return;
+        };
+        if el.get_child("subject", ns::JABBER_CLIENT).is_some()
+            && el.get_child("body", ns::JABBER_CLIENT).is_none()
+        {
+            r.subject = Some(el.clone());
+        } else {
+            r.history.push(Entry::new(el.clone(), now));
+        }
+        let recipients: Vec<String> = r.local.keys().cloned().collect();
+        for to in recipients {
+            let mut m = el.clone();
+            stanza::set_attr(&mut m, "to", to);
+            self.send(&m);
+        }
+    }
+
+    fn remote_iq(&mut self, now: Timestamp, iq: Element, room: &str) -> Result<(), Error> {
+        let service = self.config.service.clone();
+        let reply_to = iq.attr("from").unwrap_or_default().to_string();
+        match stanza::stanza_type(&iq) {
+            Some("set") => {
+                if let Some(c) = iq.get_child("config", ns::DMUC0) {
+                    match Config::try_from(c.clone()) {
+                        Ok(config) => {
+                            if let Some(r) = self.rooms.get_mut(room) {
+                                r.whois = config.whois();
+                            }
+                            self.send(&stanza::iq_result(&iq, &service));
+                        }
+                        Err(e) => {
+                            let reply = stanza::error_reply(
+                                &iq,
+                                &service,
+                                &reply_to,
+                                Condition::BadRequest,
+                                &e.to_string(),
+                            );
+                            self.send(&reply);
+                        }
+                    }
+                } else if let Some(c) = iq.get_child("roster", ns::DMUC0) {
+                    match Roster::try_from(c.clone()) {
+                        Ok(roster) => {
+                            self.send(&stanza::iq_result(&iq, &service));
+                            self.apply_roster(now, room, roster);
+                        }
+                        Err(e) => {
+                            let reply = stanza::error_reply(
+                                &iq,
+                                &service,
+                                &reply_to,
+                                Condition::BadRequest,
+                                &e.to_string(),
+                            );
+                            self.send(&reply);
+                        }
+                    }
+                } else {
+                    let reply = stanza::error_reply(
+                        &iq,
+                        &service,
+                        &reply_to,
+                        Condition::ServiceUnavailable,
+                        "",
+                    );
+                    self.send(&reply);
+                }
+            }
+            Some("result") | Some("error") => {
+                let id = iq.attr("id").unwrap_or_default();
+                let ours = self
+                    .rooms
+                    .get(room)
+                    .and_then(|r| r.history_iq.as_ref())
+                    .is_some_and(|(h, _)| h == id);
+                if ours {
+                    let messages = iq
+                        .get_child("history", ns::MUC)
+                        .and_then(|h| HistoryResult::try_from(h.clone()).ok())
+                        .map(|h| h.messages)
+                        .unwrap_or_default();
+                    if stanza::stanza_type(&iq) == Some("error") {
+                        warn!(%room, "the master refused the history request");
+                    }
+                    self.apply_history(now, room, messages);
+                }
+            }
+            _ => {
+                let reply = stanza::error_reply(
+                    &iq,
+                    &service,
+                    &reply_to,
+                    Condition::ServiceUnavailable,
+                    "",
+                );
+                self.send(&reply);
+            }
+        }
+        Ok(())
+    }
+
+    /// The master's occupant list: add who is new, drop who is gone (except our own users),
+    /// and ask for the history.
+    fn apply_roster(&mut self, now: Timestamp, room: &str, roster: Roster) {
+        let Some(r) = self.rooms.get_mut(room) else {
+            return;
+        };
+        let announce = r.sync == Sync::Roster && !r.local.is_empty();
+        let mut fresh = BTreeMap::new();
+        for item in roster.items {
+            let nick = item.name.clone();
+            fresh.insert(nick.clone(), roster_presence(&r.jid, item));
+        }
+        let gone: Vec<String> = r
+            .occupants
+            .iter()
+            .filter(|(n, o)| o.local.is_none() && !fresh.contains_key(*n))
+            .map(|(n, _)| n.clone())
+            .collect();
+        let mut changes = Vec::new();
+        for n in gone {
+            if let Some(o) = r.occupants.remove(&n) {
+                let mut p = o.presence;
+                stanza::set_attr(&mut p, "type", "unavailable");
+                changes.push((n, p));
+            }
+        }
+        for (nick, presence) in fresh {
+            let local = r.occupants.get(&nick).and_then(|o| o.local.clone());
+            if local.is_some() || r.pending.contains_key(&nick) {
+                continue;
+            }
+            let known = r.occupants.contains_key(&nick);
+            r.occupants.insert(
+                nick.clone(),
+                Occupant {
+                    presence: presence.clone(),
+                    local: None,
+                },
+            );
+            if !known {
+                changes.push((nick, presence));
+            }
+        }
+        let id = self.id("history");
+        let Some(r) = self.rooms.get_mut(room) else {
+            return;
+        };
+        r.sync = Sync::History;
+        r.history_iq = Some((id.clone(), now.plus_ms(self.config.join_timeout_ms)));
+        let to = r
+            .pending
+            .keys()
+            .next()
+            .or(r.awaiting.first())
+            .map(|n| r.occupant_jid(n))
+            .unwrap_or_else(|| r.jid.clone());
+        let mut limits = History::new().with_maxstanzas(self.config.history_size as u32);
+        r.catch_up_since = r.history.newest();
+        if let Some(since) = r.catch_up_since {
+            if let Ok(d) = since.to_xep0082().parse() {
+                limits = limits.with_since(d);
+            }
+        }
+        let request = Room {
+            id: match Jid::new(&r.jid) {
+                Ok(j) => j.to_bare(),
+                Err(_) => return,
+            },
+            history: Some(limits),
+        };
+        let mut iq = Element::builder("iq", ns::JABBER_CLIENT).build();
+        stanza::set_attr(&mut iq, "from", &self.config.service);
+        stanza::set_attr(&mut iq, "to", to);
+        stanza::set_attr(&mut iq, "id", id);
+        stanza::set_attr(&mut iq, "type", "get");
+        iq.append_child(request.into());
+        if announce {
+            for (nick, p) in changes {
+                self.fan_out_presence(room, &nick, &p, None);
+            }
+        }
+        self.send(&iq);
+    }
+
+    /// The history answer: store it; after a resync, deliver what local users missed.
+    fn apply_history(&mut self, now: Timestamp, room: &str, messages: Vec<Element>) {
+        let Some(r) = self.rooms.get_mut(room) else {
+            return;
+        };
+        r.history_iq = None;
+        r.sync = Sync::Ready;
+        let catch_up = r.catch_up_since.take();
+        let local_nicks: BTreeSet<String> = r.local.values().map(|(n, _)| n.clone()).collect();
+        let mut missed = Vec::new();
+        for m in messages {
+            let mut m = m;
+            stanza::remove_attr(&mut m, "to");
+            if m.get_child("subject", ns::JABBER_CLIENT).is_some()
+                && m.get_child("body", ns::JABBER_CLIENT).is_none()
+            {
+                r.subject = Some(m);
+                continue;
+            }
+            let entry = Entry::new(m, now);
+            if let Some(since) = catch_up {
+                let nick = entry
+                    .message
+                    .attr("from")
+                    .and_then(|f| Jid::new(f).ok())
+                    .and_then(|j| j.resource().map(|r| r.to_string()));
+                let ours = nick.is_some_and(|n| local_nicks.contains(&n));
+                if entry.stamp <= since || ours {
+                    continue;
+                }
+                missed.push(entry.delayed(&r.jid));
+            }
+            r.history.push(entry);
+        }
+        let recipients: Vec<String> = r.local.keys().cloned().collect();
+        let awaiting = std::mem::take(&mut r.awaiting);
+        for m in missed {
+            for to in &recipients {
+                let mut m = m.clone();
+                stanza::set_attr(&mut m, "to", to);
+                self.send(&m);
+            }
+        }
+        for nick in awaiting {
+            self.serve_join(now, room, &nick);
+        }
+        self.flush_queue(room);
+    }
+
+    fn flush_queue(&mut self, room: &str) {
+        if self.is_down(room) {
+            return;
+        }
+        let Some(r) = self.rooms.get_mut(room) else {
+            return;
+        };
+        let queued: Vec<Element> = r.queue.drain(..).collect();
+        for m in queued {
+            self.send(&m);
+        }
+    }
+
+    /// The s2s link to a master service went down or came up.
+    ///
+    /// Down: every remote occupant is shown leaving (status 333) to the local occupants, who go on
+    /// chatting; their messages queue for the master. Up: the mirror rejoins its local occupants,
+    /// which resyncs roster and history, then sends the queued messages in order.
+    pub fn handle_link(&mut self, now: Timestamp, master: &str, up: bool) {
+        let master = master.to_ascii_lowercase();
+        if !self.config.masters.contains(&master) {
+            return;
+        }
+        let rooms: Vec<String> = self
+            .rooms
+            .iter()
+            .filter(|(_, r)| r.master == master)
+            .map(|(j, _)| j.clone())
+            .collect();
+        if up {
+            if !self.down.remove(&master) {
+                return;
+            }
+            info!(%master, "link up: resyncing");
+            for room in rooms {
+                self.resync(now, &room);
+            }
+        } else {
+            if !self.down.insert(master.clone()) {
+                return;
+            }
+            info!(%master, "link down: remote occupants shown as gone");
+            for room in rooms {
+                self.lose(&room);
+            }
+        }
+    }
+
+    fn lose(&mut self, room: &str) {
+        let Some(r) = self.rooms.get_mut(room) else {
+            return;
+        };
+        let pending: Vec<(String, Pending)> = std::mem::take(&mut r.pending).into_iter().collect();
+        let remote: Vec<(String, Element)> = r
+            .occupants
+            .iter()
+            .filter(|(_, o)| o.local.is_none())
+            .map(|(n, o)| (n.clone(), o.presence.clone()))
+            .collect();
+        for (n, _) in &remote {
+            r.occupants.remove(n);
+        }
+        let room_jid = r.jid.clone();
+        for (nick, p) in pending {
+            let mut e = Element::builder("presence", ns::JABBER_CLIENT).build();
+            stanza::set_attr(&mut e, "to", &room_jid);
+            let reply = stanza::error_reply(
+                &e,
+                &format!("{room_jid}/{nick}"),
+                &p.user,
+                Condition::RemoteServerTimeout,
+                "The link to this room is down",
+            );
+            self.send(&reply);
+        }
+        for (nick, presence) in remote {
+            let mut p = Element::builder("presence", ns::JABBER_CLIENT).build();
+            stanza::set_attr(&mut p, "from", format!("{room_jid}/{nick}"));
+            stanza::set_attr(&mut p, "type", "unavailable");
+            let mut x = Element::builder("x", ns::MUC_USER).build();
+            if let Some(item) = stanza::muc_item(&presence) {
+                let mut item = item.clone();
+                stanza::set_attr(&mut item, "role", "none");
+                x.append_child(item);
+            }
+            let mut status = Element::builder("status", ns::MUC_USER).build();
+            stanza::set_attr(&mut status, "code", "333");
+            x.append_child(status);
+            p.append_child(x);
+            self.fan_out_presence(room, &nick, &p, None);
+        }
+        self.close_if_empty(room);
+    }
+
+    fn resync(&mut self, _now: Timestamp, room: &str) {
+        let Some(r) = self.rooms.get_mut(room) else {
+            return;
+        };
+        r.sync = Sync::Roster;
+        let joins: Vec<(String, Element)> = r
+            .local
+            .iter()
+            .map(|(_, (n, e))| (n.clone(), e.clone()))
+            .collect();
+        r.resync = joins.iter().map(|(n, _)| n.clone()).collect();
+        for (_, e) in joins {
+            let mut join = self.to_master(&e);
+            if join.get_child("x", ns::MUC).is_none() {
+                join.append_child(Element::builder("x", ns::MUC).build());
+            }
+            self.send(&join);
+        }
+    }
+
+    /// Time has come: joins the master never answered fail with `remote-server-timeout`, and a
+    /// history request that was never answered counts as an empty history.
+    pub fn handle_timeout(&mut self, now: Timestamp) {
+        let rooms: Vec<String> = self.rooms.keys().cloned().collect();
+        for room in rooms {
+            let Some(r) = self.rooms.get_mut(&room) else {
+                continue;
+            };
+            let expired: Vec<String> = r
+                .pending
+                .iter()
+                .filter(|(_, p)| p.deadline <= now)
+                .map(|(n, _)| n.clone())
+                .collect();
+            let mut errors = Vec::new();
+            for nick in expired {
+                if let Some(p) = r.pending.remove(&nick) {
+                    let mut e = Element::builder("presence", ns::JABBER_CLIENT).build();
+                    stanza::set_attr(&mut e, "to", r.occupant_jid(&nick));
+                    errors.push(stanza::error_reply(
+                        &e,
+                        &r.occupant_jid(&nick),
+                        &p.user,
+                        Condition::RemoteServerTimeout,
+                        "The room did not answer",
+                    ));
+                }
+            }
+            let history_late = r.history_iq.as_ref().is_some_and(|(_, d)| *d <= now);
+            for e in errors {
+                self.send(&e);
+            }
+            if history_late {
+                warn!(%room, "history request timed out");
+                self.apply_history(now, &room, Vec::new());
+            }
+            self.close_if_empty(&room);
+        }
+    }
+}
+
+fn to_string(room: &str, nick: &str) -> String {
+    format!("{room}/{nick}")
+}
+
+/// An occupant's presence, as the room would broadcast it, from a roster item.
+fn roster_presence(room: &str, item: RosterItem) -> Element {
+    let mut p = match item.presence {
+        Some(p) if p.name() == "presence" => p,
+        _ => Element::builder("presence", ns::JABBER_CLIENT).build(),
+    };
+    stanza::set_attr(&mut p, "from", format!("{room}/{}", item.name));
+    let mut x = Element::builder("x", ns::MUC_USER).build();
+    let mut i = Element::builder("item", ns::MUC_USER).build();
+    stanza::set_attr(&mut i, "affiliation", item.affiliation.as_str());
+    stanza::set_attr(
+        &mut i,
+        "role",
+        item.role.as_ref().map(role_str).unwrap_or("participant"),
+    );
+    if let Some(j) = item.jid {
+        stanza::set_attr(&mut i, "jid", j.to_string());
+    }
+    x.append_child(i);
+    p.append_child(x);
+    p
+}
+
+fn role_str(r: &crate::elements::Role) -> &'static str {
+    use crate::elements::Role::*;
+    match r {
+        Moderator => "moderator",
+        Participant => "participant",
+        Visitor => "visitor",
+        None => "none",
+    }
+}

@@ -1,0 +1,20 @@
+//! XML namespaces used by dmuc, in one place.
+
+/// DMUC3: the marker a mirror adds to a join it forwards (`<dmuc from='mirror'/>`) and the disco feature.
+pub const DMUC: &str = "http://tridsys.com/protocol/dmuc";
+/// DMUC3: room configuration, roster and history sync between master and mirror.
+pub const DMUC0: &str = "urn:xmpp:dmuc:0";
+/// The default stanza namespace the host hands us (and the one we emit).
+pub const JABBER_CLIENT: &str = "jabber:client";
+/// XEP-0045 MUC join element and `<history/>`.
+pub const MUC: &str = "http://jabber.org/protocol/muc";
+/// XEP-0045 occupant information.
+pub const MUC_USER: &str = "http://jabber.org/protocol/muc#user";
+/// XEP-0004 data forms.
+pub const DATA_FORMS: &str = "jabber:x:data";
+/// XEP-0203 delayed delivery.
+pub const DELAY: &str = "urn:xmpp:delay";
+/// RFC 6120 stanza error conditions.
+pub const XMPP_STANZAS: &str = "urn:ietf:params:xml:ns:xmpp-stanzas";
+/// XEP-0030 service discovery (info).
+pub const DISCO_INFO: &str = "http://jabber.org/protocol/disco#info";
