@@ -205,20 +205,8 @@ if host_type == "component" and component_module == "muc" then
 		end
 	end, 10);
 
-	-- Link loss: the mirror's users are shown leaving; the mirror's rejoin resyncs it.
-	local function on_link(up)
-		return function(event)
-			local session = event.session;
-			local peer = session.to_host or session.from_host;
-			if peer then
-				master:handle_link(time_now(), peer, up);
-				drain_master();
-			end
-		end
-	end
-	module:hook("s2sout-destroyed", on_link(false));
-	module:hook("s2sin-destroyed", on_link(false));
-	module:hook("s2sout-established", on_link(true));
+	-- Link loss (master:handle_link) is wired with link-health detection (XEP-0199 pings from the
+	-- mirror): a one-sided s2s session close alone must not evict anyone.
 
 	module:log("info", "dmuc master: trusted mirrors %s", table.concat(trusted, ", "));
 
@@ -278,20 +266,6 @@ elseif host_type == "component" and component_module == "dmuc" then
 		module:hook(kind .. "/host", from_master);
 		module:hook(kind .. "/bare", from_master);
 	end
-
-	local function on_link(up)
-		return function(event)
-			local session = event.session;
-			local peer = session.to_host or session.from_host;
-			if peer then
-				mirror:handle_link(time_now(), peer, up);
-				drain(mirror);
-			end
-		end
-	end
-	-- s2s sessions belong to the users' host (the mirror speaks as its users), so listen globally.
-	module:hook_global("s2sout-destroyed", on_link(false));
-	module:hook_global("s2sout-established", on_link(true));
 
 	module:log("info", "dmuc mirror for %s", table.concat(masters, ", "));
 
