@@ -116,8 +116,9 @@ if host_type == "component" and component_module == "muc" then
 		call(master, "handle_snapshot", time_now(), room.jid, mirror, nick, tostring(form), occupants);
 	end
 
-	-- Joins, leaves and status changes of users behind a mirror. Low priority: the room's own
-	-- access checks (bans, members-only, passwords) run first.
+	-- Joins, leaves and status changes of users behind a mirror. This runs before the room's own
+	-- access checks (bans, members-only, passwords), so that their refusals, too, are routed back
+	-- through the mirror; the sync waits until those checks have passed.
 	local function on_presence(event)
 		local stanza = event.stanza;
 		local occupant = event.occupant or event.dest_occupant;
@@ -127,15 +128,21 @@ if host_type == "component" and component_module == "muc" then
 			bounce(event.origin, stanza, "Malformed presence");
 			return true;
 		end
-		if verdict == "join" and sync then
-			snapshot(event.room, mirror, granted);
-		end
+		-- The marker is for the master; the room must not show it to occupants.
+		stanza:remove_children("dmuc", DMUC_FEATURE);
+		if verdict == "join" and sync then event.dmuc_sync = mirror; end
 		drain_master();
 		if verdict == "refused" then return true; end
 	end
-	module:hook("muc-occupant-pre-join", on_presence, -100);
-	module:hook("muc-occupant-pre-change", on_presence, -100);
-	module:hook("muc-occupant-pre-leave", on_presence, -100);
+	module:hook("muc-occupant-pre-join", on_presence, 100);
+	module:hook("muc-occupant-pre-change", on_presence, 100);
+	module:hook("muc-occupant-pre-leave", on_presence, 100);
+	module:hook("muc-occupant-pre-join", function(event)
+		if event.dmuc_sync then
+			snapshot(event.room, event.dmuc_sync, jid_resource(event.occupant.nick));
+			drain_master();
+		end
+	end, -100);
 
 	module:hook("muc-occupant-left", function(event)
 		local real = event.stanza and event.stanza.attr.from;
