@@ -466,7 +466,7 @@ impl Master {
             &format!("{room}/{joining_nick}"),
             mirror,
             &id,
-            Config::new(form).into(),
+            Config::new(compact_form(&form)).into(),
         );
         self.sync_iqs.insert(id);
         self.send(&config);
@@ -764,6 +764,26 @@ impl Master {
         evict.sort_by(|a, b| format!("{a:?}").cmp(&format!("{b:?}")));
         self.actions.extend(evict);
     }
+}
+
+/// The form as the mirror needs it: each field's `var`, `type` and values. Labels, descriptions
+/// and options are for people filling the form in; on a constrained link they are most of its size.
+fn compact_form(form: &Element) -> Element {
+    let mut out = Element::builder("x", ns::DATA_FORMS).build();
+    stanza::set_attr(&mut out, "type", form.attr("type").unwrap_or("form"));
+    for field in form.children().filter(|f| f.is("field", ns::DATA_FORMS)) {
+        let mut f = Element::builder("field", ns::DATA_FORMS).build();
+        for attr in ["var", "type"] {
+            if let Some(v) = field.attr(attr) {
+                stanza::set_attr(&mut f, attr, v);
+            }
+        }
+        for value in field.children().filter(|v| v.is("value", ns::DATA_FORMS)) {
+            f.append_child(value.clone());
+        }
+        out.append_child(f);
+    }
+    out
 }
 
 fn without_to(mut el: Element) -> Element {
