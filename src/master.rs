@@ -80,6 +80,11 @@ fn parent_domain(domain: &str) -> Option<&str> {
 pub struct MasterConfig {
     /// Mirrors allowed to forward joins.
     pub trusted_mirrors: Vec<TrustedMirror>,
+    /// Does the host bracket every presence broadcast with `begin_broadcast`/`end_broadcast`?
+    /// Prosody can (it has one method per broadcast); ejabberd cannot (its room routes each
+    /// occupant's copy on its own). Without brackets the master forwards each occupant's presence
+    /// to a mirror once per change, recognising the other copies of the same presence.
+    pub unbracketed_presence: bool,
 }
 
 /// What the host does with a presence after [`Master::handle_presence`].
@@ -174,9 +179,11 @@ struct RoomState {
     captured: BTreeMap<String, Captured>,
 }
 
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 struct MirrorLink {
     down: bool,
+    /// Without brackets: the presence last forwarded for each nick, as a fingerprint.
+    forwarded: HashMap<String, u64>,
 }
 
 #[derive(Debug)]
@@ -421,7 +428,7 @@ impl Master {
         }
         let state = self.rooms.entry(room).or_default();
         let sync = !state.mirror_has_occupants(&mirror);
-        state.mirrors.insert(mirror.clone(), MirrorLink::default());
+        state.mirrors.entry(mirror.clone()).or_default();
         state.by_real.insert(
             from_s,
             Remote {
@@ -684,6 +691,9 @@ impl Master {
             return Ok(Outbound::Send);
         }
         if state.depth == 0 {
+            if el.name() == "presence" && self.config.unbracketed_presence {
+                return Ok(forward_once(state, &remote.mirror, el));
+            }
             // Outside a broadcast, presences and groupchat messages to one occupant are the
             // occupant list, history and subject of a join: the mirror serves those itself.
             return Ok(Outbound::Drop);
@@ -764,6 +774,34 @@ impl Master {
         evict.sort_by(|a, b| format!("{a:?}").cmp(&format!("{b:?}")));
         self.actions.extend(evict);
     }
+}
+
+/// Without brackets: forward `presence` (one occupant's copy of a room presence) to the mirror
+/// unless the mirror already has this very presence of that nick. Copies for different recipients
+/// differ only in `to`, real JIDs and self-only status codes, so the fingerprint leaves those out.
+fn forward_once(state: &mut RoomState, mirror: &str, mut presence: Element) -> Outbound {
+    use std::hash::{Hash, Hasher};
+    let nick = presence
+        .attr("from")
+        .and_then(|f| Jid::new(f).ok())
+        .and_then(|j| j.resource().map(|r| r.to_string()))
+        .unwrap_or_default();
+    let mut normal = presence.clone();
+    stanza::remove_attr(&mut normal, "to");
+    stanza::strip_real_jids(&mut normal);
+    stanza::strip_self_status(&mut normal);
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    stanza::serialize(&normal).hash(&mut hasher);
+    let print = hasher.finish();
+    let Some(link) = state.mirrors.get_mut(mirror) else {
+        return Outbound::Drop;
+    };
+    if link.down || link.forwarded.get(&nick) == Some(&print) {
+        return Outbound::Drop;
+    }
+    link.forwarded.insert(nick, print);
+    stanza::set_attr(&mut presence, "to", mirror);
+    Outbound::Replace(stanza::serialize(&presence))
 }
 
 /// The form as the mirror needs it: each field's `var`, `type` and values. Labels, descriptions

@@ -994,13 +994,9 @@ impl Mirror {
         };
         r.sync = Sync::History;
         r.history_iq = Some((id.clone(), now.plus_ms(self.config.join_timeout_ms)));
-        let to = r
-            .pending
-            .keys()
-            .next()
-            .or(r.awaiting.first())
-            .map(|n| r.occupant_jid(n))
-            .unwrap_or_else(|| r.jid.clone());
+        // To the bare room (the draft's Example 12 uses the occupant JID, which a XEP-0045
+        // service forwards to the occupant instead of answering it).
+        let to = r.jid.clone();
         let mut limits = History::new().with_maxstanzas(self.config.history_size as u32);
         r.catch_up_since = r.history.newest();
         if let Some(since) = r.catch_up_since {
