@@ -63,6 +63,7 @@ pub fn new(_: &Lua, config: LuaTable) -> LuaResult<LuaMaster> {
     let mirrors = domains("dmuc_trusted_mirrors", config.get("trusted_mirrors")?)?;
     let config = MasterConfig {
         trusted_mirrors: mirrors.into_iter().map(TrustedMirror::new).collect(),
+        unbracketed_presence: false,
     };
     Ok(LuaMaster(Master::new(config)))
 }
