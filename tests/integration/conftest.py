@@ -12,3 +12,4 @@ if HARNESS not in sys.path:
     sys.path.insert(0, HARNESS)
 
 from fixtures import make_two_servers, two_servers_env, pytest_runtest_makereport  # noqa: E402,F401
+from ejabberd import make_mixed_servers  # noqa: E402,F401

@@ -1,0 +1,13 @@
+//! `dmuc_nif`: the rustler NIF that `dmuc_nif.erl` loads for `mod_dmuc`. It only exports; the
+//! wrappers live in [`master`] and [`mirror`], errors in [`error`], logging in [`log`].
+//!
+//! Every call returns what the engine wants routed (`[Xml]`) along with its verdict, so the
+//! Erlang side is a loop over results. Engine errors come back as `{error, Reason}`; a panic
+//! becomes `error:nif_panicked` in the caller and the VM survives.
+
+mod error;
+mod log;
+mod master;
+mod mirror;
+
+rustler::init!("dmuc_nif", load = log::load);

@@ -1,0 +1,192 @@
+//! The master role as a NIF resource, one per MUC room process (held in its process dictionary).
+
+use std::sync::Mutex;
+
+use dmuc::master::{
+    HistoryRequest, IqVerdict, Master, MasterAction, MasterConfig, Outbound, PresenceVerdict,
+    TrustedMirror,
+};
+use dmuc::Timestamp;
+use rustler::{Encoder, Env, ResourceArc, Term};
+
+use crate::error::NifError;
+
+rustler::atoms! { pass, refused, join, consumed, history, send, drop, replace, evict }
+
+pub struct MasterRes(Mutex<Master>);
+
+#[rustler::resource_impl]
+impl rustler::Resource for MasterRes {}
+
+pub struct HistoryRes(HistoryRequest);
+
+#[rustler::resource_impl]
+impl rustler::Resource for HistoryRes {}
+
+fn with<T>(r: &MasterRes, f: impl FnOnce(&mut Master) -> T) -> Result<(T, Vec<String>), NifError> {
+    let mut m = r.0.lock().map_err(|_| NifError::Poisoned)?;
+    let out = f(&mut m);
+    let mut sent = Vec::new();
+    while let Some(x) = m.poll_transmit() {
+        sent.push(x);
+    }
+    Ok((out, sent))
+}
+
+pub(crate) fn domain_list(
+    option: &'static str,
+    list: Vec<String>,
+) -> Result<Vec<String>, NifError> {
+    list.into_iter()
+        .map(|d| {
+            let d = d.trim().to_ascii_lowercase();
+            if d.is_empty()
+                || d.contains('@')
+                || d.contains('/')
+                || jid::DomainPart::new(&d).is_err()
+            {
+                Err(NifError::Option {
+                    option,
+                    reason: format!("'{d}' is not a domain name"),
+                })
+            } else {
+                Ok(d)
+            }
+        })
+        .collect()
+}
+
+#[rustler::nif]
+fn master_new(trusted: Vec<String>) -> Result<ResourceArc<MasterRes>, NifError> {
+    let trusted = domain_list("trusted_mirrors", trusted)?;
+    Ok(ResourceArc::new(MasterRes(Mutex::new(Master::new(
+        MasterConfig {
+            trusted_mirrors: trusted.into_iter().map(TrustedMirror::new).collect(),
+            unbracketed_presence: true,
+        },
+    )))))
+}
+
+#[rustler::nif]
+fn master_routes(r: ResourceArc<MasterRes>, to: String) -> bool {
+    r.0.lock()
+        .map(|m| m.routes_via_mirror(&to))
+        .unwrap_or(false)
+}
+
+#[rustler::nif]
+fn master_presence<'a>(
+    env: Env<'a>,
+    r: ResourceArc<MasterRes>,
+    now: u64,
+    xml: String,
+    nick: String,
+) -> Result<Term<'a>, NifError> {
+    let (v, sent) = with(&r, |m| m.handle_presence(Timestamp(now), &xml, Some(&nick)))?;
+    let verdict = match v? {
+        PresenceVerdict::Pass => pass().encode(env),
+        PresenceVerdict::Refused => refused().encode(env),
+        PresenceVerdict::MirrorJoin { mirror, sync } => (join(), mirror, sync).encode(env),
+    };
+    Ok((verdict, sent).encode(env))
+}
+
+#[rustler::nif]
+fn master_snapshot(
+    r: ResourceArc<MasterRes>,
+    now: u64,
+    room: String,
+    mirror: String,
+    nick: String,
+    form: String,
+    occupants: Vec<String>,
+) -> Result<Vec<String>, NifError> {
+    let (v, sent) = with(&r, |m| {
+        m.handle_snapshot(Timestamp(now), &room, &mirror, &nick, &form, &occupants)
+    })?;
+    v?;
+    Ok(sent)
+}
+
+#[rustler::nif]
+fn master_iq<'a>(
+    env: Env<'a>,
+    r: ResourceArc<MasterRes>,
+    now: u64,
+    xml: String,
+) -> Result<Term<'a>, NifError> {
+    let (v, sent) = with(&r, |m| m.handle_iq(Timestamp(now), &xml))?;
+    let verdict = match v? {
+        IqVerdict::Pass => pass().encode(env),
+        IqVerdict::Consumed => consumed().encode(env),
+        IqVerdict::History(req) => (history(), ResourceArc::new(HistoryRes(req))).encode(env),
+    };
+    Ok((verdict, sent).encode(env))
+}
+
+#[rustler::nif]
+fn master_history(
+    r: ResourceArc<MasterRes>,
+    now: u64,
+    req: ResourceArc<HistoryRes>,
+    messages: Vec<String>,
+    subject: Option<String>,
+) -> Result<Vec<String>, NifError> {
+    let (v, sent) = with(&r, |m| {
+        m.handle_history(Timestamp(now), &req.0, &messages, subject.as_deref())
+    })?;
+    v?;
+    Ok(sent)
+}
+
+#[rustler::nif]
+fn master_begin(r: ResourceArc<MasterRes>, room: String) -> Result<Vec<String>, NifError> {
+    Ok(with(&r, |m| m.begin_broadcast(&room))?.1)
+}
+
+#[rustler::nif]
+fn master_end(r: ResourceArc<MasterRes>, room: String) -> Result<Vec<String>, NifError> {
+    Ok(with(&r, |m| m.end_broadcast(&room))?.1)
+}
+
+#[rustler::nif]
+fn master_outbound<'a>(
+    env: Env<'a>,
+    r: ResourceArc<MasterRes>,
+    now: u64,
+    xml: String,
+) -> Result<Term<'a>, NifError> {
+    let (v, sent) = with(&r, |m| m.handle_outbound(Timestamp(now), &xml))?;
+    let verdict = match v? {
+        Outbound::Send => send().encode(env),
+        Outbound::Drop => drop().encode(env),
+        Outbound::Replace(x) => (replace(), x).encode(env),
+    };
+    Ok((verdict, sent).encode(env))
+}
+
+#[rustler::nif]
+fn master_left(
+    r: ResourceArc<MasterRes>,
+    room: String,
+    jid: String,
+) -> Result<Vec<String>, NifError> {
+    Ok(with(&r, |m| m.handle_left(&room, &jid))?.1)
+}
+
+#[rustler::nif]
+fn master_link<'a>(
+    env: Env<'a>,
+    r: ResourceArc<MasterRes>,
+    now: u64,
+    domain: String,
+    up: bool,
+) -> Result<Term<'a>, NifError> {
+    let mut m = r.0.lock().map_err(|_| NifError::Poisoned)?;
+    m.handle_link(Timestamp(now), &domain, up);
+    let mut actions = Vec::new();
+    while let Some(MasterAction::Evict { room, nick, jid }) = m.poll_action() {
+        actions.push((evict(), room, nick, jid));
+    }
+    Ok(actions.encode(env))
+}

@@ -1,0 +1,103 @@
+//! The mirror role as a NIF resource, one per mirror service (held by mod_dmuc's process).
+
+use std::sync::Mutex;
+
+use dmuc::mirror::{Mirror, MirrorConfig, Verdict};
+use dmuc::Timestamp;
+use rustler::ResourceArc;
+
+use crate::error::NifError;
+use crate::master::domain_list;
+
+rustler::atoms! { consumed, pass }
+
+pub struct MirrorRes(Mutex<Mirror>);
+
+#[rustler::resource_impl]
+impl rustler::Resource for MirrorRes {}
+
+/// `(Verdict, [Xml], NextTimeoutMs | 0)`.
+type Outcome = (rustler::Atom, Vec<String>, u64);
+
+fn run(
+    r: &MirrorRes,
+    f: impl FnOnce(&mut Mirror) -> Result<Verdict, dmuc::Error>,
+) -> Result<Outcome, NifError> {
+    let mut m = r.0.lock().map_err(|_| NifError::Poisoned)?;
+    let v = f(&mut m)?;
+    let mut sent = Vec::new();
+    while let Some(x) = m.poll_transmit() {
+        sent.push(x);
+    }
+    let at = m.poll_timeout().map(|t| t.0).unwrap_or(0);
+    let verdict = if v == Verdict::Consumed {
+        consumed()
+    } else {
+        pass()
+    };
+    Ok((verdict, sent, at))
+}
+
+#[rustler::nif]
+fn mirror_new(
+    service: String,
+    masters: Vec<String>,
+    queue_limit: u64,
+    join_timeout_s: u64,
+    history_size: u64,
+) -> Result<ResourceArc<MirrorRes>, NifError> {
+    let masters = domain_list("masters", masters)?;
+    if masters.is_empty() {
+        return Err(NifError::Option {
+            option: "masters",
+            reason: "list at least one MUC service to mirror".into(),
+        });
+    }
+    let mut c = MirrorConfig::new(service, masters);
+    if queue_limit > 0 {
+        c.queue_limit = queue_limit as usize;
+    }
+    if join_timeout_s > 0 {
+        c.join_timeout_ms = join_timeout_s * 1000;
+    }
+    if history_size > 0 {
+        c.history_size = history_size as usize;
+    }
+    Ok(ResourceArc::new(MirrorRes(Mutex::new(Mirror::new(c)))))
+}
+
+#[rustler::nif]
+fn mirror_handles(r: ResourceArc<MirrorRes>, jid: String) -> bool {
+    r.0.lock().map(|m| m.handles(&jid)).unwrap_or(false)
+}
+
+#[rustler::nif]
+fn mirror_local(r: ResourceArc<MirrorRes>, now: u64, xml: String) -> Result<Outcome, NifError> {
+    run(&r, |m| m.handle_local(Timestamp(now), &xml))
+}
+
+#[rustler::nif]
+fn mirror_remote(r: ResourceArc<MirrorRes>, now: u64, xml: String) -> Result<Outcome, NifError> {
+    run(&r, |m| m.handle_remote(Timestamp(now), &xml))
+}
+
+#[rustler::nif]
+fn mirror_timeout(r: ResourceArc<MirrorRes>, now: u64) -> Result<Outcome, NifError> {
+    run(&r, |m| {
+        m.handle_timeout(Timestamp(now));
+        Ok(Verdict::Consumed)
+    })
+}
+
+#[rustler::nif]
+fn mirror_link(
+    r: ResourceArc<MirrorRes>,
+    now: u64,
+    master: String,
+    up: bool,
+) -> Result<Outcome, NifError> {
+    run(&r, |m| {
+        m.handle_link(Timestamp(now), &master, up);
+        Ok(Verdict::Consumed)
+    })
+}

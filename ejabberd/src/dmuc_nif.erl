@@ -1,0 +1,38 @@
+%%% dmuc_nif: the NIF half of mod_dmuc (the dmuc engine, in Rust). Kept in its own module so
+%%% that mod_dmuc can be reloaded: a module that loads a NIF cannot be hot-reloaded.
+-module(dmuc_nif).
+-export([take_logs/0,
+         master_new/1, master_routes/2, master_presence/4, master_snapshot/7, master_iq/3,
+         master_history/5, master_begin/2, master_end/2, master_outbound/3, master_left/3,
+         master_link/4,
+         mirror_new/5, mirror_handles/2, mirror_local/3, mirror_remote/3, mirror_timeout/2,
+         mirror_link/4]).
+-on_load(init/0).
+
+init() ->
+    Priv = case code:priv_dir(mod_dmuc) of
+               {error, _} -> filename:join(filename:dirname(filename:dirname(code:which(?MODULE))), "priv");
+               Dir -> Dir
+           end,
+    erlang:load_nif(filename:join(Priv, "dmuc_nif"), 0).
+
+-define(NOT_LOADED, erlang:nif_error({not_loaded, ?MODULE})).
+
+take_logs() -> ?NOT_LOADED.
+master_new(_Trusted) -> ?NOT_LOADED.
+master_routes(_M, _To) -> ?NOT_LOADED.
+master_presence(_M, _Now, _Xml, _Nick) -> ?NOT_LOADED.
+master_snapshot(_M, _Now, _Room, _Mirror, _Nick, _Form, _Occupants) -> ?NOT_LOADED.
+master_iq(_M, _Now, _Xml) -> ?NOT_LOADED.
+master_history(_M, _Now, _Req, _Messages, _Subject) -> ?NOT_LOADED.
+master_begin(_M, _Room) -> ?NOT_LOADED.
+master_end(_M, _Room) -> ?NOT_LOADED.
+master_outbound(_M, _Now, _Xml) -> ?NOT_LOADED.
+master_left(_M, _Room, _Jid) -> ?NOT_LOADED.
+master_link(_M, _Now, _Domain, _Up) -> ?NOT_LOADED.
+mirror_new(_Service, _Masters, _QueueLimit, _JoinTimeout, _HistorySize) -> ?NOT_LOADED.
+mirror_handles(_M, _Jid) -> ?NOT_LOADED.
+mirror_local(_M, _Now, _Xml) -> ?NOT_LOADED.
+mirror_remote(_M, _Now, _Xml) -> ?NOT_LOADED.
+mirror_timeout(_M, _Now) -> ?NOT_LOADED.
+mirror_link(_M, _Now, _Master, _Up) -> ?NOT_LOADED.

@@ -1,0 +1,455 @@
+%%% mod_dmuc: Distributed MUC (DMUC3) for ejabberd.
+%%%
+%%% A thin shim over the dmuc engine (Rust, loaded by dmuc_nif). It forwards hook events into the
+%%% engine and routes what comes back; no protocol logic lives here.
+%%%
+%%% Master (option trusted_mirrors): each MUC room process keeps its own engine in its process
+%%% dictionary. Hooks: muc_filter_presence (joins, leaves, nick changes), muc_process_iq (history
+%%% requests), multicast_route (groupchat fan-out: one copy per mirror), filter_packet (the room's
+%%% per-occupant presences, history and subject; join errors), leave_room.
+%%%
+%%% Mirror (options mirror_host, masters): one engine per mirror service, held by this module's
+%%% process. Hooks: user_send_packet (local users' stanzas for mirrored rooms),
+%%% user_receive_packet (join errors sent straight to a user), and a route for mirror_host.
+-module(mod_dmuc).
+-behaviour(gen_mod).
+-behaviour(gen_server).
+
+-export([start/2, stop/1, reload/3, depends/2, mod_options/1, mod_opt_type/1, mod_doc/0]).
+-export([start_link/2, init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2,
+         code_change/3]).
+-export([muc_filter_presence/3, muc_process_iq/2, multicast_route/1, filter_packet/1,
+         leave_room/4, user_send_packet/1, user_receive_packet/1, route/1]).
+
+-include("logger.hrl").
+-include("xmpp.hrl").
+-include("mod_muc_room.hrl").
+-include("translate.hrl").
+
+-define(NS_DMUC, <<"http://tridsys.com/protocol/dmuc">>).
+-define(MASTER_KEY, dmuc_master).
+
+%%%===================================================================
+%%% gen_mod
+%%%===================================================================
+start(Host, Opts) ->
+    case gen_mod:get_opt(trusted_mirrors, Opts) of
+        [] -> ok;
+        Trusted ->
+            %% Fail now, with the option named, rather than in the first room.
+            case dmuc_nif:master_new(Trusted) of
+                {error, Reason} -> erlang:error({bad_option, Reason});
+                _ -> ok
+            end,
+            persistent_term:put({?MODULE, master_config, Host}, Trusted),
+            ejabberd_hooks:add(muc_filter_presence, Host, ?MODULE, muc_filter_presence, 50),
+            ejabberd_hooks:add(muc_process_iq, Host, ?MODULE, muc_process_iq, 50),
+            ejabberd_hooks:add(multicast_route, Host, ?MODULE, multicast_route, 50),
+            ejabberd_hooks:add(leave_room, Host, ?MODULE, leave_room, 50),
+            ejabberd_hooks:add(filter_packet, ?MODULE, filter_packet, 50)
+    end,
+    case gen_mod:get_opt(masters, Opts) of
+        [] -> ok;
+        _ -> gen_mod:start_child(?MODULE, Host, Opts)
+    end.
+
+stop(Host) ->
+    case persistent_term:get({?MODULE, master_config, Host}, undefined) of
+        undefined -> ok;
+        _ ->
+            ejabberd_hooks:delete(muc_filter_presence, Host, ?MODULE, muc_filter_presence, 50),
+            ejabberd_hooks:delete(muc_process_iq, Host, ?MODULE, muc_process_iq, 50),
+            ejabberd_hooks:delete(multicast_route, Host, ?MODULE, multicast_route, 50),
+            ejabberd_hooks:delete(leave_room, Host, ?MODULE, leave_room, 50),
+            ejabberd_hooks:delete(filter_packet, ?MODULE, filter_packet, 50),
+            persistent_term:erase({?MODULE, master_config, Host})
+    end,
+    case gen_mod:is_loaded_elsewhere(Host, ?MODULE) of
+        _ -> gen_mod:stop_child(?MODULE, Host)
+    end.
+
+reload(Host, NewOpts, _OldOpts) ->
+    stop(Host),
+    start(Host, NewOpts).
+
+depends(_Host, _Opts) -> [].
+
+mod_opt_type(trusted_mirrors) -> econf:list(econf:domain());
+mod_opt_type(mirror_host) -> econf:host();
+mod_opt_type(masters) -> econf:list(econf:domain());
+mod_opt_type(queue_limit) -> econf:pos_int();
+mod_opt_type(join_timeout) -> econf:pos_int();
+mod_opt_type(history_size) -> econf:pos_int().
+
+mod_options(Host) ->
+    [{trusted_mirrors, []},
+     {mirror_host, <<"mirror.", Host/binary>>},
+     {masters, []},
+     {queue_limit, 1000},
+     {join_timeout, 30},
+     {history_size, 20}].
+
+mod_doc() ->
+    #{desc =>
+          [?T("Distributed MUC (DMUC3): a mirror of a remote room on the users' server, so that "
+              "each broadcast crosses a constrained server-to-server link once per mirror "
+              "instead of once per remote occupant.")],
+      opts =>
+          [{trusted_mirrors,
+            #{value => ?T("[Domain, ...]"),
+              desc => ?T("Master role: mirror services allowed to forward joins to this "
+                         "server's rooms. A mirror may speak only for users of its parent "
+                         "domain.")}},
+           {mirror_host,
+            #{value => ?T("Host"),
+              desc => ?T("Mirror role: the mirror service's domain. The default is 'mirror.@HOST@'.")}},
+           {masters,
+            #{value => ?T("[Domain, ...]"),
+              desc => ?T("Mirror role: the MUC services to mirror for this host's users.")}},
+           {queue_limit,
+            #{value => ?T("Number"),
+              desc => ?T("Mirror role: groupchat messages queued per room while the link is down.")}},
+           {join_timeout,
+            #{value => ?T("Seconds"),
+              desc => ?T("Mirror role: how long a join waits for the master.")}},
+           {history_size,
+            #{value => ?T("Number"),
+              desc => ?T("Mirror role: messages of history kept per room.")}}]}.
+
+%%%===================================================================
+%%% Shared plumbing
+%%%===================================================================
+now_ms() -> erlang:system_time(millisecond).
+
+enc(Pkt) -> fxml:element_to_binary(xmpp:encode(Pkt, ?NS_CLIENT)).
+
+%% Route every stanza the engine produced.
+route_out(Xmls) ->
+    lists:foreach(
+      fun(Xml) ->
+              try
+                  El = fxml_stream:parse_element(Xml),
+                  ejabberd_router:route(xmpp:decode(El, ?NS_CLIENT, []))
+              catch Class:Reason ->
+                      ?ERROR_MSG("dmuc: cannot route engine output ~ts: ~p:~p", [Xml, Class, Reason])
+              end
+      end, Xmls).
+
+%% Engine logs into ejabberd's log.
+flush_logs() ->
+    lists:foreach(
+      fun({<<"error">>, M}) -> ?ERROR_MSG("dmuc: ~ts", [M]);
+         ({<<"warning">>, M}) -> ?WARNING_MSG("dmuc: ~ts", [M]);
+         ({<<"info">>, M}) -> ?INFO_MSG("dmuc: ~ts", [M]);
+         ({_, M}) -> ?DEBUG("dmuc: ~ts", [M])
+      end, dmuc_nif:take_logs()).
+
+%% Call the engine; an error or a panic is logged, never raised into the hook.
+call(F) ->
+    Result = try F()
+             catch Class:Reason ->
+                     ?ERROR_MSG("dmuc: engine call failed: ~p:~p", [Class, Reason]),
+                     {error, Reason}
+             end,
+    flush_logs(),
+    case Result of
+        {error, Why} -> ?WARNING_MSG("dmuc refused input: ~p", [Why]), {error, Why};
+        _ -> Result
+    end.
+
+strip_marker(Pkt) ->
+    xmpp:set_els(Pkt, [El || El <- xmpp:get_els(Pkt),
+                            not (is_record(El, xmlel) andalso
+                                 fxml:get_tag_attr_s(<<"xmlns">>, El) == ?NS_DMUC)]).
+
+%%%===================================================================
+%%% Master
+%%%===================================================================
+master(ServerHost) ->
+    case get(?MASTER_KEY) of
+        undefined ->
+            Trusted = persistent_term:get({?MODULE, master_config, ServerHost}, []),
+            M = dmuc_nif:master_new(Trusted),
+            put(?MASTER_KEY, M),
+            M;
+        M -> M
+    end.
+
+muc_filter_presence(drop, _State, _Nick) -> drop;
+muc_filter_presence(#presence{} = Pkt, #state{server_host = SH} = State, Nick) ->
+    M = master(SH),
+    case call(fun() -> dmuc_nif:master_presence(M, now_ms(), enc(Pkt), Nick) end) of
+        {error, _} ->
+            ejabberd_router:route_error(Pkt, xmpp:err_bad_request()),
+            drop;
+        {refused, Out} ->
+            route_out(Out),
+            drop;
+        {{join, Mirror, true}, Out} ->
+            route_out(Out),
+            snapshot(M, State, Mirror, Nick),
+            strip_marker(Pkt);
+        {_, Out} ->
+            route_out(Out),
+            strip_marker(Pkt)
+    end.
+
+%% The room as the mirror needs it: a config form carrying the whois rule, and each occupant's
+%% presence with a muc#user item.
+snapshot(M, #state{jid = RoomJID, config = Config, users = Users} = State, Mirror, Nick) ->
+    Whois = case Config#config.anonymous of true -> <<"moderators">>; false -> <<"anyone">> end,
+    Form = #xdata{type = form,
+                  fields = [#xdata_field{var = <<"FORM_TYPE">>, type = hidden,
+                                         values = [<<"http://jabber.org/protocol/muc#roomconfig">>]},
+                            #xdata_field{var = <<"muc#roomconfig_whois">>, type = 'list-single',
+                                         values = [Whois]}]},
+    Occupants = maps:fold(
+                  fun(_, #user{jid = JID, nick = N, role = Role, last_presence = LP}, Acc) ->
+                          Pres = case LP of undefined -> #presence{}; _ -> LP end,
+                          Aff = affiliation(JID, State),
+                          Item = #muc_item{affiliation = Aff, role = Role, jid = JID},
+                          P = xmpp:set_subtag(
+                                xmpp:set_from_to(strip_marker(Pres),
+                                                 jid:replace_resource(RoomJID, N), undefined),
+                                #muc_user{items = [Item]}),
+                          [enc(P) | Acc]
+                  end, [], Users),
+    Room = jid:encode(RoomJID),
+    FormXml = fxml:element_to_binary(xmpp:encode(Form)),
+    case call(fun() -> dmuc_nif:master_snapshot(M, now_ms(), Room, Mirror, Nick, FormXml, Occupants) end) of
+        {error, _} -> ok;
+        Out -> route_out(Out)
+    end.
+
+affiliation(JID, #state{affiliations = Affs}) ->
+    case maps:get(jid:tolower(jid:remove_resource(JID)), Affs, none) of
+        {A, _Reason} -> A;
+        A -> A
+    end.
+
+%% History requests from mirrors; answers to the engine's sync IQs.
+muc_process_iq(#iq{type = get} = IQ, #state{server_host = SH, jid = RoomJID} = State) ->
+    case [E || #xmlel{name = <<"room">>} = E <- xmpp:get_els(IQ),
+               fxml:get_tag_attr_s(<<"xmlns">>, E) == <<"urn:xmpp:dmuc:0">>] of
+        [] -> IQ;
+        _ ->
+            M = master(SH),
+            case call(fun() -> dmuc_nif:master_iq(M, now_ms(), enc(IQ)) end) of
+                {{history, Req}, Out} ->
+                    route_out(Out),
+                    history(M, Req, RoomJID, State),
+                    ignore;
+                {error, _} ->
+                    xmpp:make_error(IQ, xmpp:err_bad_request());
+                {_, Out} ->
+                    route_out(Out),
+                    ignore
+            end
+    end;
+muc_process_iq(IQ, _State) ->
+    IQ.
+
+history(M, Req, RoomJID, #state{history = #lqueue{queue = Q}, subject = Subject,
+                                subject_author = Author}) ->
+    Messages = [enc(xmpp:set_from_to(P, jid:replace_resource(RoomJID, Nick), undefined))
+                || {Nick, P, _HaveSubject, _TS, _Size} <- p1_queue:to_list(Q)],
+    SubjectMsg = #message{from = jid:replace_resource(RoomJID, Author), type = groupchat,
+                          subject = case Subject of [] -> [#text{}]; S -> S end},
+    case call(fun() -> dmuc_nif:master_history(M, now_ms(), Req, Messages, enc(SubjectMsg)) end) of
+        {error, _} -> ok;
+        Out -> route_out(Out)
+    end.
+
+%% Groupchat fan-out: occupants behind a mirror become one copy per mirror.
+multicast_route({From, Domain, Dests, Packet, Wrapped} = Acc) ->
+    case get(?MASTER_KEY) of
+        undefined -> Acc;
+        M ->
+            Room = jid:encode(jid:remove_resource(From)),
+            Begin = dmuc_nif:master_begin(M, Room),
+            Direct = lists:filter(
+                       fun(To) ->
+                               ToBin = jid:encode(To),
+                               case dmuc_nif:master_routes(M, ToBin) of
+                                   false -> true;
+                                   true ->
+                                       Copy = xmpp:set_from_to(Packet, From, To),
+                                       case call(fun() -> dmuc_nif:master_outbound(M, now_ms(), enc(Copy)) end) of
+                                           {drop, Out} -> route_out(Out), false;
+                                           {{replace, Xml}, Out} -> route_out(Out ++ [Xml]), false;
+                                           {_, Out} -> route_out(Out), true
+                                       end
+                               end
+                       end, Dests),
+            End = call(fun() -> dmuc_nif:master_end(M, Room) end),
+            route_out(Begin),
+            case End of {error, _} -> ok; _ -> route_out(End) end,
+            {From, Domain, Direct, Packet, Wrapped}
+    end.
+
+%% Everything a room routes one stanza at a time: presences, history, subject, errors. Runs in
+%% the room's process (where its engine lives) for the room's own stanzas. Also adds the DMUC
+%% feature to the MUC service's disco#info answers.
+filter_packet(drop) -> drop;
+filter_packet(#iq{type = result, from = #jid{luser = <<>>, lresource = <<>>} = From} = IQ) ->
+    case xmpp:get_subtag(IQ, #disco_info{}) of
+        #disco_info{node = <<>>, features = F} = Info ->
+            case persistent_term:get({?MODULE, master_config, ejabberd_router:host_of_route(From#jid.lserver)}, undefined) of
+                undefined -> IQ;
+                _ ->
+                    case gen_mod:is_loaded(ejabberd_router:host_of_route(From#jid.lserver), mod_muc)
+                        andalso lists:member(?NS_MUC, F) of
+                        true -> xmpp:set_els(IQ, [Info#disco_info{features = F ++ [?NS_DMUC]}]);
+                        false -> IQ
+                    end
+            end;
+        _ -> IQ
+    end;
+filter_packet(Pkt) ->
+    case get(?MASTER_KEY) of
+        undefined -> Pkt;
+        M ->
+            case xmpp:get_to(Pkt) of
+                undefined -> Pkt;
+                To ->
+                    case dmuc_nif:master_routes(M, jid:encode(To)) of
+                        false -> Pkt;
+                        true ->
+                            case call(fun() -> dmuc_nif:master_outbound(M, now_ms(), enc(Pkt)) end) of
+                                {drop, Out} -> route_out(Out), drop;
+                                {{replace, Xml}, Out} -> route_out(Out ++ [Xml]), drop;
+                                {_, Out} -> route_out(Out), Pkt
+                            end
+                    end
+            end
+    end.
+
+leave_room(_ServerHost, Room, Host, JID) ->
+    case get(?MASTER_KEY) of
+        undefined -> ok;
+        M ->
+            _ = call(fun() -> dmuc_nif:master_left(M, <<Room/binary, "@", Host/binary>>, jid:encode(JID)) end),
+            ok
+    end.
+
+%%%===================================================================
+%%% Mirror
+%%%===================================================================
+start_link(Host, Opts) ->
+    gen_server:start_link({local, gen_mod:get_module_proc(Host, ?MODULE)}, ?MODULE, [Host, Opts], []).
+
+init([Host, Opts]) ->
+    process_flag(trap_exit, true),
+    Service = gen_mod:get_opt(mirror_host, Opts),
+    Masters = gen_mod:get_opt(masters, Opts),
+    case dmuc_nif:mirror_new(Service, Masters, gen_mod:get_opt(queue_limit, Opts),
+                             gen_mod:get_opt(join_timeout, Opts), gen_mod:get_opt(history_size, Opts)) of
+        {error, Reason} ->
+            {stop, {bad_option, Reason}};
+        M ->
+            Proc = gen_mod:get_module_proc(Host, ?MODULE),
+            persistent_term:put({?MODULE, mirror, Host}, {M, Proc}),
+            persistent_term:put({?MODULE, mirror_service, Service}, {M, Proc}),
+            ejabberd_router:register_route(Service, Host, {apply, ?MODULE, route}),
+            ejabberd_hooks:add(user_send_packet, Host, ?MODULE, user_send_packet, 50),
+            ejabberd_hooks:add(user_receive_packet, Host, ?MODULE, user_receive_packet, 50),
+            ?INFO_MSG("dmuc mirror ~ts for ~p", [Service, Masters]),
+            {ok, #{host => Host, service => Service, timer => undefined}}
+    end.
+
+handle_call(_Request, _From, State) -> {reply, ok, State}.
+
+handle_cast({schedule, 0}, State) -> {noreply, State};
+handle_cast({schedule, At}, #{timer := T} = State) ->
+    Now = now_ms(),
+    case T of
+        {Ref, Old} when Old =< At -> _ = Ref, {noreply, State};
+        {Ref, _} -> erlang:cancel_timer(Ref), {noreply, arm(At, Now, State)};
+        undefined -> {noreply, arm(At, Now, State)}
+    end;
+handle_cast(_Msg, State) -> {noreply, State}.
+
+arm(At, Now, State) ->
+    Ref = erlang:send_after(max(0, At - Now), self(), timeout),
+    State#{timer => {Ref, At}}.
+
+handle_info(timeout, #{host := Host} = State) ->
+    {M, _} = persistent_term:get({?MODULE, mirror, Host}),
+    State1 = State#{timer => undefined},
+    case call(fun() -> dmuc_nif:mirror_timeout(M, now_ms()) end) of
+        {_, Out, 0} -> route_out(Out), {noreply, State1};
+        {_, Out, At} -> route_out(Out), {noreply, arm(At, now_ms(), State1)};
+        _ -> {noreply, State1}
+    end;
+handle_info(_Info, State) -> {noreply, State}.
+
+terminate(_Reason, #{host := Host, service := Service}) ->
+    ejabberd_hooks:delete(user_send_packet, Host, ?MODULE, user_send_packet, 50),
+    ejabberd_hooks:delete(user_receive_packet, Host, ?MODULE, user_receive_packet, 50),
+    ejabberd_router:unregister_route(Service),
+    persistent_term:erase({?MODULE, mirror, Host}),
+    persistent_term:erase({?MODULE, mirror_service, Service}),
+    ok.
+
+code_change(_OldVsn, State, _Extra) -> {ok, State}.
+
+%% Run a mirror call and route/schedule what it produced. Returns consumed | pass.
+mirror_run(_M, Proc, F) ->
+    case call(F) of
+        {Verdict, Out, At} ->
+            route_out(Out),
+            gen_server:cast(Proc, {schedule, At}),
+            Verdict;
+        {error, _} ->
+            error
+    end.
+
+%% Local users' presences to occupant JIDs and groupchat messages go through the mirror.
+user_send_packet({Pkt, #{lserver := LServer} = C2S} = Acc) ->
+    case persistent_term:get({?MODULE, mirror, LServer}, undefined) of
+        undefined -> Acc;
+        {M, Proc} ->
+            case is_mirror_stanza(Pkt) andalso dmuc_nif:mirror_handles(M, jid:encode(xmpp:get_to(Pkt))) of
+                true ->
+                    case mirror_run(M, Proc, fun() -> dmuc_nif:mirror_local(M, now_ms(), enc(Pkt)) end) of
+                        consumed -> {drop, C2S};
+                        error ->
+                            ejabberd_router:route_error(Pkt, xmpp:err_bad_request()),
+                            {drop, C2S};
+                        _ -> Acc
+                    end;
+                false -> Acc
+            end
+    end;
+user_send_packet(Acc) -> Acc.
+
+is_mirror_stanza(#presence{to = #jid{lresource = R}}) when R /= <<>> -> true;
+is_mirror_stanza(#message{type = groupchat}) -> true;
+is_mirror_stanza(_) -> false.
+
+%% A join error the master sent straight to the user ends the mirror's pending join.
+user_receive_packet({#presence{type = error, from = From} = Pkt, #{lserver := LServer}} = Acc) ->
+    case persistent_term:get({?MODULE, mirror, LServer}, undefined) of
+        undefined -> Acc;
+        {M, Proc} ->
+            case dmuc_nif:mirror_handles(M, jid:encode(From)) of
+                true -> _ = mirror_run(M, Proc, fun() -> dmuc_nif:mirror_remote(M, now_ms(), enc(Pkt)) end);
+                false -> ok
+            end,
+            Acc
+    end;
+user_receive_packet(Acc) -> Acc.
+
+%% Stanzas to the mirror service and to users' escaped JIDs at it.
+route(Pkt) ->
+    To = xmpp:get_to(Pkt),
+    case persistent_term:get({?MODULE, mirror_service, To#jid.lserver}, undefined) of
+        undefined -> ok;
+        {M, Proc} ->
+            case mirror_run(M, Proc, fun() -> dmuc_nif:mirror_remote(M, now_ms(), enc(Pkt)) end) of
+                consumed -> ok;
+                error -> ejabberd_router:route_error(Pkt, xmpp:err_bad_request());
+                pass ->
+                    ejabberd_router:route_error(Pkt, xmpp:err_service_unavailable())
+            end
+    end.
