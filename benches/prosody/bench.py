@@ -1,0 +1,870 @@
+"""`make bench`: dmuc against plain MUC on real Prosody servers, over an emulated constrained link.
+
+The same scripted workload runs twice, once with mod_dmuc (a master on fairfax, a mirror on each
+remote server) and once with Prosody's stock MUC, through the counting proxies of
+tests/harness. What crosses the s2s link is counted stanza by stanza; what users experience is
+timed at real slixmpp clients. Run from the repository root with Debian's Python:
+
+    /usr/bin/python3 benches/prosody/bench.py [--quick] [--engine target/bench/fanout.txt]
+
+Writes target/bench/results.json, target/bench/results.md (the table) and target/bench/bench.png
+(the plot), and prints the table. Figures from this noisy 2-core machine are shown as ratios
+measured in one run. The benchmark asserts nothing about time; it exits non-zero if any
+message was lost or delivered twice, or if any wait ran out (every wait has a deadline).
+
+Phases, for each mode (dmuc, plain), on fairfax + raleigh:
+  1. a room on fairfax with one local occupant (alice) and 20 messages of history; remote
+     occupants join from raleigh one by one up to K = 100. At K = 1, 5, 20, 100: stanzas and
+     bytes for the K-th remote join, a groupchat message and a presence change from each side.
+     The second remote join asks for the default history (20 messages).
+  2. at K = 20: Prosody CPU per message (fairfax + raleigh), and per message in a local-only
+     room on fairfax; then 600 ms RTT (local echo and delivery latency), then 9.6 kbit/s (the
+     message rate the room sustains with no backlog).
+  3. at K = 100: the counts again; then every remote occupant leaves and the link is watched for
+     IDLE_SECONDS while nobody speaks. Meanwhile, on four other servers (fairfax + three remote
+     servers, each with a mirror in dmuc mode), the counts for 3 mirrors with 5 occupants each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+import uuid
+import xml.etree.ElementTree as ET
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(ROOT, "tests", "harness"))
+
+from clients import ClientHub, WaitTimeout  # noqa: E402
+from servers import CONFERENCE, FAIRFAX, RALEIGH, ServerSpec, federation  # noqa: E402
+
+import plot  # noqa: E402  (benches/prosody/plot.py)
+
+DIST = os.path.join(ROOT, "dist", "prosody")
+OUT = os.path.join(ROOT, "target", "bench")
+PASSWORD = "secret"
+ROOM = f"chatroom@{CONFERENCE}"
+LOCAL_ROOM = f"local@{CONFERENCE}"
+DURHAM, NORFOLK = "durham.localhost", "norfolk.localhost"
+MODES = ("dmuc", "plain")
+BARRIER = "BARRIER"          # bodies of barrier messages; stanzas carrying it are not counted
+
+CLIENT_NS = "{jabber:client}"
+MUC_USER_X = "{http://jabber.org/protocol/muc#user}x"
+DELAY = "{urn:xmpp:delay}delay"
+
+
+class Config:
+    """Workload sizes. --quick shrinks them for a smoke run (not for published figures)."""
+
+    def __init__(self, quick: bool):
+        self.quick = quick
+        self.sweep = [1, 5, 20] if quick else [1, 5, 20, 100]
+        self.k_max = self.sweep[-1]
+        self.k_mid = 20                      # K for CPU, latency and rate phases
+        self.history = 20                    # messages of history in the room before joins
+        self.idle_seconds = 10 if quick else 60
+        self.mirrors3_per_server = 5
+        self.join_batch = 20                 # concurrent joins per batch
+        self.cpu_local_messages = 300 if quick else 2000
+        self.cpu_local_occupants = 5
+        self.cpu_mixed_messages = 100 if quick else 300
+        self.latency_samples = 20 if quick else 50
+        self.latency_interval = 0.2          # s between latency probes (pacing)
+        self.rtt = 0.6                       # emulated round trip (s)
+        self.link_bps = 9600                 # emulated link rate (bit/s per direction)
+        self.rate_ladder = [0.7, 0.85, 1.0, 1.15, 1.3, 1.5, 1.75, 2.0]
+        self.rate_ladder_down = [0.5, 0.35, 0.25]
+        self.rate_min_messages = 4           # per step
+        self.rate_step_seconds = 8.0         # per step, when the rate allows more messages
+        self.rate_max_messages = 16
+        self.backlog_tolerance = 0.25        # of one message's transmission time
+
+
+class BenchFailure(Exception):
+    """A message was lost or duplicated, or a wait ran out: the run is invalid."""
+
+
+def body_text(tag: str) -> str:
+    """A groupchat body of fixed length (the counts depend on it): a unique tag and a sentence."""
+    return f"{tag}-{uuid.uuid4().hex[:10]} Status from the field: all stations nominal, next check 10 min."
+
+
+# ---------------------------------------------------------------------------------------------
+# Clients: a cheap index of what each one received (the hub's predicates run on every stanza)
+# ---------------------------------------------------------------------------------------------
+
+class Track:
+    """One client, with indexes kept up to date as stanzas arrive (slixmpp 'in' filter)."""
+
+    def __init__(self, client, nick: str):
+        self.client = client
+        self.nick = nick
+        self.first: Dict[str, float] = {}                       # groupchat body -> first receipt
+        self.count: collections.Counter = collections.Counter()  # groupchat body -> receipts
+        self.present: Dict[str, set] = collections.defaultdict(set)  # room -> nicks present
+        self.joined: set = set()                                # rooms whose 110 arrived
+        self.subject: set = set()                               # rooms whose subject arrived
+        self.history: collections.Counter = collections.Counter()  # room -> delayed messages
+        self.status: Dict[tuple, str] = {}                      # (room, nick) -> status text
+        self.errors: List[str] = []
+        client.xmpp.add_filter("in", self._in)
+
+    def _in(self, stanza):
+        xml = stanza.xml
+        tag = xml.tag.rpartition("}")[2]
+        room, _, nick = xml.get("from", "").partition("/")
+        typ = xml.get("type", "")
+        now = time.monotonic()
+        if tag == "message":
+            if typ == "groupchat":
+                body = xml.find(CLIENT_NS + "body")
+                if body is not None and body.text:
+                    self.count[body.text] += 1
+                    self.first.setdefault(body.text, now)
+                    if xml.find(DELAY) is not None:
+                        self.history[room] += 1
+                elif xml.find(CLIENT_NS + "subject") is not None:
+                    self.subject.add(room)
+            elif typ == "error":
+                self.errors.append(str(stanza))
+        elif tag == "presence" and nick:
+            if typ == "error":
+                self.errors.append(str(stanza))
+            elif typ == "unavailable":
+                self.present[room].discard(nick)
+                if nick == self.nick:
+                    self.joined.discard(room)
+            elif typ == "":
+                self.present[room].add(nick)
+                status = xml.find(CLIENT_NS + "status")
+                self.status[(room, nick)] = (status.text or "") if status is not None else ""
+                x = xml.find(MUC_USER_X)
+                if x is not None and any(s.get("code") == "110" for s in x.findall(MUC_USER_X[:-1] + "status")):
+                    self.joined.add(room)
+        return stanza
+
+    def send_join(self, room: str, history: Optional[int] = 0) -> None:
+        self.joined.discard(room)
+        self.subject.discard(room)
+        self.history[room] = 0
+        pres = self.client.xmpp.make_presence(pto=f"{room}/{self.nick}")
+        pres.enable("muc_join")
+        if history is not None:
+            pres["muc_join"]["history"]["maxstanzas"] = str(history)
+        pres.send()
+
+    def send_leave(self, room: str) -> None:
+        self.client.xmpp.send_presence(pto=f"{room}/{self.nick}", ptype="unavailable")
+
+    def say(self, room: str, body: str) -> float:
+        t = time.monotonic()
+        self.client.send_groupchat(room, body)
+        return t
+
+    def __repr__(self) -> str:
+        return f"<Track {self.client.jid} as {self.nick}>"
+
+
+# ---------------------------------------------------------------------------------------------
+# Servers
+# ---------------------------------------------------------------------------------------------
+
+def lua_list(values: Sequence[str]) -> str:
+    return "{ " + "; ".join(f'"{v}"' for v in values) + " }"
+
+
+def specs(mode: str, remotes: Sequence[str]) -> List[ServerSpec]:
+    """fairfax with the room's MUC service; each remote server with a mirror in dmuc mode."""
+    conference = [f'Component "{CONFERENCE}" "muc"', "    muc_room_locking = false"]
+    if mode == "dmuc":
+        conference += ['    modules_enabled = { "dmuc" }',
+                       f"    dmuc_trusted_mirrors = {lua_list(['mirror.' + d for d in remotes])}"]
+    out = [ServerSpec(FAIRFAX, blocks=["\n".join(conference)])]
+    for d in remotes:
+        if mode == "dmuc":
+            out.append(ServerSpec(d, host_modules=["dmuc"],
+                                  blocks=[f'Component "mirror.{d}" "dmuc"\n    dmuc_masters = {{ "{CONFERENCE}" }}']))
+        else:
+            out.append(ServerSpec(d))
+    return out
+
+
+@contextlib.asynccontextmanager
+async def started(mode: str, remotes: Sequence[str], accounts: Dict[str, List[str]]):
+    """A federation in `mode`, users registered; started and stopped off the event loop."""
+    cm = federation(specs(mode, remotes), plugin_paths=[DIST] if mode == "dmuc" else [],
+                    log_level=os.environ.get("DMUC_BENCH_LOG", "info"))
+    fed = await asyncio.to_thread(cm.__enter__)
+    try:
+        await asyncio.gather(*(asyncio.to_thread(fed.server(d).register_many, [(u, PASSWORD) for u in users], 120)
+                               for d, users in accounts.items()))
+        yield fed
+    except BaseException:
+        fed.keep = True  # keep the logs of a failed run
+        print(f"  servers' temp dirs kept: {', '.join(s.dir for s in fed.servers)}", flush=True)
+        await asyncio.to_thread(cm.__exit__, *sys.exc_info())
+        raise
+    else:
+        await asyncio.to_thread(cm.__exit__, None, None, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Counting
+# ---------------------------------------------------------------------------------------------
+
+def describe(s) -> str:
+    """One counted stanza, for the report: kind, type, addresses, children, size."""
+    children = []
+    try:
+        el = ET.fromstring(s.raw)
+        for c in el:
+            ns, _, name = c.tag[1:].partition("}") if c.tag.startswith("{") else ("", "", c.tag)
+            short = ns.rsplit("/", 1)[-1].rsplit(":", 1)[-1] if ns else ""
+            children.append(f"{name}({short})" if short and short not in ("client", "server") else name)
+    except ET.ParseError:
+        children.append("?")
+    typ = f" type={s.type}" if s.type else ""
+    return f"{s.sender} -> {s.receiver}: {s.name}{typ} from={s.from_} to={s.to} [{', '.join(children)}] {len(s)} B"
+
+
+def tally(snap, items: bool = False) -> Dict[str, Any]:
+    """Stanzas and their bytes in a snapshot, barrier messages left out."""
+    stanzas = [s for s in snap.stanzas if BARRIER not in s.raw]
+    by_sender: Dict[str, Dict[str, Any]] = {}
+    for s in stanzas:
+        d = by_sender.setdefault(s.sender, {"stanzas": 0, "bytes": 0, "kinds": {}})
+        d["stanzas"] += 1
+        d["bytes"] += len(s)
+        d["kinds"][s.name] = d["kinds"].get(s.name, 0) + 1
+    out = {"stanzas": len(stanzas), "bytes": sum(len(s) for s in stanzas), "by_sender": by_sender}
+    if items:
+        out["items"] = [describe(s) for s in stanzas]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# One federation in one mode, with its clients
+# ---------------------------------------------------------------------------------------------
+
+class Run:
+    def __init__(self, bench: "Bench", mode: str, fed, hub: ClientHub):
+        self.bench = bench
+        self.cfg = bench.cfg
+        self.mode = mode
+        self.fed = fed
+        self.hub = hub
+        self.link = fed.link
+        self.alice: Optional[Track] = None
+        self.remotes: List[Track] = []       # every remote client, in join order
+        self.in_room: List[Track] = []       # remote clients in ROOM now
+        self.locals: List[Track] = []        # clients on fairfax (alice first)
+
+    def log(self, text: str) -> None:
+        self.bench.log(f"[{self.mode}] {text}")
+
+    async def wait(self, predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+        try:
+            return await self.hub.wait_for(predicate, timeout, f"[{self.mode}] {what}")
+        except WaitTimeout as e:
+            raise BenchFailure(str(e)) from None
+
+    async def connect(self, jids: Sequence[str], port: int, nicks: Sequence[str], batch: int = 25) -> List[Track]:
+        out = []
+        for i in range(0, len(jids), batch):
+            clients = await self.hub.connect_many([(j, PASSWORD) for j in jids[i:i + batch]], port, timeout=60)
+            out += [Track(c, n) for c, n in zip(clients, nicks[i:i + batch])]
+        return out
+
+    # -- waits over many clients ---------------------------------------------------------
+
+    def everyone(self) -> List[Track]:
+        return [self.alice] + self.in_room
+
+    async def join_batch(self, tracks: Sequence[Track], history: Optional[int] = 0, room: str = ROOM,
+                         observers: Sequence[Track] = ()) -> None:
+        """Join `tracks` concurrently; wait until each has its self-presence and subject, and
+        every occupant (`observers` + joiners) sees the whole room."""
+        for t in tracks:
+            t.send_join(room, history)
+        members = list(observers) + list(tracks)
+        expected = len(members)
+        await self.wait(lambda: all(room in t.joined and room in t.subject for t in tracks)
+                        and all(len(t.present[room]) == expected for t in members),
+                        60, f"{len(tracks)} joins to {room}: everyone sees {expected} occupants")
+        for t in tracks:
+            if t.errors:
+                raise BenchFailure(f"{t}: error stanzas: {t.errors[:3]}")
+
+    async def barrier(self) -> None:
+        """A message from each side, through the same s2s streams as the event just measured:
+        once both have arrived, everything the event caused has crossed."""
+        senders = [self.alice]
+        for t in self.in_room:  # one user on each remote server
+            if all(t.client.jid.domain != s.client.jid.domain for s in senders):
+                senders.append(t)
+        bodies = [f"{BARRIER} {uuid.uuid4().hex}" for _ in senders]
+        for t, b in zip(senders, bodies):
+            t.say(ROOM, b)
+        await self.wait(lambda: all(b in t.first for b in bodies for t in senders), 60, "barrier")
+
+    async def measure(self, label: str, act: Callable[[], Any], done: Callable[[], Any],
+                      items: bool = False, timeout: float = 60,
+                      then: Optional[Callable[[], Any]] = None) -> Dict[str, Any]:
+        self.link.reset()
+        act()
+        await self.wait(done, timeout, label)
+        if then:
+            then()
+        await self.barrier()
+        result = tally(self.link.snapshot(), items)
+        self.log(f"{label}: {result['stanzas']} stanzas, {result['bytes']} B")
+        return result
+
+    # -- events --------------------------------------------------------------------------
+
+    async def events(self, speaker: Track) -> Dict[str, Any]:
+        """A groupchat message and a presence change from each side, counted one at a time."""
+        out = {}
+        alice, people = self.alice, self.everyone()
+        b = body_text("master")
+        out["msg_master"] = await self.measure("message from the master side", lambda: alice.say(ROOM, b),
+                                               lambda: all(b in t.first for t in people))
+        b = body_text("mirror")
+        out["msg_mirror"] = await self.measure("message from the mirror side", lambda: speaker.say(ROOM, b),
+                                               lambda: all(b in t.first for t in people))
+        s = f"busy {uuid.uuid4().hex[:8]}"
+        out["presence_master"] = await self.measure(
+            "presence change on the master side",
+            lambda: alice.client.send_presence(ROOM, alice.nick, show="away", status=s),
+            lambda: all(t.status.get((ROOM, alice.nick)) == s for t in people))
+        s = f"busy {uuid.uuid4().hex[:8]}"
+        out["presence_mirror"] = await self.measure(
+            "presence change on the mirror side",
+            lambda: speaker.client.send_presence(ROOM, speaker.nick, show="away", status=s),
+            lambda: all(t.status.get((ROOM, speaker.nick)) == s for t in people))
+        return out
+
+    async def measured_join(self, t: Track, history: Optional[int] = 0) -> Dict[str, Any]:
+        observers = self.everyone()
+        expected = len(observers) + 1
+
+        def act():
+            t.send_join(ROOM, history)
+
+        def done():
+            return (ROOM in t.joined and ROOM in t.subject and len(t.present[ROOM]) == expected
+                    and all(t.nick in o.present[ROOM] for o in observers))
+        result = await self.measure(f"remote join #{len(self.in_room) + 1}", act, done, items=True,
+                                    then=lambda: self.in_room.append(t))
+        result["history_delivered"] = t.history[ROOM]
+        return result
+
+    async def grow_to(self, k: int) -> None:
+        """Join remote users (not measured) until ROOM has k remote occupants."""
+        while len(self.in_room) < k:
+            batch = self.remotes[len(self.in_room):min(k, len(self.in_room) + self.cfg.join_batch)]
+            await self.join_batch(batch, 0, ROOM, observers=self.everyone())
+            self.in_room += batch
+
+    # -- CPU -----------------------------------------------------------------------------
+
+    async def cpu(self, label: str, room: str, sender: Track, receivers: Sequence[Track], n: int,
+                  window: int = 100) -> Dict[str, Any]:
+        """Prosody CPU (user + system, /proc) per groupchat message, `n` messages from `sender`."""
+        servers = self.fed.servers
+        before = {s.domain: s.cpu_seconds() for s in servers}
+        t0 = time.monotonic()
+        bodies = [body_text(f"cpu{i}") for i in range(n)]
+        for i in range(0, n, window):
+            chunk = bodies[i:i + window]
+            for b in chunk:
+                sender.say(room, b)
+            last = chunk[-1]
+            await self.wait(lambda: all(last in t.first for t in receivers), 120, f"{label}: window {i // window}")
+        elapsed = time.monotonic() - t0
+        after = {s.domain: s.cpu_seconds() for s in servers}
+        self.bench.check_delivered(f"[{self.mode}] {label}", bodies, receivers)
+        per = {d: (after[d] - before[d]) / n * 1e6 for d in before}
+        out = {"messages": n, "recipients": len(receivers), "cpu_us_per_message": per,
+               "total_us_per_message": sum(per.values()), "wall_s": elapsed}
+        self.log(f"CPU {label}: " + ", ".join(f"{d.split('.')[0]} {v:.0f} µs" for d, v in per.items())
+                 + f" per message ({n} messages, {elapsed:.1f} s)")
+        return out
+
+    # -- latency over a 600 ms RTT link --------------------------------------------------
+
+    async def latency(self) -> Dict[str, Any]:
+        cfg = self.cfg
+        link = self.fed.link_between(FAIRFAX, RALEIGH)
+        link.shape(delay=cfg.rtt / 2)
+        try:
+            u1, u2 = self.in_room[0], self.in_room[1]
+            alice = self.alice
+            out = {}
+            # From a mirror-side user: own echo, another user on the same server, the other side.
+            sent = await self.paced(u1, "lat-mirror", cfg.latency_samples, cfg.latency_interval,
+                                    [u1, u2, alice] + self.in_room[2:])
+            out["echo_mirror_user"] = stats([u1.first[b] - t for b, t in sent])
+            out["same_side_mirror"] = stats([u2.first[b] - t for b, t in sent])
+            out["to_master_side"] = stats([alice.first[b] - t for b, t in sent])
+            # From the master side: delivery to the mirror's users (the last of them, and one).
+            sent = await self.paced(alice, "lat-master", cfg.latency_samples, cfg.latency_interval,
+                                    [alice] + self.in_room)
+            out["to_mirror_side"] = stats([u1.first[b] - t for b, t in sent])
+            out["to_mirror_side_all"] = stats([max(r.first[b] for r in self.in_room) - t for b, t in sent])
+            out["echo_master_user"] = stats([alice.first[b] - t for b, t in sent])
+            for k, v in out.items():
+                self.log(f"latency {k}: p50 {v['p50'] * 1000:.1f} ms, p99 {v['p99'] * 1000:.1f} ms")
+            return out
+        finally:
+            link.unshape()
+
+    async def paced(self, sender: Track, tag: str, n: int, interval: float,
+                    receivers: Sequence[Track]) -> List[tuple]:
+        """`n` messages from `sender`, one every `interval` s; wait until all are delivered."""
+        sent = []
+        t0 = time.monotonic()
+        for i in range(n):
+            delay = t0 + i * interval - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)  # pacing of the offered load
+            b = body_text(tag)
+            sent.append((b, sender.say(ROOM, b)))
+        await self.wait(lambda: all(b in r.first for b, _ in sent for r in receivers), 120, f"{tag}: all delivered")
+        self.bench.check_delivered(f"[{self.mode}] {tag}", [b for b, _ in sent], receivers)
+        return sent
+
+    # -- sustained rate over a 9.6 kbit/s link -------------------------------------------
+
+    async def rate(self) -> Dict[str, Any]:
+        """Step the offered message rate (from alice, to K remote occupants) until the link
+        falls behind. A step is sustained when every message reaches every occupant and the
+        link's backlog never exceeds a quarter of one message's transmission time when the next
+        message is sent; the figure is the highest sustained step."""
+        cfg = self.cfg
+        link = self.fed.link_between(FAIRFAX, RALEIGH)
+        receivers = self.everyone()
+        link.shape(rate=cfg.link_bps)
+        try:
+            # One message alone: its bytes on the wire give the ladder's scale.
+            link.reset()
+            b = body_text("rate-probe")
+            t = self.alice.say(ROOM, b)
+            await self.wait(lambda: all(b in r.first for r in receivers), 120, "rate probe delivered")
+            probe_latency = max(r.first[b] for r in self.in_room) - t
+            await self.idle_link(link)
+            wire = link.snapshot().bytes.get(FAIRFAX, 0)   # all of it: nothing else is sent
+            service = wire * 8 / cfg.link_bps            # seconds of link time per message
+            predicted = 1 / service
+            self.log(f"rate probe: {wire} B from fairfax per message, {service:.2f} s on the link; "
+                     f"predicted {predicted * 60:.1f} msg/min")
+            steps = []
+            best = None
+            ladder = list(cfg.rate_ladder)
+            i = 0
+            while i < len(ladder):
+                r = predicted * ladder[i]
+                step = await self.rate_step(link, r, service, receivers)
+                step["factor"] = ladder[i]
+                steps.append(step)
+                self.log(f"rate step {r * 60:.1f} msg/min ({step['messages']} messages): "
+                         f"{'sustained' if step['sustained'] else 'backlog'} "
+                         f"(max backlog {step['max_backlog_s']:.2f} s, lag {step['lag_first_s']:.2f} -> {step['lag_last_s']:.2f} s)")
+                if step["sustained"]:
+                    best = r if best is None else max(best, r)
+                elif best is not None:
+                    break
+                elif ladder is cfg.rate_ladder:
+                    ladder, i = list(cfg.rate_ladder_down), -1  # the first step failed: go down
+                i += 1
+            if best is None:
+                raise BenchFailure(f"[{self.mode}] no offered rate was sustained on {cfg.link_bps} bit/s")
+            return {"link_bps": cfg.link_bps, "bytes_per_message": wire, "service_s": service,
+                    "probe_latency_s": probe_latency, "predicted_per_min": predicted * 60,
+                    "sustained_per_min": best * 60, "steps": steps}
+        finally:
+            link.unshape()
+
+    async def rate_step(self, link, r: float, service: float, receivers: Sequence[Track]) -> Dict[str, Any]:
+        cfg = self.cfg
+        n = max(cfg.rate_min_messages, min(cfg.rate_max_messages, math.ceil(cfg.rate_step_seconds * r)))
+        sent, backlog = [], []
+        t0 = time.monotonic()
+        for i in range(n):
+            delay = t0 + i / r - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)  # pacing of the offered load
+            backlog.append(link.queue_delay(FAIRFAX))
+            b = body_text("rate")
+            sent.append((b, self.alice.say(ROOM, b)))
+        bodies = [b for b, _ in sent]
+        await self.wait(lambda: all(b in r_.first for b in bodies for r_ in receivers),
+                        n * service * 3 + 60, f"rate step {r * 60:.1f}/min: all delivered")
+        self.bench.check_delivered(f"[{self.mode}] rate step", bodies, receivers)
+        await self.idle_link(link)
+        lags = [max(r_.first[b] for r_ in self.in_room) - t for b, t in sent]
+        worst = max(backlog[1:]) if n > 1 else 0.0
+        return {"offered_per_min": r * 60, "messages": n, "sustained": worst <= cfg.backlog_tolerance * service,
+                "max_backlog_s": worst, "backlog_s": backlog, "lag_first_s": lags[0], "lag_last_s": lags[-1],
+                "lags_s": lags}
+
+    async def idle_link(self, link, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while link.queue_delay() > 0:
+            if time.monotonic() > deadline:
+                raise BenchFailure(f"[{self.mode}] the emulated link did not drain in {timeout} s")
+            await asyncio.sleep(min(0.1, link.queue_delay()) + 0.01)  # the link drains at its own pace
+
+
+def stats(values: Sequence[float]) -> Dict[str, float]:
+    v = sorted(values)
+
+    def pct(p):
+        return v[min(len(v) - 1, max(0, math.ceil(p / 100 * len(v)) - 1))]
+    return {"n": len(v), "p50": pct(50), "p99": pct(99), "min": v[0], "max": v[-1], "mean": statistics.fmean(v)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The bench
+# ---------------------------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.t0 = time.monotonic()
+        self.results: Dict[str, Any] = {
+            "meta": {
+                "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores",
+                "quick": cfg.quick,
+                "prosody": prosody_version(),
+                "workload": {k: v for k, v in vars(cfg).items()},
+            },
+            "modes": {m: {} for m in MODES},
+        }
+
+    def log(self, text: str) -> None:
+        print(f"{time.monotonic() - self.t0:7.1f}s {text}", flush=True)
+
+    def check_delivered(self, label: str, bodies: Sequence[str], receivers: Sequence[Track]) -> None:
+        for r in receivers:
+            lost = [b for b in bodies if r.count[b] == 0]
+            twice = [b for b in bodies if r.count[b] > 1]
+            if lost or twice:
+                raise BenchFailure(f"{label}: {r} lost {len(lost)} and got {len(twice)} twice of {len(bodies)} "
+                                   f"messages (first lost: {lost[:1]}, first duplicate: {twice[:1]})")
+
+    async def two_server_run(self, mode: str) -> None:
+        cfg = self.cfg
+        res = self.results["modes"][mode]
+        remote_users = [f"u{i:03d}" for i in range(1, cfg.k_max + 1)]
+        local_users = ["alice"] + [f"l{i}" for i in range(1, cfg.cpu_local_occupants)]
+        self.log(f"[{mode}] starting fairfax + raleigh, {len(remote_users) + len(local_users)} accounts")
+        async with started(mode, [RALEIGH], {FAIRFAX: local_users, RALEIGH: remote_users}) as fed:
+            async with ClientHub(watch=[fed.link]) as hub:
+                run = Run(self, mode, fed, hub)
+                locals_ = await run.connect([f"{u}@{FAIRFAX}" for u in local_users], fed.server(FAIRFAX).c2s_port,
+                                            local_users)
+                run.alice, run.locals = locals_[0], locals_
+                run.remotes = await run.connect([f"{u}@{RALEIGH}" for u in remote_users],
+                                                fed.server(RALEIGH).c2s_port, remote_users)
+                self.log(f"[{mode}] {len(locals_) + len(run.remotes)} clients connected")
+                await run.join_batch([run.alice], None)
+                seeds = [body_text(f"history{i}") for i in range(cfg.history)]
+                for b in seeds:
+                    run.alice.say(ROOM, b)
+                await run.wait(lambda: all(b in run.alice.first for b in seeds), 30, "history seeded")
+
+                res["sweep"] = {}
+                targets = sorted(set(cfg.sweep) | {2})
+                for k in targets:
+                    await run.grow_to(k - 1)
+                    entry: Dict[str, Any] = {}
+                    if k == 2:
+                        # The second remote join, asking for the default history (20 messages).
+                        res["second_join_history"] = await run.measured_join(run.remotes[1], history=None)
+                        if res["second_join_history"]["history_delivered"] != cfg.history:
+                            raise BenchFailure(f"[{mode}] second join got {res['second_join_history']['history_delivered']}"
+                                               f" history messages, expected {cfg.history}")
+                        continue
+                    entry["join"] = await run.measured_join(run.remotes[k - 1])
+                    entry.update(await run.events(run.in_room[0]))
+                    res["sweep"][str(k)] = entry
+                    if k == cfg.k_mid:
+                        await self.mid_phases(run, res)
+
+                # Every remote occupant leaves; a message with nobody remote; then idle.
+                self.log(f"[{mode}] {len(run.in_room)} remote occupants leave")
+                for t in run.in_room:
+                    t.send_leave(ROOM)
+                leaving, run.in_room = run.in_room, []
+                await run.wait(lambda: run.alice.present[ROOM] == {run.alice.nick}
+                               and all(ROOM not in t.joined for t in leaving), 120, "everyone remote left")
+                fed.link.reset()
+                b1, b2 = body_text("alone"), body_text("alone")
+                run.alice.say(ROOM, b1)
+                run.alice.say(ROOM, b2)
+                await run.wait(lambda: b2 in run.alice.first, 30, "alice's own echo")
+                res["msg_no_remote"] = tally(fed.link.snapshot())
+                self.log(f"[{mode}] message with no remote occupant: {res['msg_no_remote']['bytes']} B")
+
+                fed.link.reset()
+                t_idle = time.monotonic()
+                self.log(f"[{mode}] room idle for {cfg.idle_seconds} s; meanwhile, 3 mirrors on 4 other servers")
+                res["mirrors3"] = await self.three_mirrors(mode)
+                remaining = t_idle + cfg.idle_seconds - time.monotonic()
+                if remaining > 0:
+                    await asyncio.sleep(remaining)  # the deliberate idle period
+                snap = fed.link.snapshot()
+                res["idle"] = {"seconds": time.monotonic() - t_idle, "wire_bytes": snap.total_bytes(),
+                               "stanzas": len(snap.stanzas), "connections_opened": snap.connections,
+                               "items": [describe(s) for s in snap.stanzas]}
+                self.log(f"[{mode}] idle {res['idle']['seconds']:.0f} s: {res['idle']['wire_bytes']} B on the wire")
+
+    async def mid_phases(self, run: Run, res: Dict[str, Any]) -> None:
+        cfg = self.cfg
+        people = run.everyone()
+        # CPU: the mirrored room (fairfax + raleigh), then a local-only room on fairfax.
+        res["cpu_mixed_master"] = await run.cpu(f"K={cfg.k_mid} room, messages from the master side", ROOM,
+                                                run.alice, people, cfg.cpu_mixed_messages)
+        res["cpu_mixed_mirror"] = await run.cpu(f"K={cfg.k_mid} room, messages from the mirror side", ROOM,
+                                                run.in_room[0], people, cfg.cpu_mixed_messages)
+        local_tracks = run.locals
+        await run.join_batch(local_tracks[1:], 0, LOCAL_ROOM, observers=[])
+        await run.join_batch([run.alice], 0, LOCAL_ROOM, observers=local_tracks[1:])
+        res["cpu_local"] = await run.cpu(f"local room ({len(local_tracks)} occupants on fairfax)", LOCAL_ROOM,
+                                         run.alice, local_tracks, cfg.cpu_local_messages)
+        res["latency"] = await run.latency()
+        res["rate"] = await run.rate()
+        self.log(f"[{run.mode}] sustained {res['rate']['sustained_per_min']:.1f} msg/min on {cfg.link_bps} bit/s")
+
+    async def three_mirrors(self, mode: str) -> Dict[str, Any]:
+        cfg = self.cfg
+        remotes = [RALEIGH, DURHAM, NORFOLK]
+        per = cfg.mirrors3_per_server
+        users = {d: [f"{d.split('.')[0][0]}{i}" for i in range(1, per + 1)] for d in remotes}
+        async with started(mode, remotes, {FAIRFAX: ["alice"], **users}) as fed:
+            async with ClientHub(watch=[fed.link]) as hub:
+                run = Run(self, f"{mode}, 3 mirrors", fed, hub)
+                run.alice = (await run.connect([f"alice@{FAIRFAX}"], fed.server(FAIRFAX).c2s_port, ["alice"]))[0]
+                by_server = {}
+                for d in remotes:
+                    by_server[d] = await run.connect([f"{u}@{d}" for u in users[d]], fed.server(d).c2s_port, users[d])
+                await run.join_batch([run.alice], 0)
+                # Everyone but the last user of the first server joins, one server at a time.
+                order = [t for d in remotes[1:] for t in by_server[d]] + by_server[remotes[0]]
+                run.remotes = order
+                for d in remotes[1:] + remotes[:1]:
+                    batch = [t for t in by_server[d] if t is not order[-1]]
+                    await run.join_batch(batch, 0, ROOM, observers=run.everyone())
+                    run.in_room += batch
+                out: Dict[str, Any] = {"servers": len(remotes), "occupants_per_server": per}
+                # in_room[0] is on durham; speak from raleigh, the server of the measured join.
+                speaker = by_server[remotes[0]][0]
+                out["join"] = await run.measured_join(order[-1])
+                out.update(await run.events(speaker))
+                return out
+
+    # -- output --------------------------------------------------------------------------
+
+    def finish(self, engine_path: Optional[str], failure: Optional[str]) -> None:
+        self.results["meta"]["elapsed_s"] = round(time.monotonic() - self.t0, 1)
+        self.results["meta"]["failure"] = failure
+        self.results["engine"] = read_engine(engine_path)
+        os.makedirs(OUT, exist_ok=True)
+        with open(os.path.join(OUT, "results.json"), "w") as f:
+            json.dump(self.results, f, indent=1, sort_keys=False)
+        rows = table_rows(self.results)
+        md = markdown(rows, self.results)
+        with open(os.path.join(OUT, "results.md"), "w") as f:
+            f.write(md)
+        print()
+        print(text_table(rows))
+        for line in self.results["engine"].get("lines", []):
+            print(f"engine: {line}")
+        if not failure:
+            try:
+                paths = plot.plot(self.results, OUT)
+                print(f"\nwrote {os.path.join(OUT, 'results.json')}, {os.path.join(OUT, 'results.md')}, "
+                      + ", ".join(paths))
+            except Exception:
+                traceback.print_exc()
+                raise
+
+
+def prosody_version() -> str:
+    try:
+        out = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "prosody"], capture_output=True, text=True,
+                             timeout=10).stdout
+        return out.strip() or "?"
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+
+
+def read_engine(path: Optional[str]) -> Dict[str, Any]:
+    """The engine benchmark's figures (`cargo bench --bench fanout` output), if it ran."""
+    if not path or not os.path.exists(path):
+        return {"ran": False}
+    with open(path, errors="replace") as f:
+        lines = [l.strip() for l in f if "µs" in l or "us/" in l]
+    return {"ran": True, "lines": lines}
+
+
+# ---------------------------------------------------------------------------------------------
+# The table
+# ---------------------------------------------------------------------------------------------
+
+def get(d: Any, *path, default=None):
+    for p in path:
+        if not isinstance(d, dict) or p not in d:
+            return default
+        d = d[p]
+    return d
+
+
+def ratio(a, b) -> str:
+    if a is None or b is None:
+        return "-"
+    if b == 0:
+        return "-" if a == 0 else "inf"
+    return f"{a / b:.3f}"
+
+
+def table_rows(res: Dict[str, Any]) -> List[tuple]:
+    """(section, what, dmuc, plain, ratio) rows; ratio is dmuc / plain unless said otherwise."""
+    d, p = res["modes"]["dmuc"], res["modes"]["plain"]
+    rows: List[tuple] = []
+
+    def sb(x):
+        return "-" if x is None else f"{x['stanzas']} st / {x['bytes']} B"
+
+    events = [("msg_master", "groupchat message, master side"), ("msg_mirror", "groupchat message, mirror side"),
+              ("presence_master", "presence change, master side"), ("presence_mirror", "presence change, mirror side"),
+              ("join", "remote join (the K-th)")]
+    scenarios = [(k, f"K={k}") for k in sorted(set(d.get("sweep", {})) | set(p.get("sweep", {})), key=int)]
+    for key, label in events:
+        for k, klabel in scenarios:
+            a, b = get(d, "sweep", k, key), get(p, "sweep", k, key)
+            rows.append(("s2s per event", f"{label}, {klabel}", sb(a), sb(b),
+                         ratio(a and a["bytes"], b and b["bytes"])))
+        a, b = get(d, "mirrors3", key), get(p, "mirrors3", key)
+        if a or b:
+            per = get(d, "mirrors3", "occupants_per_server", default=5)
+            rows.append(("s2s per event", f"{label}, 3 mirrors x {per}", sb(a), sb(b),
+                         ratio(a and a["bytes"], b and b["bytes"])))
+    a, b = d.get("second_join_history"), p.get("second_join_history")
+    rows.append(("s2s per event", "second remote join, 20 messages of history", sb(a), sb(b),
+                 ratio(a and a["bytes"], b and b["bytes"])))
+    a, b = d.get("msg_no_remote"), p.get("msg_no_remote")
+    rows.append(("s2s per event", "message with no remote occupant", sb(a), sb(b), "-"))
+    a, b = d.get("idle"), p.get("idle")
+    rows.append(("s2s idle", f"idle room, no remote occupant, {round(get(d, 'idle', 'seconds', default=0))} s",
+                 "-" if not a else f"{a['wire_bytes']} B", "-" if not b else f"{b['wire_bytes']} B", "-"))
+
+    def ms(x, q):
+        return None if x is None else x[q] * 1000
+
+    for key, label in [("echo_mirror_user", "local echo, mirror user"),
+                       ("same_side_mirror", "mirror user -> another user on the mirror side"),
+                       ("to_master_side", "mirror user -> master side"),
+                       ("to_mirror_side", "master side -> mirror user"),
+                       ("to_mirror_side_all", "master side -> all K mirror users"),
+                       ("echo_master_user", "local echo, master-side user")]:
+        for q in ("p50", "p99"):
+            a, b = ms(get(d, "latency", key), q), ms(get(p, "latency", key), q)
+            rows.append(("latency, 600 ms RTT", f"{label} {q}", "-" if a is None else f"{a:.1f} ms",
+                         "-" if b is None else f"{b:.1f} ms", ratio(a, b)))
+    a, b = get(d, "rate", "sustained_per_min"), get(p, "rate", "sustained_per_min")
+    rows.append(("9.6 kbit/s link", "sustained messages/min, K=20 (higher is better; ratio dmuc/plain)",
+                 "-" if a is None else f"{a:.1f}", "-" if b is None else f"{b:.1f}", ratio(a, b)))
+    a, b = get(d, "rate", "bytes_per_message"), get(p, "rate", "bytes_per_message")
+    rows.append(("9.6 kbit/s link", "wire bytes per message, K=20", "-" if a is None else f"{a} B",
+                 "-" if b is None else f"{b} B", ratio(a, b)))
+    a, b = get(d, "cpu_local", "cpu_us_per_message", FAIRFAX), get(p, "cpu_local", "cpu_us_per_message", FAIRFAX)
+    n = get(d, "cpu_local", "recipients", default="?")
+    rows.append(("Prosody CPU", f"fairfax, local room ({n} occupants), µs/message", fmt_us(a), fmt_us(b), ratio(a, b)))
+    rows.append(("Prosody CPU", "local throughput, dmuc / plain (1 / CPU per message)", "", "", ratio(b, a)))
+    for key, label in [("cpu_mixed_master", "master side"), ("cpu_mixed_mirror", "mirror side")]:
+        for dom in (FAIRFAX, RALEIGH):
+            a, b = get(d, key, "cpu_us_per_message", dom), get(p, key, "cpu_us_per_message", dom)
+            rows.append(("Prosody CPU", f"{dom.split('.')[0]}, K=20 room, message from the {label}, µs/message",
+                         fmt_us(a), fmt_us(b), ratio(a, b)))
+    return rows
+
+
+def fmt_us(x) -> str:
+    return "-" if x is None else f"{x:.0f} µs"
+
+
+def text_table(rows: List[tuple]) -> str:
+    w = max(len(r[1]) for r in rows)
+    out = [f"{'':{w}}  {'dmuc':>20}  {'plain MUC':>20}  {'dmuc/plain':>10}"]
+    section = None
+    for sec, what, a, b, r in rows:
+        if sec != section:
+            out.append(f"-- {sec}")
+            section = sec
+        out.append(f"{what:{w}}  {a:>20}  {b:>20}  {r:>10}")
+    return "\n".join(out)
+
+
+def markdown(rows: List[tuple], res: Dict[str, Any]) -> str:
+    out = ["| | what | dmuc | plain MUC | dmuc / plain |", "| --- | --- | --- | --- | --- |"]
+    section = None
+    for sec, what, a, b, r in rows:
+        out.append(f"| {sec if sec != section else ''} | {what} | {a} | {b} | {r} |")
+        section = sec
+    for line in res.get("engine", {}).get("lines", []):
+        out.append(f"| engine | {line} | | | |")
+    return "\n".join(out) + "\n"
+
+
+async def main_async(bench: Bench, modes: Sequence[str]) -> None:
+    for mode in modes:
+        await bench.two_server_run(mode)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a smaller workload, for a smoke run")
+    ap.add_argument("--engine", help="output of `cargo bench --bench fanout` to include")
+    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated: dmuc,plain")
+    args = ap.parse_args()
+    if not os.path.exists(os.path.join(DIST, "dmuc_prosody.so")):
+        print(f"{DIST} has no dmuc_prosody.so: run `make dist` first", file=sys.stderr)
+        return 2
+    bench = Bench(Config(args.quick))
+    failure = None
+    try:
+        asyncio.run(main_async(bench, [m for m in args.modes.split(",") if m]))
+    except BenchFailure as e:
+        failure = str(e)
+    except Exception as e:
+        failure = f"{type(e).__name__}: {e}"
+        traceback.print_exc()
+    bench.finish(args.engine, failure)
+    print(f"\ntotal {time.monotonic() - bench.t0:.0f} s")
+    if failure:
+        print(f"\nBENCH FAILED: {failure}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
