@@ -692,7 +692,7 @@ impl Master {
         }
         if state.depth == 0 {
             if el.name() == "presence" && self.config.unbracketed_presence {
-                return Ok(forward_once(state, &remote.mirror, el));
+                return Ok(forward_once(state, &to, &remote, el));
             }
             // Outside a broadcast, presences and groupchat messages to one occupant are the
             // occupant list, history and subject of a join: the mirror serves those itself.
@@ -776,16 +776,47 @@ impl Master {
     }
 }
 
-/// Without brackets: forward `presence` (one occupant's copy of a room presence) to the mirror
-/// unless the mirror already has this very presence of that nick. Copies for different recipients
-/// differ only in `to`, real JIDs and self-only status codes, so the fingerprint leaves those out.
-fn forward_once(state: &mut RoomState, mirror: &str, mut presence: Element) -> Outbound {
+/// Without brackets: forward `presence` (the copy for `to`, an occupant behind a mirror, of a room
+/// presence) to the mirror unless the mirror already has this very presence of that nick. Copies
+/// for different recipients differ only in `to`, real JIDs and self-only status codes, so the
+/// fingerprint leaves those out. A presence about one of the mirror's own occupants carries
+/// status 110, as it would with brackets, so the mirror knows the occupant is its own.
+fn forward_once(
+    state: &mut RoomState,
+    to: &str,
+    remote: &Remote,
+    mut presence: Element,
+) -> Outbound {
+    let mirror = remote.mirror.as_str();
     use std::hash::{Hash, Hasher};
     let nick = presence
         .attr("from")
         .and_then(|f| Jid::new(f).ok())
         .and_then(|j| j.resource().map(|r| r.to_string()))
         .unwrap_or_default();
+    if nick.is_empty() {
+        // The room's own presence (ejabberd sends its entity caps on each join): not an occupant.
+        return Outbound::Drop;
+    }
+    if nick == remote.nick {
+        // The recipient's own presence: their join is confirmed.
+        if let Some(r) = state.by_real.get_mut(to) {
+            r.confirmed = true;
+        }
+    } else if !remote.confirmed {
+        // Sent to a joiner before their own presence: the occupant list, which the mirror has.
+        return Outbound::Drop;
+    }
+    let ours = state
+        .remote_by_nick(&nick)
+        .is_some_and(|(_, r)| r.mirror == mirror);
+    if ours
+        && stanza::stanza_type(&presence) == Some("unavailable")
+        && state.announced_leave.contains(&nick)
+    {
+        // The mirror announced this leave itself.
+        return Outbound::Drop;
+    }
     let mut normal = presence.clone();
     stanza::remove_attr(&mut normal, "to");
     stanza::strip_real_jids(&mut normal);
@@ -801,6 +832,9 @@ fn forward_once(state: &mut RoomState, mirror: &str, mut presence: Element) -> O
     }
     link.forwarded.insert(nick, print);
     stanza::set_attr(&mut presence, "to", mirror);
+    if ours {
+        stanza::add_status(&mut presence, "110");
+    }
     Outbound::Replace(stanza::serialize(&presence))
 }
 

@@ -119,8 +119,13 @@ struct MirrorRoom {
     awaiting: Vec<String>,
     sync: Sync,
     history_iq: Option<(String, Timestamp)>,
-    /// Stamp of the newest message before a resync: history after it is a catch-up.
-    catch_up_since: Option<Timestamp>,
+    /// After a resync: the history answer is a catch-up of what the master's side said since
+    /// this stamp (`Some(None)`: since ever).
+    catch_up_since: Option<Option<Timestamp>>,
+    /// A resync is under way (set on link up, until the history answer).
+    resyncing: bool,
+    /// Stamp of the newest message that came from the master (not from our own users).
+    newest_from_master: Option<Timestamp>,
     whois: Whois,
     history: RoomHistory,
     subject: Option<Element>,
@@ -141,6 +146,8 @@ impl MirrorRoom {
             sync: Sync::Roster,
             history_iq: None,
             catch_up_since: None,
+            resyncing: false,
+            newest_from_master: None,
             whois: Whois::default(),
             history: RoomHistory::new(history_size),
             subject: None,
@@ -629,14 +636,20 @@ impl Mirror {
     }
 
     /// Forget a room once it has no local occupants and no joins under way: it costs nothing.
+    /// Messages still queued from users who have all left could no longer be accepted by the
+    /// master (their senders are not occupants any more); they are discarded with a warning.
     fn close_if_empty(&mut self, room: &str) {
         let empty = self
             .rooms
             .get(room)
-            .is_some_and(|r| r.local.is_empty() && r.pending.is_empty() && r.queue.is_empty());
+            .is_some_and(|r| r.local.is_empty() && r.pending.is_empty());
         if empty {
+            if let Some(r) = self.rooms.remove(room) {
+                if !r.queue.is_empty() {
+                    warn!(%room, queued = r.queue.len(), "every sender left during the outage: their queued messages are discarded");
+                }
+            }
             info!(%room, "last local occupant left: the mirror leaves the room");
-            self.rooms.remove(room);
         }
     }
 
@@ -723,10 +736,12 @@ impl Mirror {
                     .chain(r.local.keys().cloned())
             })
             .find(|u| escape::matches_address(to, u));
-        let user = match known {
-            Some(u) => stanza::parse_jid(&u)?,
-            None => guess,
+        let Some(user) = known else {
+            // Only users with a join under way or in a room here: the mirror is no open relay.
+            warn!(address = %to, user = %guess, "dropped a stanza for a user this mirror does not serve");
+            return Ok(Verdict::Consumed);
         };
+        let user = stanza::parse_jid(&user)?;
         stanza::set_attr(&mut el, "to", user.to_string());
         if let Some(from) = el.attr("from").and_then(|f| Jid::new(f).ok()) {
             self.observe(&el, &from, &user);
@@ -779,6 +794,12 @@ impl Mirror {
                     return;
                 }
                 let local = r.occupants.get(nick).and_then(|o| o.local.clone());
+                if local.is_none() && stanza::has_status(&el, "110") {
+                    // The master confirms a join of ours that we have since cancelled (the user
+                    // left first, or it timed out): its leave follows; show nothing.
+                    debug!(%room, %nick, "confirmation of a cancelled join ignored");
+                    return;
+                }
                 if r.resync.remove(nick) {
                     // The echo of our own rejoin after a link loss: nothing changed for anyone here.
                     if let Some(o) = r.occupants.get_mut(nick) {
@@ -850,7 +871,9 @@ impl Mirror {
         {
             r.subject = Some(el.clone());
         } else {
-            r.history.push(Entry::new(el.clone(), now));
+            let entry = Entry::new(el.clone(), now);
+            r.newest_from_master = r.newest_from_master.max(Some(entry.stamp));
+            r.history.push(entry);
         }
         let recipients: Vec<String> = r.local.keys().cloned().collect();
         for to in recipients {
@@ -998,8 +1021,8 @@ impl Mirror {
         // service forwards to the occupant instead of answering it).
         let to = r.jid.clone();
         let mut limits = History::new().with_maxstanzas(self.config.history_size as u32);
-        r.catch_up_since = r.history.newest();
-        if let Some(since) = r.catch_up_since {
+        r.catch_up_since = r.resyncing.then_some(r.newest_from_master);
+        if let Some(Some(since)) = r.catch_up_since {
             if let Ok(d) = since.to_xep0082().parse() {
                 limits = limits.with_since(d);
             }
@@ -1033,6 +1056,7 @@ impl Mirror {
         r.history_iq = None;
         r.sync = Sync::Ready;
         let catch_up = r.catch_up_since.take();
+        r.resyncing = false;
         let local_nicks: BTreeSet<String> = r.local.values().map(|(n, _)| n.clone()).collect();
         let mut missed = Vec::new();
         for m in messages {
@@ -1052,11 +1076,12 @@ impl Mirror {
                     .and_then(|f| Jid::new(f).ok())
                     .and_then(|j| j.resource().map(|r| r.to_string()));
                 let ours = nick.is_some_and(|n| local_nicks.contains(&n));
-                if entry.stamp <= since || ours {
+                if since.is_some_and(|s| entry.stamp <= s) || ours {
                     continue;
                 }
                 missed.push(entry.delayed(&r.jid));
             }
+            r.newest_from_master = r.newest_from_master.max(Some(entry.stamp));
             r.history.push(entry);
         }
         let recipients: Vec<String> = r.local.keys().cloned().collect();
@@ -1179,6 +1204,7 @@ impl Mirror {
             .map(|(_, (n, e))| (n.clone(), e.clone()))
             .collect();
         r.resync = joins.iter().map(|(n, _)| n.clone()).collect();
+        r.resyncing = true;
         for (_, e) in joins {
             let mut join = self.to_master(&e);
             if join.get_child("x", ns::MUC).is_none() {
@@ -1214,6 +1240,12 @@ impl Mirror {
                         Condition::RemoteServerTimeout,
                         "The room did not answer",
                     ));
+                    // Withdraw the join, in case the master admits it late: no ghost there.
+                    let mut leave = Element::builder("presence", ns::JABBER_CLIENT).build();
+                    stanza::set_attr(&mut leave, "from", &p.user);
+                    stanza::set_attr(&mut leave, "to", r.occupant_jid(&nick));
+                    stanza::set_attr(&mut leave, "type", "unavailable");
+                    errors.push(leave);
                 }
             }
             let history_late = r.history_iq.as_ref().is_some_and(|(_, d)| *d <= now);

@@ -650,7 +650,15 @@ fn mirror_odd_calls_do_not_panic() {
     assert!(!m.handles("@/@"));
     assert!(m.handles("CONFERENCE.fairfax.tridsys.com"));
     let out = mirror_out(&mut m);
-    assert_eq!(out.len(), 1, "the pending join times out once");
+    assert_eq!(out.len(), 2, "the pending join times out once: {out:?}");
+    assert!(out
+        .iter()
+        .any(|s| s.attr("type") == Some("error") && s.attr("to") == Some(WAYNE)));
+    assert!(
+        out.iter()
+            .any(|s| s.attr("type") == Some("unavailable") && s.attr("from") == Some(WAYNE)),
+        "the join is withdrawn at the master"
+    );
     assert!(m.rooms().is_empty());
 }
 

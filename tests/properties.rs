@@ -374,7 +374,6 @@ proptest! {
     /// With links cut and restored at random, once every link is back the master's room, the
     /// master engine and every mirror agree on who is in; no engine errs; no broadcast is sent
     /// twice to one mirror; and no one gets a live message twice.
-    #[ignore = "engine bug: fails on the bugs of scenarios::{everyone_leaving_during_an_outage_closes_the_room, leave_before_the_join_is_confirmed, join_timeout_leaves_no_ghost}"]
     #[test]
     fn outages_converge(ops in proptest::collection::vec(rough(), 1..40)) {
         let mut w = World::new();

@@ -554,7 +554,6 @@ fn link_loss_and_recovery() {
 /// also what it said before A's users last spoke locally. The mirror asks for history `since` its
 /// newest stored message, which is A's own last local message, so older master-side messages
 /// of the outage are never delivered to A's users.
-#[ignore = "engine bug: after an outage the mirror asks for history since its newest stored message, which can be its own local message of the outage (mirror.rs apply_roster, catch_up_since)"]
 #[test]
 fn catch_up_after_interleaved_outage_chat() {
     let (mut w, c) = full_room();
@@ -616,7 +615,6 @@ fn stalled_link_delivers_held_traffic_once_in_order() {
 
 /// A join the master never answers fails after the mirror's timeout. If the join reaches the
 /// master later, the user must not linger there as a ghost occupant.
-#[ignore = "engine bug: a join that times out at the mirror is never withdrawn at the master (mirror.rs handle_timeout)"]
 #[test]
 fn join_timeout_leaves_no_ghost() {
     let mut w = World::new();
@@ -710,7 +708,6 @@ fn kick_of_a_mirror_user() {
 /// Everyone at A leaves during an outage, after chatting. When the link returns the mirror has no
 /// occupant to rejoin: it must forget the room (and the queue of messages from users who are no
 /// longer there) instead of keeping it forever.
-#[ignore = "engine bug: a room whose local users all left during an outage is kept forever with its queue (mirror.rs close_if_empty / resync)"]
 #[test]
 fn everyone_leaving_during_an_outage_closes_the_room() {
     let (mut w, c) = full_room();
@@ -734,7 +731,6 @@ fn everyone_leaving_during_an_outage_closes_the_room() {
 /// processes the leave. The mirror's other users must not be left with a ghost: today the master's
 /// copy of the join is shown to them as a new remote occupant, and the master suppresses its copy
 /// of the leave (the mirror "announced" it), so the ghost stays.
-#[ignore = "engine bug: a join cancelled by a leave is shown when the master's confirmation arrives (mirror.rs remote_presence), and the master suppresses the leave copy"]
 #[test]
 fn leave_before_the_join_is_confirmed() {
     let (mut w, c) = full_room();
@@ -823,7 +819,6 @@ fn unbracketed_host_joins_and_chat() {
 
 /// docs/protocol.md: "The master does not send a mirror ... the leave that mirror announced".
 /// Without brackets it does: the forwarded copy of the leave crosses the link for nothing.
-#[ignore = "engine bug: forward_once ignores announced_leave (master.rs handle_outbound, unbracketed mode)"]
 #[test]
 fn unbracketed_host_does_not_echo_an_announced_leave() {
     let mut w = World::unbracketed();
@@ -851,7 +846,6 @@ fn unbracketed_host_does_not_echo_an_announced_leave() {
 
 /// The roster already tells a new mirror who is in; without brackets the occupant list the room
 /// sends the first joiner is forwarded too, one presence per occupant, for nothing.
-#[ignore = "engine bug: forward_once forwards the room's occupant list to a syncing mirror on top of the roster (master.rs handle_outbound, unbracketed mode)"]
 #[test]
 fn unbracketed_first_join_sends_the_occupants_once() {
     let mut w = World::unbracketed();

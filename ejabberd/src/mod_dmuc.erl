@@ -38,8 +38,8 @@ start(Host, Opts) ->
         Trusted ->
             %% Fail now, with the option named, rather than in the first room.
             case dmuc_nif:master_new(Trusted) of
-                {error, Reason} -> erlang:error({bad_option, Reason});
-                _ -> ok
+                {ok, _} -> ok;
+                {error, Reason} -> erlang:error({bad_option, Reason})
             end,
             persistent_term:put({?MODULE, master_config, Host}, Trusted),
             ejabberd_hooks:add(muc_filter_presence, Host, ?MODULE, muc_filter_presence, 50),
@@ -129,7 +129,8 @@ route_out(Xmls) ->
       fun(Xml) ->
               try
                   El = fxml_stream:parse_element(Xml),
-                  ejabberd_router:route(xmpp:decode(El, ?NS_CLIENT, []))
+                  %% ignore_els: our payloads pass through as XML, not re-encoded by xmpp.
+                  ejabberd_router:route(xmpp:decode(El, ?NS_CLIENT, [ignore_els]))
               catch Class:Reason ->
                       ?ERROR_MSG("dmuc: cannot route engine output ~ts: ~p:~p", [Xml, Class, Reason])
               end
@@ -144,17 +145,19 @@ flush_logs() ->
          ({_, M}) -> ?DEBUG("dmuc: ~ts", [M])
       end, dmuc_nif:take_logs()).
 
-%% Call the engine; an error or a panic is logged, never raised into the hook.
+%% Call the engine; an error or a panic is logged, never raised into the hook. NIF results
+%% come as {ok, Value} or {error, Reason}; this returns Value or {error, Reason}.
 call(F) ->
     Result = try F()
-             catch Class:Reason ->
-                     ?ERROR_MSG("dmuc: engine call failed: ~p:~p", [Class, Reason]),
+             catch Class:Reason:Stack ->
+                     ?ERROR_MSG("dmuc: engine call failed: ~p:~p ~p", [Class, Reason, Stack]),
                      {error, Reason}
              end,
     flush_logs(),
     case Result of
+        {ok, Value} -> Value;
         {error, Why} -> ?WARNING_MSG("dmuc refused input: ~p", [Why]), {error, Why};
-        _ -> Result
+        Other -> Other
     end.
 
 strip_marker(Pkt) ->
@@ -169,7 +172,7 @@ master(ServerHost) ->
     case get(?MASTER_KEY) of
         undefined ->
             Trusted = persistent_term:get({?MODULE, master_config, ServerHost}, []),
-            M = dmuc_nif:master_new(Trusted),
+            {ok, M} = dmuc_nif:master_new(Trusted),
             put(?MASTER_KEY, M),
             M;
         M -> M
@@ -266,7 +269,7 @@ multicast_route({From, Domain, Dests, Packet, Wrapped} = Acc) ->
         undefined -> Acc;
         M ->
             Room = jid:encode(jid:remove_resource(From)),
-            Begin = dmuc_nif:master_begin(M, Room),
+            Begin = call(fun() -> dmuc_nif:master_begin(M, Room) end),
             Direct = lists:filter(
                        fun(To) ->
                                ToBin = jid:encode(To),
@@ -282,8 +285,7 @@ multicast_route({From, Domain, Dests, Packet, Wrapped} = Acc) ->
                                end
                        end, Dests),
             End = call(fun() -> dmuc_nif:master_end(M, Room) end),
-            route_out(Begin),
-            case End of {error, _} -> ok; _ -> route_out(End) end,
+            [route_out(Out) || Out <- [Begin, End], is_list(Out)],
             {From, Domain, Direct, Packet, Wrapped}
     end.
 
@@ -346,7 +348,7 @@ init([Host, Opts]) ->
                              gen_mod:get_opt(join_timeout, Opts), gen_mod:get_opt(history_size, Opts)) of
         {error, Reason} ->
             {stop, {bad_option, Reason}};
-        M ->
+        {ok, M} ->
             Proc = gen_mod:get_module_proc(Host, ?MODULE),
             persistent_term:put({?MODULE, mirror, Host}, {M, Proc}),
             persistent_term:put({?MODULE, mirror_service, Service}, {M, Proc}),
