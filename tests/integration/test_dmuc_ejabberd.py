@@ -1,0 +1,118 @@
+"""mod_dmuc on ejabberd, and interop with Prosody both ways.
+
+The same DMUC3 flow as on Prosody (test_dmuc_flow.py) in three pairings: ejabberd master and
+ejabberd mirror, ejabberd master and Prosody mirror, Prosody master and ejabberd mirror. In each
+pairing a groupchat message crosses the s2s link once per mirror.
+"""
+
+import os
+import uuid
+
+import pytest
+
+from clients import ClientHub, run
+from servers import CONFERENCE, FAIRFAX, RALEIGH
+
+ROOM = f"chatroom@{CONFERENCE}"
+MIRROR = f"mirror.{RALEIGH}"
+PASSWORD = "secret"
+TOP = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+PROSODY_DIST = os.path.join(TOP, "dist", "prosody")
+EJABBERD_DIST = os.path.join(TOP, "dist", "ejabberd", "mod_dmuc")
+
+
+def dmuc_pair(make_mixed_servers, master, mirror):
+    for path in (os.path.join(PROSODY_DIST, "dmuc_prosody.so"), os.path.join(EJABBERD_DIST, "priv", "dmuc_nif.so")):
+        if not os.path.exists(path):
+            raise AssertionError(f"{path} missing: run `make dist` first")
+    kw = dict(master=master, mirror=mirror, plugin_paths=[PROSODY_DIST],
+              contrib_modules={"mod_dmuc": EJABBERD_DIST})
+    if master == "ejabberd":
+        kw["master_modules"] = {"mod_dmuc": {"trusted_mirrors": [MIRROR]}}
+    else:
+        kw["conference_options"] = ['modules_enabled = { "dmuc" }', f'dmuc_trusted_mirrors = {{ "{MIRROR}" }}']
+    if mirror == "ejabberd":
+        kw["mirror_modules"] = {"mod_dmuc": {"mirror_host": MIRROR, "masters": [CONFERENCE]}}
+    else:
+        kw["mirror_modules"] = ["dmuc"]
+        kw["mirror_blocks"] = [f'Component "{MIRROR}" "dmuc"\n    dmuc_masters = {{ "{CONFERENCE}" }}']
+    return make_mixed_servers(**kw)
+
+
+PAIRINGS = [("ejabberd", "ejabberd"), ("ejabberd", "prosody"), ("prosody", "ejabberd")]
+
+
+@pytest.mark.parametrize("master, mirror", PAIRINGS)
+def test_dmuc_flow(make_mixed_servers, master, mirror):
+    env = dmuc_pair(make_mixed_servers, master, mirror)
+    env.fairfax.register("alice", PASSWORD)
+    env.raleigh.register_many([("wayne", PASSWORD), ("keith", PASSWORD), ("mallory", PASSWORD)])
+
+    async def scenario():
+        async with ClientHub(watch=[env.link]) as hub:
+            try:
+                alice = await hub.connect(f"alice@{FAIRFAX}", PASSWORD, env.fairfax.c2s_port)
+                await alice.join(ROOM, "Alice")
+                alice.send_groupchat(ROOM, "before anyone else came")
+                await hub.wait_for(lambda: alice.groupchat(ROOM, "before anyone else came"), 10, "history seed")
+
+                wayne = await hub.connect(f"wayne@{RALEIGH}", PASSWORD, env.raleigh.c2s_port)
+                await wayne.join(ROOM, "Wayne", history=None, timeout=20)
+                assert wayne.occupants(ROOM) == {"Alice", "Wayne"}, hub.dump()
+                assert wayne.groupchat(ROOM, "before anyone else came"), "history through the mirror"
+                await hub.wait_for(lambda: "Wayne" in alice.occupants(ROOM), 10, "alice sees Wayne")
+
+                keith = await hub.connect(f"keith@{RALEIGH}", PASSWORD, env.raleigh.c2s_port)
+                env.link.reset()
+                await keith.join(ROOM, "Keith", history=None, timeout=20)
+                await hub.wait_for(lambda: "Keith" in alice.occupants(ROOM) and "Keith" in wayne.occupants(ROOM),
+                                   10, "everyone sees Keith")
+                joined = env.link.snapshot()
+                assert keith.occupants(ROOM) == {"Alice", "Wayne", "Keith"}
+                assert keith.groupchat(ROOM, "before anyone else came"), "history served by the mirror"
+                assert joined.stanza_counts.get(RALEIGH) == {"presence": 1}, joined.stanza_counts
+                assert joined.stanza_counts.get(FAIRFAX) == {"presence": 1}, joined.stanza_counts
+
+                env.link.reset()
+                body = f"from alice {uuid.uuid4().hex}"
+                alice.send_groupchat(ROOM, body)
+                await hub.wait_for(lambda: wayne.groupchat(ROOM, body) and keith.groupchat(ROOM, body), 10,
+                                   "raleigh users get alice's message")
+                body2 = f"from wayne {uuid.uuid4().hex}"
+                wayne.send_groupchat(ROOM, body2)
+                await hub.wait_for(lambda: alice.groupchat(ROOM, body2) and keith.groupchat(ROOM, body2)
+                                   and wayne.groupchat(ROOM, body2), 10, "everyone gets wayne's message")
+                barrier = f"barrier {uuid.uuid4().hex}"
+                alice.send_groupchat(ROOM, barrier)
+                await hub.wait_for(lambda: wayne.groupchat(ROOM, barrier) and keith.groupchat(ROOM, barrier), 10,
+                                   "barrier")
+                sent = env.link.snapshot()
+                print(f"\n[{master} master, {mirror} mirror] messages: {sent.stanza_counts}")
+                assert sent.stanza_counts.get(FAIRFAX) == {"message": 2}, sent.stanza_counts
+                assert sent.stanza_counts.get(RALEIGH) == {"message": 1}, sent.stanza_counts
+                for c in (alice, wayne, keith):
+                    for b in (body, body2):
+                        assert len(c.groupchat(ROOM, b)) == 1, (c.jid, b)
+
+                # Nick change through the mirror: not-acceptable.
+                wayne.xmpp.send_presence(pto=f"{ROOM}/Bruce")
+                await hub.wait_for(lambda: any(r.type == "error" for r in wayne.presences(f"{ROOM}/Bruce")), 10,
+                                   "nick change refused")
+                assert "not-acceptable" in [r for r in wayne.presences(f"{ROOM}/Bruce") if r.type == "error"][0].raw
+
+                # Leaves, then the last local occupant: the room costs nothing afterwards.
+                await keith.leave(ROOM, "Keith")
+                await hub.wait_for(lambda: "Keith" not in alice.occupants(ROOM) and "Keith" not in wayne.occupants(ROOM),
+                                   10, "keith's leave seen")
+                await wayne.leave(ROOM, "Wayne")
+                await hub.wait_for(lambda: "Wayne" not in alice.occupants(ROOM), 10, "alice sees wayne leave")
+                env.link.reset()
+                body = f"nobody remote {uuid.uuid4().hex}"
+                alice.send_groupchat(ROOM, body)
+                await hub.wait_for(lambda: alice.groupchat(ROOM, body), 10, "alice's echo")
+                quiet = env.link.snapshot()
+                assert not quiet.stanza_counts, quiet.stanza_counts
+            except AssertionError as e:
+                raise AssertionError(f"{e}\n{hub.dump()}\n{env.link.summary()}") from None
+
+    run(scenario(), timeout=120)
