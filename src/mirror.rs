@@ -617,13 +617,10 @@ impl Mirror {
         stanza::set_attr(&mut shown, "from", r.occupant_jid(&nick));
         stanza::remove_attr(&mut shown, "to");
         while shown.remove_child("delay", ns::DELAY).is_some() {}
-        r.history.push(Entry::new(shown.clone(), now));
-        let recipients: Vec<String> = r.local.keys().cloned().collect();
-        for to in recipients {
-            let mut m = shown.clone();
-            stanza::set_attr(&mut m, "to", to);
-            self.send(&m);
-        }
+        let text = stanza::serialize(&shown);
+        let copies = stanza::copies_to(&text, shown.name(), r.local.keys().map(String::as_str));
+        r.history.push(Entry::with_text(shown, &text, now));
+        self.transmits.extend(copies);
         if !down {
             self.send(&el);
         }
@@ -866,21 +863,18 @@ impl Mirror {
         let Some(r) = self.rooms.get_mut(room) else {
             return;
         };
-        if el.get_child("subject", ns::JABBER_CLIENT).is_some()
-            && el.get_child("body", ns::JABBER_CLIENT).is_none()
-        {
-            r.subject = Some(el.clone());
+        let is_subject = el.get_child("subject", ns::JABBER_CLIENT).is_some()
+            && el.get_child("body", ns::JABBER_CLIENT).is_none();
+        let text = stanza::serialize(&el);
+        let copies = stanza::copies_to(&text, el.name(), r.local.keys().map(String::as_str));
+        if is_subject {
+            r.subject = Some(el);
         } else {
-            let entry = Entry::new(el.clone(), now);
+            let entry = Entry::with_text(el, &text, now);
             r.newest_from_master = r.newest_from_master.max(Some(entry.stamp));
             r.history.push(entry);
         }
-        let recipients: Vec<String> = r.local.keys().cloned().collect();
-        for to in recipients {
-            let mut m = el.clone();
-            stanza::set_attr(&mut m, "to", to);
-            self.send(&m);
-        }
+        self.transmits.extend(copies);
     }
 
     fn remote_iq(&mut self, now: Timestamp, iq: Element, room: &str) -> Result<(), Error> {

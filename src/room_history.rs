@@ -25,12 +25,17 @@ pub struct Entry {
 impl Entry {
     /// Store `message`, stamped with its XEP-0203 delay if it has one, else with `now`.
     pub fn new(message: Element, now: Timestamp) -> Self {
+        let text = stanza::serialize(&message);
+        Self::with_text(message, &text, now)
+    }
+
+    /// As [`Entry::new`], when the caller already has the message as text.
+    pub fn with_text(message: Element, text: &str, now: Timestamp) -> Self {
         let stamp = delay_stamp(&message).unwrap_or(now);
-        let chars = stanza::serialize(&message).chars().count();
         Entry {
             stamp,
             message,
-            chars,
+            chars: text.chars().count(),
         }
     }
 

@@ -40,6 +40,40 @@ pub fn serialize(el: &Element) -> String {
     String::from(el)
 }
 
+/// Copies of one serialized stanza, one per recipient: `to` is spliced into the text, so a
+/// fan-out serializes once instead of once per recipient. `text` must be `serialize(el)` of an
+/// element without a `to` attribute.
+pub fn copies_to<'a>(
+    text: &'a str,
+    name: &str,
+    recipients: impl IntoIterator<Item = &'a str>,
+) -> Vec<String> {
+    // `serialize` writes `<name` first; the attribute goes right after it.
+    let cut = (1 + name.len()).min(text.len());
+    let (head, tail) = text.split_at(cut);
+    recipients
+        .into_iter()
+        .map(|to| {
+            let mut s = String::with_capacity(text.len() + to.len() + 8);
+            s.push_str(head);
+            s.push_str(" to='");
+            for c in to.chars() {
+                match c {
+                    '\'' => s.push_str("&apos;"),
+                    '&' => s.push_str("&amp;"),
+                    '<' => s.push_str("&lt;"),
+                    '>' => s.push_str("&gt;"),
+                    '"' => s.push_str("&quot;"),
+                    c => s.push(c),
+                }
+            }
+            s.push('\'');
+            s.push_str(tail);
+            s
+        })
+        .collect()
+}
+
 /// An attribute without namespace.
 pub fn attr<'a>(el: &'a Element, name: &'a str) -> Option<&'a str> {
     el.attr(name)
@@ -282,6 +316,25 @@ mod tests {
         );
         assert!(matches!(parse("<a>"), Err(Error::Xml(_))));
         assert!(matches!(parse("</dmuc-wrap><a/>"), Err(Error::Xml(_))));
+    }
+
+    #[test]
+    fn copies_splice_to_and_parse_back() {
+        let el = parse("<message from='r@m/n' type='groupchat'><body>a &amp; b</body></message>")
+            .unwrap();
+        let text = serialize(&el);
+        let copies = copies_to(&text, el.name(), ["u@h/r", "o'brien@h/x&y"]);
+        let first = parse(&copies[0]).unwrap();
+        assert_eq!(attr(&first, "to"), Some("u@h/r"));
+        assert_eq!(
+            first.get_child("body", ns::JABBER_CLIENT).unwrap().text(),
+            "a & b"
+        );
+        let second = parse(&copies[1]).unwrap();
+        assert_eq!(attr(&second, "to"), Some("o'brien@h/x&y"));
+        let mut expect = el.clone();
+        set_attr(&mut expect, "to", "u@h/r");
+        assert_eq!(first, expect);
     }
 
     #[test]
