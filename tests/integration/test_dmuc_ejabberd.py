@@ -94,6 +94,33 @@ def test_dmuc_flow(make_mixed_servers, master, mirror):
                     for b in (body, body2):
                         assert len(c.groupchat(ROOM, b)) == 1, (c.jid, b)
 
+                # Presence change through the mirror reaches everyone.
+                keith.send_presence(ROOM, "Keith", show="away", status="lunch")
+                for c in (alice, wayne):
+                    await hub.wait_for(lambda: any(r.stanza["status"] == "lunch" for r in c.presences(f"{ROOM}/Keith")),
+                                       10, f"{c.jid} sees keith away")
+
+                # A join the master refuses (mallory is banned) reaches only mallory.
+                iq = alice.xmpp.make_iq_set(ito=ROOM)
+                query = iq.xml.makeelement("{http://jabber.org/protocol/muc#admin}query", {})
+                query.append(query.makeelement("{http://jabber.org/protocol/muc#admin}item",
+                                               {"jid": f"mallory@{RALEIGH}", "affiliation": "outcast"}))
+                iq.xml.append(query)
+                await iq.send(timeout=10)
+                mallory = await hub.connect(f"mallory@{RALEIGH}", PASSWORD, env.raleigh.c2s_port)
+                pres = mallory.xmpp.make_presence(pto=f"{ROOM}/Mallory")
+                pres.enable("muc_join")
+                pres.send()
+                await hub.wait_for(lambda: mallory.presences(f"{ROOM}/Mallory", type="error"), 15, "mallory refused")
+                assert len(mallory.presences(f"{ROOM}/Mallory", type="error")) == 1
+                for c in (alice, wayne, keith):
+                    assert not c.presences(f"{ROOM}/Mallory"), c.jid
+
+                # Discovery: the master's MUC service advertises DMUC.
+                wayne.xmpp.register_plugin("xep_0030")
+                info = await wayne.xmpp["xep_0030"].get_info(jid=CONFERENCE, timeout=15)
+                assert "http://tridsys.com/protocol/dmuc" in info["disco_info"]["features"], info
+
                 # Nick change through the mirror: not-acceptable.
                 wayne.xmpp.send_presence(pto=f"{ROOM}/Bruce")
                 await hub.wait_for(lambda: any(r.type == "error" for r in wayne.presences(f"{ROOM}/Bruce")), 10,
