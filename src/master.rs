@@ -209,7 +209,9 @@ pub struct Master {
     rooms: HashMap<String, RoomState>,
     transmits: VecDeque<String>,
     actions: VecDeque<MasterAction>,
-    sync_iqs: BTreeSet<String>,
+    /// Ids of our config/roster IQs awaiting an answer. Bounded: some hosts (ejabberd) never
+    /// hand a room the answers, and an unanswered sync IQ needs no follow-up.
+    sync_iqs: VecDeque<String>,
     next_id: u64,
 }
 
@@ -229,7 +231,7 @@ impl Master {
             rooms: HashMap::new(),
             transmits: VecDeque::new(),
             actions: VecDeque::new(),
-            sync_iqs: BTreeSet::new(),
+            sync_iqs: VecDeque::new(),
             next_id: 0,
         }
     }
@@ -287,6 +289,14 @@ impl Master {
 
     fn send(&mut self, el: &Element) {
         self.transmits.push_back(stanza::serialize(el));
+    }
+
+    fn await_sync(&mut self, id: String) {
+        const KEEP: usize = 256;
+        if self.sync_iqs.len() >= KEEP {
+            self.sync_iqs.pop_front();
+        }
+        self.sync_iqs.push_back(id);
     }
 
     fn id(&mut self, prefix: &str) -> String {
@@ -475,11 +485,11 @@ impl Master {
             &id,
             Config::new(compact_form(&form)).into(),
         );
-        self.sync_iqs.insert(id);
+        self.await_sync(id);
         self.send(&config);
         let id = self.id("roster");
         let roster = iq_set(room, mirror, &id, roster.into());
-        self.sync_iqs.insert(id);
+        self.await_sync(id);
         self.send(&roster);
         Ok(())
     }
@@ -496,7 +506,8 @@ impl Master {
         match stanza::stanza_type(&iq) {
             Some("result") | Some("error") => {
                 let id = iq.attr("id").unwrap_or_default();
-                if self.sync_iqs.remove(id) {
+                if let Some(pos) = self.sync_iqs.iter().position(|i| i == id) {
+                    self.sync_iqs.remove(pos);
                     if stanza::stanza_type(&iq) == Some("error") {
                         warn!(id, "mirror refused a sync IQ");
                     }
