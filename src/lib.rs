@@ -48,6 +48,8 @@
 pub mod elements;
 pub mod error;
 pub mod escape;
+#[cfg(feature = "host-log")]
+pub mod host_log;
 pub mod master;
 pub mod mirror;
 pub mod ns;
