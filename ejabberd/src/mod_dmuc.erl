@@ -64,9 +64,8 @@ stop(Host) ->
             ejabberd_hooks:delete(filter_packet, ?MODULE, filter_packet, 50),
             persistent_term:erase({?MODULE, master_config, Host})
     end,
-    case gen_mod:is_loaded_elsewhere(Host, ?MODULE) of
-        _ -> gen_mod:stop_child(?MODULE, Host)
-    end.
+    %% The mirror's process, if this host has one (its terminate/2 unhooks the mirror role).
+    gen_mod:stop_child(?MODULE, Host).
 
 reload(Host, NewOpts, _OldOpts) ->
     stop(Host),
