@@ -32,7 +32,7 @@ impl Timestamp {
     /// XEP-0082 DateTime (`2011-01-19T08:02:43Z`, with milliseconds only when they are not zero).
     pub fn to_xep0082(self) -> String {
         let dt = DateTime::<Utc>::from_timestamp_millis(self.0 as i64).unwrap_or_default();
-        let fmt = if self.0 % 1000 == 0 {
+        let fmt = if self.0.is_multiple_of(1000) {
             SecondsFormat::Secs
         } else {
             SecondsFormat::Millis
