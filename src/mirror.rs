@@ -356,7 +356,7 @@ impl Mirror {
                     if current != nick {
                         let reply = stanza::error_reply(
                             &el,
-                            &to_string(&room, &nick),
+                            &format!("{room}/{nick}"),
                             &user,
                             Condition::NotAcceptable,
                             "Nick changes are not allowed in a mirrored room",
@@ -393,7 +393,7 @@ impl Mirror {
         nick: String,
         master_down: bool,
     ) -> Result<Verdict, Error> {
-        let occupant_jid = to_string(&room, &nick);
+        let occupant_jid = format!("{room}/{nick}");
         if master_down {
             let reply = stanza::error_reply(
                 &el,
@@ -1253,10 +1253,6 @@ impl Mirror {
             self.close_if_empty(&room);
         }
     }
-}
-
-fn to_string(room: &str, nick: &str) -> String {
-    format!("{room}/{nick}")
 }
 
 /// An occupant's presence, as the room would broadcast it, from a roster item.
