@@ -37,7 +37,13 @@ def plot(res: Dict[str, Any], out_dir: str) -> List[str]:
             ks, ys = _sweep(res, mode, event)
             if ks:
                 ax.plot(ks, ys, style, color=COLORS[mode], label=f"{LABELS[mode]}, {what}")
-    _log_axes(ax, "remote occupants K (one mirror)", "s2s bytes per groupchat message")
+    for mode in ("dmuc", "plain"):
+        m3 = res["modes"].get(mode, {}).get("mirrors3")
+        if m3 and "msg_master" in m3:
+            k = m3["servers"] * m3["occupants_per_server"]
+            ax.plot([k], [m3["msg_master"]["bytes"]], "*", markersize=13, color=COLORS[mode],
+                    label=f"{LABELS[mode]}, 3 mirrors x {m3['occupants_per_server']}, from master side")
+    _log_axes(ax, "remote occupants K (one mirror; stars: 3 mirrors)", "s2s bytes per groupchat message")
     ax.set_title("groupchat message")
     ax.legend(fontsize=8)
 
@@ -54,25 +60,28 @@ def plot(res: Dict[str, Any], out_dir: str) -> List[str]:
 
     # 3. Latency over a 600 ms RTT link.
     ax = axes[1][0]
-    keys = [("echo_mirror_user", "own echo,\nmirror user"), ("same_side_mirror", "to a user on\nthe mirror side"),
-            ("to_master_side", "mirror side\n-> master side"), ("to_mirror_side", "master side\n-> mirror user")]
-    width = 0.38
+    keys = [("echo_mirror_user", "own echo,\nmirror user"), ("same_side_mirror", "to another user\non the mirror side"),
+            ("to_master_side", "mirror side\n-> master side"), ("to_mirror_side_all", "master side\n-> all K on mirror side"),
+            ("join_time", "remote join\nuntil complete")]
+    width = 0.4
     for i, mode in enumerate(("dmuc", "plain")):
         lat = res["modes"].get(mode, {}).get("latency")
         if not lat:
             continue
         xs = [j + (i - 0.5) * width for j in range(len(keys))]
-        p50 = [lat[k]["p50"] * 1000 for k, _ in keys]
-        p99 = [lat[k]["p99"] * 1000 for k, _ in keys]
+        p50 = [lat[k]["p50"] * 1000 if k in lat else 0 for k, _ in keys]
+        p99 = [lat[k]["p99"] * 1000 if k in lat else 0 for k, _ in keys]
         ax.bar(xs, p50, width, color=COLORS[mode], label=f"{LABELS[mode]} p50")
         ax.scatter(xs, p99, color="black", marker="_", s=200, zorder=3, label="p99" if i == 0 else None)
         for x, y in zip(xs, p50):
             ax.annotate(f"{y:.0f}", (x, y), ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(keys)))
-    ax.set_xticklabels([label for _, label in keys], fontsize=8)
-    ax.set_ylabel("ms")
+    ax.set_xticklabels([label for _, label in keys], fontsize=7)
+    ax.set_ylabel("ms (bars: p50, marks: p99)")
     ax.set_title("latency over a 600 ms RTT link (K=20)")
-    ax.legend(fontsize=8)
+    top = max([b.get_height() for b in ax.patches] + [1])
+    ax.set_ylim(0, top * 1.3)
+    ax.legend(fontsize=8, loc="upper center", ncol=3)
 
     # 4. Sustained message rate at 9.6 kbit/s, and Prosody CPU.
     ax = axes[1][1]
@@ -82,10 +91,10 @@ def plot(res: Dict[str, Any], out_dir: str) -> List[str]:
         bars = ax.bar([LABELS[m] for m, _ in rates], [r for _, r in rates], color=[COLORS[m] for m, _ in rates])
         for b, (_, r) in zip(bars, rates):
             ax.annotate(f"{r:.1f}/min", (b.get_x() + b.get_width() / 2, r), ha="center", va="bottom", fontsize=9)
-        ax.set_yscale("log")
         if len(rates) == 2 and rates[1][1]:
-            ax.text(0.5, 0.92, f"dmuc / plain = {rates[0][1] / rates[1][1]:.1f}x", transform=ax.transAxes,
-                    ha="center", fontsize=10)
+            ax.text(0.75, 0.5, f"dmuc / plain = {rates[0][1] / rates[1][1]:.1f}x", transform=ax.transAxes,
+                    ha="center", fontsize=11)
+        ax.set_ylim(0, max(r for _, r in rates) * 1.15)
     ax.set_ylabel("groupchat messages per minute, no backlog")
     ax.set_title("rate a K=20 room sustains on a 9.6 kbit/s link")
 

@@ -133,6 +133,8 @@ class Prosody:
     :param s2s_routes: ``{domain: (ip, port)}`` targets for outgoing s2s. A key ``"*.x"``
         matches every subdomain of x.
     :param global_options: extra Lua lines for the global section.
+    :param log_level: the lowest level written to the log file ("debug" by default; a benchmark
+        that measures Prosody's CPU uses "info", so that logging does not dominate).
     """
 
     START_TIMEOUT = 20.0
@@ -148,8 +150,10 @@ class Prosody:
         global_modules: Sequence[str] = (),
         global_options: Sequence[str] = (),
         name: Optional[str] = None,
+        log_level: str = "debug",
     ):
         self.domain = domain
+        self.log_level = log_level
         self.name = name or domain.split(".")[0]
         self.extra_blocks = list(extra_blocks)
         self.plugin_paths = [HARNESS_DIR] + [os.path.abspath(p) for p in plugin_paths]
@@ -205,7 +209,7 @@ class Prosody:
             'modules_disabled = { "tls"; "s2s_bidi"; "posix" }',
             "test_s2s_routes = {\n" + routes + "}",
             "log = {",
-            f'    {{ levels = {{ min = "debug" }}, to = "file", filename = {_lua_str(self.log_path)} }};',
+            f'    {{ levels = {{ min = {_lua_str(self.log_level)} }}, to = "file", filename = {_lua_str(self.log_path)} }};',
             "}",
             *self.global_options,
             "",
@@ -301,6 +305,31 @@ class Prosody:
                 proc.wait(timeout=timeout)
         _live_processes.pop(proc.pid, None)
         self.proc = None
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the running process has used so far, from /proc/<pid>/stat."""
+        if not self.running:
+            raise HarnessError(f"{self.name} is not running")
+        with open(f"/proc/{self.pid}/stat") as f:
+            # The command name (field 2) is in parentheses and may hold spaces: split after it.
+            fields = f.read().rsplit(")", 1)[1].split()
+        # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def cpu_time_ns(self) -> int:
+        """CPU time the running process has used so far, in ns, summed over its threads, from
+        /proc/<pid>/task/*/schedstat (the scheduler's own accounting: finer than the 10 ms ticks
+        of cpu_seconds())."""
+        if not self.running:
+            raise HarnessError(f"{self.name} is not running")
+        total = 0
+        for tid in os.listdir(f"/proc/{self.pid}/task"):
+            try:
+                with open(f"/proc/{self.pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                pass  # a thread that just ended
+        return total
 
     def restart(self, timeout: float = START_TIMEOUT) -> None:
         self.stop()
@@ -545,6 +574,68 @@ class _StreamScanner:
         self.depth -= 1
 
 
+class LinkShaper:
+    """An emulated constrained link: a one-way delay and a byte rate, per sending side.
+
+    Shared by the proxies of one link (``S2SLink.shape()``), so that every TCP connection a
+    server opens towards its peer competes for the same bandwidth, as on one radio or satellite
+    channel. Each sending side is a serializer: a chunk starts when the previous one has been
+    sent, takes ``len * 8 / rate`` seconds, and arrives ``delay`` seconds after that. Nothing is
+    dropped: what the link cannot carry yet waits in the proxy (an unbounded queue), and
+    `queue_delay()` tells how long the link is busy with what it already accepted.
+
+    Only payload bytes are paced (TCP/IP headers are not emulated). Thread-safe: each proxy
+    calls `schedule()` from its own loop.
+    """
+
+    def __init__(self, delay: float = 0.0, rate: Optional[float] = None, segment: int = 512):
+        self._lock = threading.Lock()
+        self.delay = 0.0
+        self.rate: Optional[float] = None
+        self.segment = segment
+        self._busy_until: Dict[str, float] = {}
+        self.configure(delay, rate)
+
+    def configure(self, delay: float = 0.0, rate: Optional[float] = None) -> None:
+        """`delay`: one-way seconds added to every byte; `rate`: bits per second per direction
+        (None: unlimited). Chunks already scheduled keep their times."""
+        if delay < 0 or (rate is not None and rate <= 0):
+            raise ValueError(f"bad link shape: delay={delay} rate={rate}")
+        with self._lock:
+            self.delay = float(delay)
+            self.rate = None if rate is None else float(rate)
+
+    def pieces(self, data: bytes) -> List[bytes]:
+        """`data` cut into segments when rate-limited, so a big read trickles out as on a wire."""
+        if self.rate is None or len(data) <= self.segment:
+            return [data]
+        return [data[i:i + self.segment] for i in range(0, len(data), self.segment)]
+
+    def schedule(self, sender: str, nbytes: int) -> float:
+        """Accept `nbytes` from `sender` now; return the time.monotonic() at which they arrive."""
+        with self._lock:
+            now = time.monotonic()
+            finish = now
+            if self.rate is not None:
+                finish = max(now, self._busy_until.get(sender, 0.0)) + nbytes * 8.0 / self.rate
+                self._busy_until[sender] = finish
+            return finish + self.delay
+
+    def queue_delay(self, sender: Optional[str] = None) -> float:
+        """Seconds until the link has finished sending what `sender` (None: any side) handed it
+        so far: 0 when it is idle. The backlog in bytes is this times rate / 8."""
+        with self._lock:
+            now = time.monotonic()
+            ends = [self._busy_until.get(sender, 0.0)] if sender else list(self._busy_until.values())
+            return max([0.0] + [e - now for e in ends])
+
+    def backlog_bytes(self, sender: Optional[str] = None) -> float:
+        return 0.0 if self.rate is None else self.queue_delay(sender) * self.rate / 8.0
+
+    def __repr__(self) -> str:
+        return f"<LinkShaper delay={self.delay}s rate={self.rate}bit/s>"
+
+
 class S2SProxy:
     """A counting TCP proxy for one s2s target, running its own asyncio loop in a thread.
 
@@ -555,6 +646,9 @@ class S2SProxy:
 
     Labels: `dialler` is the side that connects to the proxy, `target_label` the side behind it.
     Bytes and stanzas are keyed by the *sending* side's label.
+
+    With a `shaper` (a LinkShaper, see S2SLink.shape()), forwarded bytes are delayed and paced
+    as on a constrained link; they are still counted when they enter the proxy.
     """
 
     def __init__(self, target, dialler: str = "dialler", target_label: str = "target",
@@ -570,6 +664,9 @@ class S2SProxy:
         self._conns: Dict[int, Tuple[asyncio.StreamWriter, ...]] = {}  # conn -> its sockets
         self._mode = "open"  # open | reset | blackhole | stall (see cut())
         self._flowing: Optional[asyncio.Event] = None  # set unless stalled; lives on our loop
+        # Emulated link (None: forward at once). Once a connection direction has been shaped it
+        # keeps its delivery queue, so turning the shaper off never reorders bytes.
+        self.shaper: Optional[LinkShaper] = None
         self._reset_counters_locked()
         # Bind now so the port is known (and reserved) before any server config is written.
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -643,6 +740,8 @@ class S2SProxy:
                     direction: str) -> None:
         sender, receiver = (self.dialler, self.target_label) if direction == "fwd" else (self.target_label, self.dialler)
         scanner = _StreamScanner(lambda name, attrs, raw: self._on_element(conn, direction, sender, receiver, name, attrs, raw))
+        shaped: Optional[asyncio.Queue] = None      # delivery queue once this direction is shaped
+        deliverer: Optional[asyncio.Task] = None
         try:
             while True:
                 data = await reader.read(65536)
@@ -665,16 +764,55 @@ class S2SProxy:
                         self._parse_errors.append(f"conn {conn} {direction}: {scanner.error}")
                     self._cond.notify_all()
                 self._notify()
-                if writer is not None:
+                shaper = self.shaper
+                if shaper is None and shaped is None:
                     writer.write(data)
                     await writer.drain()
+                    continue
+                if shaped is None:
+                    shaped = asyncio.Queue()
+                    deliverer = asyncio.ensure_future(self._deliver(shaped, writer))
+                if shaper is None:
+                    shaped.put_nowait((time.monotonic(), data))
+                else:
+                    for piece in shaper.pieces(data):
+                        shaped.put_nowait((shaper.schedule(sender, len(piece)), piece))
         except (ConnectionError, OSError):
             pass
         finally:
+            if deliverer is not None:
+                # Deliver what the emulated link still holds (in order, on time), then close.
+                shaped.put_nowait(None)
+                try:
+                    await deliverer
+                except (ConnectionError, OSError, asyncio.CancelledError):
+                    pass
             # Either side closing ends the whole proxied connection.
             writers = self._conns.pop(conn, None)
             for w in writers or ():
                 w.transport.abort()
+
+    async def _deliver(self, queue: asyncio.Queue, writer: asyncio.StreamWriter) -> None:
+        """Write each queued chunk at its arrival time (LinkShaper.schedule)."""
+        while True:
+            item = await queue.get()
+            if item is None:
+                return
+            due, data = item
+            if writer.is_closing():
+                return
+            wait = due - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)  # the emulated link's delay and pacing
+            if writer.is_closing():
+                return
+            writer.write(data)
+            await writer.drain()
+
+    def queue_delay(self, sender: Optional[str] = None) -> float:
+        """See LinkShaper.queue_delay (0 when unshaped)."""
+        shaper = self.shaper
+        return shaper.queue_delay(sender) if shaper else 0.0
 
     def _on_element(self, conn: int, direction: str, sender: str, receiver: str,
                     name: str, attrs: Dict[str, str], raw: bytes) -> None:
@@ -821,6 +959,7 @@ class S2SLink:
 
     def __init__(self, proxies: Sequence[S2SProxy]):
         self.proxies = list(proxies)
+        self.shaper: Optional[LinkShaper] = None
         self._lock = threading.Condition()
         for p in self.proxies:
             p.add_listener(self._wake)
@@ -894,6 +1033,28 @@ class S2SLink:
     def restore(self) -> None:
         for p in self.proxies:
             p.restore()
+
+    def shape(self, delay: float = 0.0, rate: Optional[float] = None) -> LinkShaper:
+        """Emulate a constrained link on all these proxies, as one channel: `delay` seconds one
+        way (a 600 ms round trip is delay=0.3) and `rate` bits/s per direction (None: unlimited).
+        Takes effect for the next bytes; call again to change it, `unshape()` to remove it."""
+        if self.shaper is None:
+            self.shaper = LinkShaper(delay, rate)
+        else:
+            self.shaper.configure(delay, rate)
+        for p in self.proxies:
+            p.shaper = self.shaper
+        return self.shaper
+
+    def unshape(self) -> None:
+        """Forward at once again (bytes already held still arrive on time, in order)."""
+        for p in self.proxies:
+            p.shaper = None
+        self.shaper = None
+
+    def queue_delay(self, sender: Optional[str] = None) -> float:
+        """Seconds the emulated link is still busy with what `sender` (None: either side) sent."""
+        return self.shaper.queue_delay(sender) if self.shaper else 0.0
 
     def summary(self) -> str:
         snap = self.snapshot()
@@ -1004,6 +1165,112 @@ def two_servers(
     try:
         fairfax.start()
         raleigh.start()
+        yield env
+    finally:
+        env.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# N federated servers
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class ServerSpec:
+    """One server of a `federation()`: its VirtualHost, config blocks (components) and modules."""
+    domain: str
+    blocks: Sequence[str] = ()          # e.g. 'Component "mirror.x" "dmuc"\n    dmuc_masters = {...}'
+    host_modules: Sequence[str] = ()    # modules_enabled on the VirtualHost
+
+
+@dataclasses.dataclass
+class Federation:
+    """Servers federating through a mesh of counting proxies: for every ordered pair (a, b), a
+    proxy in front of b that a dials, so each pair of servers has its own `S2SLink`."""
+    servers: List[Prosody]
+    proxies: Dict[Tuple[str, str], S2SProxy]   # (dialling domain, target domain) -> proxy
+    link: S2SLink                              # every proxy: all s2s traffic, keyed by sender
+    keep: bool = False
+    _pairs: Dict[Tuple[str, str], S2SLink] = dataclasses.field(default_factory=dict)
+
+    def server(self, domain: str) -> Prosody:
+        for s in self.servers:
+            if s.domain == domain:
+                return s
+        raise KeyError(domain)
+
+    def link_between(self, a: str, b: str) -> S2SLink:
+        """The link between servers `a` and `b` (both directions); the same object every time,
+        so a shape() set on it stays."""
+        key = tuple(sorted((a, b)))
+        if key not in self._pairs:
+            self._pairs[key] = S2SLink([self.proxies[(a, b)], self.proxies[(b, a)]])
+        return self._pairs[key]
+
+    def logs(self, lines: int = 200) -> str:
+        return "\n\n".join([s.log_tail(lines) for s in self.servers] + [self.link.summary()])
+
+    def close(self) -> None:
+        errors = []
+        for fn in [lambda s=s: s.cleanup(self.keep) for s in self.servers] + [self.link.close]:
+            try:
+                fn()
+            except Exception as e:  # keep tearing down the rest
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+
+@contextmanager
+def federation(
+    specs: Sequence[ServerSpec],
+    plugin_paths: Sequence[str] = (),
+    global_modules: Sequence[str] = (),
+    global_options: Sequence[str] = (),
+    log_level: str = "debug",
+) -> Iterator[Federation]:
+    """Start one Prosody per spec, every pair federated through its own two counting proxies;
+    stop everything on exit. `two_servers()` is the two-server case with fixed names.
+
+    Each server routes every other server's domain, its subdomains ("*.x") and its components
+    outside that tree to the proxy in front of that server.
+    """
+    domains = [spec.domain for spec in specs]
+    if len(set(domains)) != len(domains):
+        raise ValueError(f"duplicate domains: {domains}")
+    servers = [Prosody(spec.domain, extra_blocks=list(spec.blocks), plugin_paths=plugin_paths,
+                       host_modules=spec.host_modules, global_modules=global_modules,
+                       global_options=global_options, log_level=log_level) for spec in specs]
+    proxies: Dict[Tuple[str, str], S2SProxy] = {}
+    for a in servers:
+        for b in servers:
+            if a is not b:
+                proxies[(a.domain, b.domain)] = S2SProxy(lambda b=b: (LOOPBACK, b.s2s_port), dialler=a.domain,
+                                                         target_label=b.domain, name=f"{a.name}-to-{b.name}")
+    env = Federation(servers, proxies, S2SLink(list(proxies.values())))
+    try:
+        for a in servers:
+            for b in servers:
+                if a is not b:
+                    address = proxies[(a.domain, b.domain)].address
+                    a.s2s_routes[b.domain] = address
+                    a.s2s_routes["*." + b.domain] = address
+                    for d in _component_domains(b.extra_blocks):
+                        a.s2s_routes.setdefault(d, address)
+        # Start them side by side: each start is mostly waiting for Lua to load.
+        failures: List[BaseException] = []
+
+        def start(server: Prosody) -> None:
+            try:
+                server.start()
+            except BaseException as e:  # reported below, after every start has ended
+                failures.append(e)
+        threads = [threading.Thread(target=start, args=(s,), name=f"start {s.name}") for s in servers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if failures:
+            raise failures[0]
         yield env
     finally:
         env.close()
