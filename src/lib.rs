@@ -50,9 +50,12 @@ pub mod error;
 pub mod escape;
 #[cfg(feature = "host-log")]
 pub mod host_log;
+pub mod link;
 pub mod master;
 pub mod mirror;
 pub mod ns;
+pub mod queue;
+pub mod recent;
 pub mod room_history;
 pub mod stanza;
 pub mod time;

@@ -15,10 +15,17 @@
 //! - [`Master::begin_broadcast`] / [`Master::end_broadcast`]: bracket one room broadcast;
 //! - [`Master::handle_outbound`]: every stanza the MUC sends towards a remote domain;
 //! - [`Master::handle_left`]: an occupant left the room;
-//! - [`Master::handle_link`]: the s2s link to a domain went down or came up.
+//! - [`Master::handle_ping`]: an XEP-0199 ping to the MUC service (mirrors ping to prove the
+//!   link is alive);
+//! - [`Master::handle_groupchat`]: a groupchat message to a room, before the room broadcasts it
+//!   (a second copy of a message a mirror sent again after an outage is dropped);
+//! - [`Master::handle_timeout`]: the time asked for by [`Master::poll_timeout`] has come (a
+//!   mirror whose pings stopped is lost);
+//! - [`Master::handle_link`]: the host saw the s2s link to a domain go down or come up.
 //!
-//! Outputs (`poll_*`): [`Master::poll_transmit`] (stanzas to route) and [`Master::poll_action`]
-//! (things only the host can do to its room, such as removing the occupants of a lost mirror).
+//! Outputs (`poll_*`): [`Master::poll_transmit`] (stanzas to route), [`Master::poll_action`]
+//! (things only the host can do to its room, such as removing the occupants of a lost mirror)
+//! and [`Master::poll_timeout`].
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
@@ -32,6 +39,7 @@ use crate::elements::{
 use crate::error::Error;
 use crate::escape;
 use crate::ns;
+use crate::recent::Recent;
 use crate::room_history::{self, Entry};
 use crate::stanza::{self, Condition};
 use crate::time::Timestamp;
@@ -75,8 +83,11 @@ fn parent_domain(domain: &str) -> Option<&str> {
         .filter(|p| p.contains('.') || !p.is_empty())
 }
 
+/// Origin-ids remembered per room, for dropping messages a mirror sends twice.
+const ORIGIN_IDS: usize = 2000;
+
 /// Master settings.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MasterConfig {
     /// Mirrors allowed to forward joins.
     pub trusted_mirrors: Vec<TrustedMirror>,
@@ -85,6 +96,37 @@ pub struct MasterConfig {
     /// occupant's copy on its own). Without brackets the master forwards each occupant's presence
     /// to a mirror once per change, recognising the other copies of the same presence.
     pub unbracketed_presence: bool,
+    /// A mirror that has not pinged (or sent a join) for this long is lost: its occupants are
+    /// evicted. Longer than the mirrors' ping interval plus their ping timeout.
+    pub link_timeout_ms: u64,
+}
+
+impl Default for MasterConfig {
+    /// No trusted mirrors, bracketed presence, a link timeout of 120 s.
+    fn default() -> Self {
+        MasterConfig {
+            trusted_mirrors: Vec::new(),
+            unbracketed_presence: false,
+            link_timeout_ms: 120_000,
+        }
+    }
+}
+
+/// A mirror's link, for an admin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MirrorStatus {
+    /// The mirror service.
+    pub mirror: String,
+    /// Is the link up, as far as the master knows?
+    pub up: bool,
+    /// Rooms the mirror has occupants in.
+    pub rooms: usize,
+    /// Occupants that joined through it.
+    pub occupants: usize,
+    /// When the mirror last pinged (or joined someone).
+    pub last_seen: Option<Timestamp>,
+    /// Times the master lost the mirror since start.
+    pub outages: u64,
 }
 
 /// What the host does with a presence after [`Master::handle_presence`].
@@ -114,6 +156,14 @@ pub enum IqVerdict {
     Consumed,
     /// A mirror asks for history: gather the room's messages and call [`Master::handle_history`].
     History(HistoryRequest),
+    /// A mirror asks for the roster after an outage: call [`Master::handle_snapshot`] for it
+    /// (with no joining nick). The IQ's answer is queued.
+    Snapshot {
+        /// The room's bare JID.
+        room: String,
+        /// The mirror's domain.
+        mirror: String,
+    },
 }
 
 /// A mirror's request for a room's history.
@@ -156,6 +206,14 @@ pub enum MasterAction {
     },
 }
 
+/// When a mirror was last heard from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Heard {
+    at: Timestamp,
+    down: bool,
+    outages: u64,
+}
+
 /// An occupant that joined through a mirror.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Remote {
@@ -173,6 +231,8 @@ struct RoomState {
     mirrors: BTreeMap<String, MirrorLink>,
     /// Leaves the mirror announced itself: its copy of that broadcast is not sent back.
     announced_leave: BTreeSet<String>,
+    /// Occupants the engine asked the host to evict: their leave is not one the mirror announced.
+    evicting: BTreeSet<String>,
     /// Nesting depth of broadcasts.
     depth: u32,
     /// One candidate copy per mirror for the broadcast under way.
@@ -207,6 +267,11 @@ impl RoomState {
 pub struct Master {
     config: MasterConfig,
     rooms: HashMap<String, RoomState>,
+    /// Per mirror: when it was last heard from (ping or join), and its outages.
+    heard: BTreeMap<String, Heard>,
+    /// Per room: origin-ids of messages from occupants behind mirrors. Outlives the room state,
+    /// which ends when a lost mirror's occupants are evicted.
+    origin_ids: HashMap<String, Recent<String>>,
     transmits: VecDeque<String>,
     actions: VecDeque<MasterAction>,
     /// Ids of our config/roster IQs awaiting an answer. Bounded: some hosts (ejabberd) never
@@ -229,6 +294,8 @@ impl Master {
         Master {
             config,
             rooms: HashMap::new(),
+            heard: BTreeMap::new(),
+            origin_ids: HashMap::new(),
             transmits: VecDeque::new(),
             actions: VecDeque::new(),
             sync_iqs: VecDeque::new(),
@@ -343,7 +410,7 @@ impl Master {
     /// MUC would rewrite fails the join instead: DMUC3 §Business Rules).
     pub fn handle_presence(
         &mut self,
-        _now: Timestamp,
+        now: Timestamp,
         xml: &str,
         granted_nick: Option<&str>,
     ) -> Result<PresenceVerdict, Error> {
@@ -368,7 +435,9 @@ impl Master {
         match stanza::stanza_type(&p) {
             Some("unavailable") => {
                 if let (Some(r), Some(state)) = (&known, self.rooms.get_mut(&room)) {
-                    state.announced_leave.insert(r.nick.clone());
+                    if !state.evicting.contains(&r.nick) {
+                        state.announced_leave.insert(r.nick.clone());
+                    }
                 }
                 return Ok(PresenceVerdict::Pass);
             }
@@ -436,6 +505,7 @@ impl Master {
                 return Ok(PresenceVerdict::Refused);
             }
         }
+        self.hear(now, &mirror);
         let state = self.rooms.entry(room).or_default();
         let sync = !state.mirror_has_occupants(&mirror);
         state.mirrors.entry(mirror.clone()).or_default();
@@ -479,8 +549,13 @@ impl Master {
             }
         }
         let id = self.id("config");
+        let from = if joining_nick.is_empty() {
+            room.to_string()
+        } else {
+            format!("{room}/{joining_nick}")
+        };
         let config = iq_set(
-            &format!("{room}/{joining_nick}"),
+            &from,
             mirror,
             &id,
             Config::new(compact_form(&form)).into(),
@@ -514,6 +589,33 @@ impl Master {
                     return Ok(IqVerdict::Consumed);
                 }
                 Ok(IqVerdict::Pass)
+            }
+            Some("get") if iq.has_child("roster", ns::DMUC0) => {
+                // A mirror back from an outage asks for the roster: it gets the sync pushes.
+                let from = stanza::jid_attr(&iq, "iq", "from")?;
+                let to = iq.attr("to").unwrap_or_default().to_string();
+                let mirror = from.to_string().to_ascii_lowercase();
+                let room = Jid::new(&to)
+                    .map(|j| j.to_bare().to_string())
+                    .unwrap_or_default();
+                let known = self
+                    .rooms
+                    .get(&room)
+                    .is_some_and(|r| r.mirror_has_occupants(&mirror));
+                if !known || self.trust(&mirror).is_none() {
+                    // Not (or no longer) a mirror of this room: it rejoins its users instead.
+                    let reply = stanza::error_reply(
+                        &iq,
+                        &to,
+                        &from.to_string(),
+                        Condition::ItemNotFound,
+                        "This mirror has no occupants in this room",
+                    );
+                    self.send(&reply);
+                    return Ok(IqVerdict::Consumed);
+                }
+                self.send(&stanza::iq_result(&iq, &to));
+                Ok(IqVerdict::Snapshot { room, mirror })
             }
             Some("get") => {
                 let Some(room_el) = iq.get_child("room", ns::DMUC0) else {
@@ -619,9 +721,6 @@ impl Master {
         let captured = std::mem::take(&mut state.captured);
         let mut out = Vec::new();
         for (mirror, c) in captured {
-            if state.mirrors.get(&mirror).is_none_or(|l| l.down) {
-                continue;
-            }
             let mut el = c.stanza;
             let nick = el
                 .attr("from")
@@ -631,6 +730,14 @@ impl Master {
                 .as_deref()
                 .and_then(|n| state.remote_by_nick(n))
                 .is_some_and(|(_, r)| r.mirror == mirror);
+            let Some(link) = state.mirrors.get(&mirror) else {
+                continue;
+            };
+            if link.down && !(from_this_mirror && is_leave(&el)) {
+                // A lost mirror gets only the news that its own occupants were evicted: should
+                // the link be alive after all, the mirror rejoins them.
+                continue;
+            }
             if from_this_mirror
                 && el.name() == "message"
                 && el.get_child("subject", ns::JABBER_CLIENT).is_none()
@@ -744,6 +851,7 @@ impl Master {
         };
         if let Some(r) = state.by_real.remove(real_jid) {
             state.announced_leave.remove(&r.nick);
+            state.evicting.remove(&r.nick);
             if !state.mirror_has_occupants(&r.mirror) {
                 state.mirrors.remove(&r.mirror);
             }
@@ -753,38 +861,205 @@ impl Master {
         }
     }
 
-    /// The s2s link to `domain` went down or came up. On loss, every occupant that joined
-    /// through a mirror at that domain (or whose own domain it is) is evicted: the host shows them
-    /// leaving (status 333) to its local users and to the other mirrors. On return, the mirror
-    /// rejoins its users, and that join resyncs it.
-    pub fn handle_link(&mut self, _now: Timestamp, domain: &str, up: bool) {
+    /// The host saw the s2s link to `domain` go down or come up. On loss, every occupant that
+    /// joined through a mirror at that domain (or whose own domain it is) is evicted: the host
+    /// shows them leaving (status 333) to its local users and to the other mirrors. On return,
+    /// nothing happens here: the mirror resyncs and rejoins its users.
+    ///
+    /// Hosts should prefer pings ([`Master::handle_ping`] and [`Master::handle_timeout`]): an s2s
+    /// session that closes on one side is not a lost link.
+    pub fn handle_link(&mut self, now: Timestamp, domain: &str, up: bool) {
         let domain = domain.to_ascii_lowercase();
-        let mut evict = Vec::new();
-        for (room, state) in &mut self.rooms {
-            for (mirror, link) in &mut state.mirrors {
+        let mut lost = BTreeSet::new();
+        for state in self.rooms.values() {
+            for mirror in state.mirrors.keys() {
                 let user_domain = state.by_real.iter().any(|(j, r)| {
                     &r.mirror == mirror && Jid::new(j).is_ok_and(|j| j.domain().as_str() == domain)
                 });
                 if *mirror == domain || user_domain {
-                    link.down = !up;
-                    if !up {
-                        for (jid, r) in state.by_real.iter().filter(|(_, r)| &r.mirror == mirror) {
-                            evict.push(MasterAction::Evict {
-                                room: room.clone(),
-                                nick: r.nick.clone(),
-                                jid: jid.clone(),
-                            });
-                        }
-                    }
+                    lost.insert(mirror.clone());
                 }
             }
         }
+        for mirror in lost {
+            if up {
+                self.hear(now, &mirror);
+            } else {
+                self.lose(now, &mirror);
+            }
+        }
+    }
+
+    /// An XEP-0199 ping addressed to the MUC service. A ping from a trusted mirror (or from a
+    /// user domain it speaks for) proves its link alive; the engine queues the answer and returns
+    /// true. Other pings return false and are the host's to answer.
+    pub fn handle_ping(&mut self, now: Timestamp, xml: &str) -> Result<bool, Error> {
+        let iq = stanza::parse(xml)?;
+        if iq.name() != "iq"
+            || stanza::stanza_type(&iq) != Some("get")
+            || !iq.has_child("ping", ns::PING)
+        {
+            return Ok(false);
+        }
+        let from = stanza::jid_attr(&iq, "iq", "from")?;
+        let domain = from.domain().as_str().to_ascii_lowercase();
+        let mirrors: Vec<String> = self
+            .config
+            .trusted_mirrors
+            .iter()
+            .filter(|t| t.mirror == domain || t.may_speak_for(&domain))
+            .map(|t| t.mirror.clone())
+            .collect();
+        if mirrors.is_empty() {
+            return Ok(false);
+        }
+        for mirror in &mirrors {
+            self.hear(now, mirror);
+        }
+        let to = iq.attr("to").unwrap_or_default().to_string();
+        self.send(&stanza::iq_result(&iq, &to));
+        Ok(true)
+    }
+
+    /// A groupchat message to a room, before the room broadcasts it. Returns true if it is a
+    /// copy of a message already broadcast (same sender, same XEP-0359 origin-id): a mirror sends
+    /// again what it cannot know arrived before an outage. The host drops it, silently.
+    pub fn handle_groupchat(&mut self, now: Timestamp, xml: &str) -> Result<bool, Error> {
+        let m = stanza::parse(xml)?;
+        let from = stanza::jid_attr(&m, "message", "from")?.to_string();
+        let Some(to) = m.attr("to").and_then(|t| Jid::new(t).ok()) else {
+            return Ok(false);
+        };
+        let room = to.to_bare().to_string();
+        let Some(mirror) = self
+            .rooms
+            .get(&room)
+            .and_then(|r| r.by_real.get(&from))
+            .map(|r| r.mirror.clone())
+        else {
+            return Ok(false);
+        };
+        self.hear(now, &mirror);
+        let Some(id) = m
+            .get_child("origin-id", ns::SID)
+            .and_then(|o| o.attr("id"))
+        else {
+            return Ok(false);
+        };
+        let bare = from.split('/').next().unwrap_or_default();
+        let key = format!("{bare} {id}");
+        let fresh = self
+            .origin_ids
+            .entry(room.clone())
+            .or_insert_with(|| Recent::new(ORIGIN_IDS))
+            .insert(key);
+        if !fresh {
+            info!(%room, %from, id, "dropped a message the mirror sent twice");
+        }
+        Ok(!fresh)
+    }
+
+    /// When [`Master::handle_timeout`] should next be called: when the quietest mirror with
+    /// occupants would count as lost.
+    pub fn poll_timeout(&self) -> Option<Timestamp> {
+        self.heard
+            .iter()
+            .filter(|(m, h)| !h.down && self.has_occupants(m))
+            .map(|(_, h)| h.at.plus_ms(self.config.link_timeout_ms))
+            .min()
+    }
+
+    /// Time has come: a mirror with occupants that has been silent for the link timeout is lost.
+    pub fn handle_timeout(&mut self, now: Timestamp) {
+        let timeout = self.config.link_timeout_ms;
+        let silent: Vec<String> = self
+            .heard
+            .iter()
+            .filter(|(m, h)| !h.down && now.since(h.at) >= timeout && self.has_occupants(m))
+            .map(|(m, _)| m.clone())
+            .collect();
+        for mirror in silent {
+            warn!(%mirror, "no ping from the mirror: its link is lost");
+            self.lose(now, &mirror);
+        }
+    }
+
+    /// Link state of every mirror the master has heard from.
+    pub fn status(&self) -> Vec<MirrorStatus> {
+        self.heard
+            .iter()
+            .map(|(m, h)| MirrorStatus {
+                mirror: m.clone(),
+                up: !h.down,
+                rooms: self
+                    .rooms
+                    .values()
+                    .filter(|r| r.mirror_has_occupants(m))
+                    .count(),
+                occupants: self
+                    .rooms
+                    .values()
+                    .map(|r| r.by_real.values().filter(|o| &o.mirror == m).count())
+                    .sum(),
+                last_seen: Some(h.at),
+                outages: h.outages,
+            })
+            .collect()
+    }
+
+    fn has_occupants(&self, mirror: &str) -> bool {
+        self.rooms.values().any(|r| r.mirror_has_occupants(mirror))
+    }
+
+    /// The mirror was heard from: its link is up.
+    fn hear(&mut self, now: Timestamp, mirror: &str) {
+        let h = self.heard.entry(mirror.to_string()).or_default();
+        h.at = now;
+        if h.down {
+            info!(%mirror, "mirror back");
+            h.down = false;
+        }
+        for state in self.rooms.values_mut() {
+            if let Some(link) = state.mirrors.get_mut(mirror) {
+                link.down = false;
+            }
+        }
+    }
+
+    /// The mirror is lost: evict its occupants.
+    fn lose(&mut self, now: Timestamp, mirror: &str) {
+        let h = self.heard.entry(mirror.to_string()).or_default();
+        if !h.down {
+            h.outages += 1;
+        }
+        h.down = true;
+        h.at = h.at.max(Timestamp(now.0.saturating_sub(self.config.link_timeout_ms)));
+        let mut evict = Vec::new();
+        for (room, state) in &mut self.rooms {
+            let Some(link) = state.mirrors.get_mut(mirror) else {
+                continue;
+            };
+            link.down = true;
+            for (jid, r) in state.by_real.iter().filter(|(_, r)| r.mirror == mirror) {
+                state.evicting.insert(r.nick.clone());
+                evict.push(MasterAction::Evict {
+                    room: room.clone(),
+                    nick: r.nick.clone(),
+                    jid: jid.clone(),
+                });
+            }
+        }
         if !evict.is_empty() {
-            info!(%domain, occupants = evict.len(), "link lost: evicting the mirror's occupants");
+            info!(%mirror, occupants = evict.len(), "link lost: evicting the mirror's occupants");
         }
         evict.sort_by(|a, b| format!("{a:?}").cmp(&format!("{b:?}")));
         self.actions.extend(evict);
     }
+}
+
+/// Is this an occupant's leave?
+fn is_leave(el: &Element) -> bool {
+    el.name() == "presence" && stanza::stanza_type(el) == Some("unavailable")
 }
 
 /// Without brackets: forward `presence` (the copy for `to`, an occupant behind a mirror, of a room
@@ -838,7 +1113,8 @@ fn forward_once(
     let Some(link) = state.mirrors.get_mut(mirror) else {
         return Outbound::Drop;
     };
-    if link.down || link.forwarded.get(&nick) == Some(&print) {
+    let eviction = ours && is_leave(&presence);
+    if (link.down && !eviction) || link.forwarded.get(&nick) == Some(&print) {
         return Outbound::Drop;
     }
     link.forwarded.insert(nick, print);

@@ -12,11 +12,23 @@
 //! Inputs (`handle_*`, each given the current time):
 //! - [`Mirror::handle_local`]: a stanza from a local user to a mirrored service;
 //! - [`Mirror::handle_remote`]: a stanza from a mirrored service, to the mirror (or to a local user);
-//! - [`Mirror::handle_link`]: the s2s link to a master went down or came up;
-//! - [`Mirror::handle_timeout`]: the time asked for by [`Mirror::poll_timeout`] has come.
+//! - [`Mirror::handle_link`]: the host saw the s2s link to a master go down or come up;
+//! - [`Mirror::handle_timeout`]: the time asked for by [`Mirror::poll_timeout`] has come (ping
+//!   rounds, ping deadlines, join and sync deadlines);
+//! - [`Mirror::import_queue`]: at start, the outbound queue the host stored before a restart.
 //!
 //! Outputs (`poll_*`): [`Mirror::poll_transmit`] (stanzas to route: to local users, or to the
-//! master) and [`Mirror::poll_timeout`].
+//! master) and [`Mirror::poll_timeout`]. When [`Mirror::take_queue_dirty`] says so, the host
+//! stores [`Mirror::export_queue`].
+//!
+//! # Link loss
+//!
+//! The mirror pings each master it has rooms on (see [`crate::link`]). When a ping goes
+//! unanswered or bounces, the remote occupants are shown leaving (status 333), local chat goes on,
+//! and local users' messages queue, along with those still in flight. When a ping is answered
+//! again, the mirror asks each room for its roster, rejoins users the master lost, catches up on
+//! what the master's side said (history `since`, de-duplicated), and sends the queue in order.
+//! Each message carries an XEP-0359 origin-id, by which the master drops a second copy.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -27,7 +39,10 @@ use tracing::{debug, info, warn};
 use crate::elements::{Config, Dmuc, History, HistoryResult, Room, Roster, RosterItem, Whois};
 use crate::error::Error;
 use crate::escape;
+use crate::link::{Link, Pong};
 use crate::ns;
+use crate::queue::{user_domain, Queued};
+use crate::recent::Recent;
 use crate::room_history::{Entry, RoomHistory};
 use crate::stanza::{self, Condition};
 use crate::time::Timestamp;
@@ -46,10 +61,18 @@ pub struct MirrorConfig {
     pub join_timeout_ms: u64,
     /// Messages of history kept per room, and served to local joins.
     pub history_size: usize,
+    /// How often the mirror pings each master it has rooms on.
+    pub ping_interval_ms: u64,
+    /// How long a ping may go unanswered before the link counts as down.
+    pub ping_timeout_ms: u64,
+    /// A catch-up after an outage asks for history from this long before the newest message the
+    /// mirror had (covers clock skew and second-precision stamps); duplicates are dropped.
+    pub catch_up_margin_ms: u64,
 }
 
 impl MirrorConfig {
-    /// Defaults: a queue of 1000 messages, joins time out after 30 s, 20 messages of history.
+    /// Defaults: a queue of 1000 messages, joins time out after 30 s, 20 messages of history, a
+    /// ping every 30 s answered within 20 s, a catch-up margin of 30 s.
     pub fn new(service: impl Into<String>, masters: Vec<String>) -> Self {
         MirrorConfig {
             service: service.into().to_ascii_lowercase(),
@@ -60,6 +83,9 @@ impl MirrorConfig {
             queue_limit: 1000,
             join_timeout_ms: 30_000,
             history_size: 20,
+            ping_interval_ms: 30_000,
+            ping_timeout_ms: 20_000,
+            catch_up_margin_ms: 30_000,
         }
     }
 }
@@ -71,6 +97,69 @@ pub enum Verdict {
     Consumed,
     /// Not the mirror's business: route it as usual.
     Pass,
+}
+
+/// Fingerprints of master messages kept per room, for de-duplicating a catch-up.
+const SEEN: usize = 2000;
+
+/// The link state of one master, for an admin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkStatus {
+    /// The master MUC service.
+    pub master: String,
+    /// Is the link up, as far as the mirror knows?
+    pub up: bool,
+    /// Mirrored rooms on that master.
+    pub rooms: usize,
+    /// Messages waiting for the link.
+    pub queued: usize,
+    /// Messages sent but not yet acknowledged by a ping answer.
+    pub in_flight: usize,
+    /// Outages seen since start.
+    pub outages: u64,
+    /// When the master last answered a ping.
+    pub last_pong: Option<Timestamp>,
+    /// When the last resync after an outage started.
+    pub last_resync: Option<Timestamp>,
+    /// Since when the link is down, while it is.
+    pub down_since: Option<Timestamp>,
+}
+
+/// The fingerprint of a message from the master's side: who said what, under which id.
+fn fingerprint(m: &Element) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    m.attr("from").unwrap_or_default().hash(&mut h);
+    m.attr("id").unwrap_or_default().hash(&mut h);
+    origin_id(m).unwrap_or_default().hash(&mut h);
+    m.get_child("body", ns::JABBER_CLIENT)
+        .map(|b| b.text())
+        .unwrap_or_default()
+        .hash(&mut h);
+    h.finish()
+}
+
+/// The XEP-0359 origin-id of a message.
+fn origin_id(m: &Element) -> Option<&str> {
+    m.get_child("origin-id", ns::SID).and_then(|o| o.attr("id"))
+}
+
+/// Is this the error an s2s layer sends back when it cannot deliver (a bounce)?
+fn is_bounce(el: &Element) -> bool {
+    stanza::stanza_type(el) == Some("error")
+        && el.get_child("error", ns::JABBER_CLIENT).is_some_and(|e| {
+            e.has_child("remote-server-not-found", ns::XMPP_STANZAS)
+                || e.has_child("remote-server-timeout", ns::XMPP_STANZAS)
+        })
+}
+
+/// Does this leave end the occupant's stay for good (kick, ban, affiliation change, shutdown,
+/// destruction), rather than the master having lost track of them?
+fn final_leave(el: &Element) -> bool {
+    ["301", "307", "321", "322", "332"]
+        .iter()
+        .any(|c| stanza::has_status(el, c))
+        || stanza::muc_user(el).is_some_and(|x| x.has_child("destroy", ns::MUC_USER))
 }
 
 #[derive(Debug, Clone)]
@@ -119,17 +208,25 @@ struct MirrorRoom {
     awaiting: Vec<String>,
     sync: Sync,
     history_iq: Option<(String, Timestamp)>,
-    /// After a resync: the history answer is a catch-up of what the master's side said since
-    /// this stamp (`Some(None)`: since ever).
-    catch_up_since: Option<Option<Timestamp>>,
-    /// A resync is under way (set on link up, until the history answer).
-    resyncing: bool,
+    /// A roster request after an outage (id, deadline).
+    roster_iq: Option<(String, Timestamp)>,
+    /// The room has had its first sync: later rosters start a catch-up.
+    synced: bool,
+    /// The pending history answer is a catch-up: deliver what local users missed.
+    catching_up: bool,
+    /// When the first sync finished.
+    synced_at: Option<Timestamp>,
     /// Stamp of the newest message that came from the master (not from our own users).
     newest_from_master: Option<Timestamp>,
+    /// Fingerprints of the messages from the master's side already delivered here.
+    seen: Recent<u64>,
     whois: Whois,
     history: RoomHistory,
     subject: Option<Element>,
-    queue: VecDeque<Element>,
+    /// Waiting for the link.
+    queue: VecDeque<Queued>,
+    /// Sent to the master, not yet acknowledged by a ping answer.
+    in_flight: VecDeque<Queued>,
     /// Local occupants whose rejoin echo is expected after a resync.
     resync: BTreeSet<String>,
 }
@@ -145,13 +242,17 @@ impl MirrorRoom {
             awaiting: Vec::new(),
             sync: Sync::Roster,
             history_iq: None,
-            catch_up_since: None,
-            resyncing: false,
+            roster_iq: None,
+            synced: false,
+            catching_up: false,
+            synced_at: None,
             newest_from_master: None,
+            seen: Recent::new(SEEN),
             whois: Whois::default(),
             history: RoomHistory::new(history_size),
             subject: None,
             queue: VecDeque::new(),
+            in_flight: VecDeque::new(),
             resync: BTreeSet::new(),
         }
     }
@@ -193,9 +294,10 @@ impl MirrorRoom {
 pub struct Mirror {
     config: MirrorConfig,
     rooms: BTreeMap<String, MirrorRoom>,
-    down: BTreeSet<String>,
+    links: BTreeMap<String, Link>,
     transmits: VecDeque<String>,
     next_id: u64,
+    queue_dirty: bool,
 }
 
 fn split(jid: &Jid) -> (String, Option<String>) {
@@ -211,9 +313,10 @@ impl Mirror {
         Mirror {
             config,
             rooms: BTreeMap::new(),
-            down: BTreeSet::new(),
+            links: BTreeMap::new(),
             transmits: VecDeque::new(),
             next_id: 0,
+            queue_dirty: false,
         }
     }
 
@@ -255,14 +358,64 @@ impl Mirror {
             .unwrap_or_default()
     }
 
-    /// Messages queued for the master in `room`.
+    /// Messages queued for the master in `room` (waiting for the link).
     pub fn queue_depth(&self, room: &str) -> usize {
         self.rooms.get(room).map(|r| r.queue.len()).unwrap_or(0)
     }
 
+    /// Messages sent to the master from `room` that no ping answer has acknowledged yet.
+    pub fn in_flight(&self, room: &str) -> usize {
+        self.rooms.get(room).map(|r| r.in_flight.len()).unwrap_or(0)
+    }
+
     /// Is the link to `master` (a MUC service domain) up, as far as the mirror knows?
     pub fn link_up(&self, master: &str) -> bool {
-        !self.down.contains(&master.to_ascii_lowercase())
+        !self
+            .links
+            .get(&master.to_ascii_lowercase())
+            .is_some_and(|l| l.down)
+    }
+
+    /// Link state, queue depth and last resync of every master this mirror has talked to.
+    pub fn status(&self) -> Vec<LinkStatus> {
+        self.links
+            .iter()
+            .map(|(master, l)| {
+                let rooms: Vec<&MirrorRoom> =
+                    self.rooms.values().filter(|r| &r.master == master).collect();
+                LinkStatus {
+                    master: master.clone(),
+                    up: !l.down,
+                    rooms: rooms.len(),
+                    queued: rooms.iter().map(|r| r.queue.len()).sum(),
+                    in_flight: rooms.iter().map(|r| r.in_flight.len()).sum(),
+                    outages: l.outages,
+                    last_pong: l.last_pong,
+                    last_resync: l.last_resync,
+                    down_since: l.down_since,
+                }
+            })
+            .collect()
+    }
+
+    /// Has the outbound queue changed since the last call? The host then stores
+    /// [`Mirror::export_queue`], so that a restart loses nothing.
+    pub fn take_queue_dirty(&mut self) -> bool {
+        std::mem::take(&mut self.queue_dirty)
+    }
+
+    /// Everything not yet acknowledged by the master (in flight first, then queued), in order, in
+    /// storage form (see [`crate::queue`]).
+    pub fn export_queue(&self) -> Vec<String> {
+        self.rooms
+            .values()
+            .flat_map(|r| {
+                r.in_flight
+                    .iter()
+                    .chain(r.queue.iter())
+                    .map(|q| q.to_xml(&r.jid))
+            })
+            .collect()
     }
 
     // ---- outputs ----
@@ -281,7 +434,9 @@ impl Mirror {
                     .values()
                     .map(|p| p.deadline)
                     .chain(r.history_iq.as_ref().map(|(_, d)| *d))
+                    .chain(r.roster_iq.as_ref().map(|(_, d)| *d))
             })
+            .chain(self.links.values().filter_map(Link::deadline))
             .min()
     }
 
@@ -344,7 +499,19 @@ impl Mirror {
                     return Ok(Verdict::Consumed);
                 };
                 self.local_leave(&room, &user, &current, &el);
-                if !master_down {
+                if master_down {
+                    // The master hears of it after the messages this user sent before leaving.
+                    if let Some(r) = self.rooms.get_mut(&room) {
+                        r.queue.push_back(Queued {
+                            user: user.clone(),
+                            nick: current.clone(),
+                            at: now,
+                            stanza: el,
+                            round: 0,
+                        });
+                        self.queue_dirty = true;
+                    }
+                } else {
                     self.send(&el);
                 }
                 self.close_if_empty(&room);
@@ -426,6 +593,12 @@ impl Mirror {
             return Ok(Verdict::Consumed);
         }
         debug!(%room, %nick, "forwarding a local join");
+        let master = r.master.clone();
+        let first_ping = now.plus_ms(self.config.ping_interval_ms);
+        self.links.entry(master).or_default().schedule(first_ping);
+        let Some(r) = self.rooms.get_mut(&room) else {
+            return Ok(Verdict::Consumed);
+        };
         r.pending.insert(
             nick,
             Pending {
@@ -538,7 +711,6 @@ impl Mirror {
         let user = from.to_string();
         let down = self.is_down(&room);
         let queue_limit = self.config.queue_limit;
-        let service = self.config.service.clone();
         let Some(r) = self.rooms.get_mut(&room) else {
             let reply = stanza::error_reply(
                 &el,
@@ -591,8 +763,28 @@ impl Mirror {
             self.send(&reply);
             return Ok(Verdict::Consumed);
         }
+        let mut el = el;
+        if origin_id(&el).is_none() {
+            // The master's de-duplication key, should this message have to be sent again.
+            self.next_id += 1;
+            let mut o = Element::builder("origin-id", ns::SID).build();
+            stanza::set_attr(&mut o, "id", format!("dmuc-{:x}-{}", now.0, self.next_id));
+            el.append_child(o);
+        }
+        let round = self
+            .links
+            .get(&r.master)
+            .map(Link::round)
+            .unwrap_or_default();
+        let item = Queued {
+            user: user.clone(),
+            nick: nick.clone(),
+            at: now,
+            stanza: el.clone(),
+            round,
+        };
         if down {
-            if r.queue.len() >= queue_limit {
+            if r.queue.len() + r.in_flight.len() >= queue_limit {
                 warn!(%room, "outbound queue full: message refused");
                 let reply = stanza::error_reply(
                     &el,
@@ -604,15 +796,11 @@ impl Mirror {
                 self.send(&reply);
                 return Ok(Verdict::Consumed);
             }
-            let mut queued = el.clone();
-            if queued.get_child("delay", ns::DELAY).is_none() {
-                let mut d = Element::builder("delay", ns::DELAY).build();
-                stanza::set_attr(&mut d, "from", &service);
-                stanza::set_attr(&mut d, "stamp", now.to_xep0082());
-                queued.append_child(d);
-            }
-            r.queue.push_back(queued);
+            r.queue.push_back(item);
+        } else {
+            r.in_flight.push_back(item);
         }
+        self.queue_dirty = true;
         let mut shown = el.clone();
         stanza::set_attr(&mut shown, "from", r.occupant_jid(&nick));
         stanza::remove_attr(&mut shown, "to");
@@ -629,24 +817,34 @@ impl Mirror {
 
     fn is_down(&self, room: &str) -> bool {
         let domain = room.rsplit('@').next().unwrap_or_default();
-        self.down.contains(&domain.to_ascii_lowercase())
+        self.links
+            .get(&domain.to_ascii_lowercase())
+            .is_some_and(|l| l.down)
     }
 
-    /// Forget a room once it has no local occupants and no joins under way: it costs nothing.
-    /// Messages still queued from users who have all left could no longer be accepted by the
-    /// master (their senders are not occupants any more); they are discarded with a warning.
+    /// Forget a room once it has no local occupants, no joins under way and nothing left to
+    /// deliver: it costs nothing. A master with no rooms left is not pinged.
     fn close_if_empty(&mut self, room: &str) {
-        let empty = self
-            .rooms
-            .get(room)
-            .is_some_and(|r| r.local.is_empty() && r.pending.is_empty());
-        if empty {
-            if let Some(r) = self.rooms.remove(room) {
-                if !r.queue.is_empty() {
-                    warn!(%room, queued = r.queue.len(), "every sender left during the outage: their queued messages are discarded");
-                }
+        let empty = self.rooms.get(room).is_some_and(|r| {
+            r.local.is_empty()
+                && r.pending.is_empty()
+                && r.queue.is_empty()
+                && r.in_flight.is_empty()
+        });
+        if !empty {
+            return;
+        }
+        let Some(r) = self.rooms.remove(room) else {
+            return;
+        };
+        info!(%room, "last local occupant left: the mirror leaves the room");
+        if !self.rooms.values().any(|o| o.master == r.master) {
+            if let Some(l) = self.links.get_mut(&r.master) {
+                // Nothing to ping for; the next join finds out for itself.
+                l.idle();
+                l.down = false;
+                l.down_since = None;
             }
-            info!(%room, "last local occupant left: the mirror leaves the room");
         }
     }
 
@@ -659,16 +857,23 @@ impl Mirror {
         if !self.handles(from.as_str()) {
             return Ok(Verdict::Pass);
         }
+        if el.name() == "iq" && matches!(stanza::stanza_type(&el), Some("result") | Some("error")) {
+            let id = el.attr("id").unwrap_or_default();
+            let master = from.domain().as_str().to_ascii_lowercase();
+            if self.links.get(&master).is_some_and(|l| l.is_ours(id)) {
+                self.pong(now, &master, id, is_bounce(&el));
+                return Ok(Verdict::Consumed);
+            }
+        }
         let to_service = to
             .domain()
             .as_str()
             .eq_ignore_ascii_case(&self.config.service);
         if !to_service {
-            self.observe(&el, &from, &to);
-            return Ok(Verdict::Pass);
+            return Ok(self.observe(now, &el, &from, &to));
         }
         if to.node().is_some() {
-            return self.escaped(el, &to);
+            return self.escaped(now, el, &to);
         }
         let (room, nick) = split(&from);
         if !self.rooms.contains_key(&room) {
@@ -702,10 +907,43 @@ impl Mirror {
     }
 
     /// A stanza from a mirrored room straight to a local user: a join error from a master
-    /// that does not route errors through the mirror ends the pending join.
-    fn observe(&mut self, el: &Element, from: &Jid, to: &Jid) {
+    /// that does not route errors through the mirror ends the pending join; the s2s bounce of a
+    /// message in flight means the link is down (the message is sent again later, so the user
+    /// does not see the bounce).
+    fn observe(&mut self, now: Timestamp, el: &Element, from: &Jid, to: &Jid) -> Verdict {
+        if el.name() == "message" && stanza::stanza_type(el) == Some("error") {
+            let room = from.to_bare().to_string();
+            let id = el.attr("id").unwrap_or_default();
+            let ours = self.rooms.get(&room).is_some_and(|r| {
+                r.in_flight
+                    .iter()
+                    .chain(r.queue.iter())
+                    .any(|q| q.stanza.attr("id") == Some(id) && q.user == to.as_str())
+            });
+            if !ours {
+                return Verdict::Pass;
+            }
+            let master = from.domain().as_str().to_ascii_lowercase();
+            if is_bounce(el) {
+                info!(%room, "a message bounced: the link is down");
+                self.link_lost(now, &master);
+                return Verdict::Consumed;
+            }
+            let not_occupant = el
+                .get_child("error", ns::JABBER_CLIENT)
+                .is_some_and(|e| e.has_child("not-acceptable", ns::XMPP_STANZAS));
+            if not_occupant {
+                // The master lost this user (and has not told us yet): rejoin them, and send
+                // what was in flight again once it has them.
+                info!(%room, user = %to, "the master says a local user is not in the room: rejoining");
+                self.requeue_in_flight(&room);
+                self.rejoin_user(&room, to.as_str());
+                return Verdict::Consumed;
+            }
+            return Verdict::Pass;
+        }
         if el.name() != "presence" || stanza::stanza_type(el) != Some("error") {
-            return;
+            return Verdict::Pass;
         }
         let (room, nick) = split(from);
         let user = to.to_string();
@@ -714,11 +952,12 @@ impl Mirror {
                 .retain(|n, p| !(p.user == user && nick.as_deref().is_none_or(|x| x == n)));
         }
         self.close_if_empty(&room);
+        Verdict::Pass
     }
 
     /// A stanza to `user\40host\2fres@mirror`: deliver it to the user. The node may have been
     /// case-folded on the way, so the exact JID comes from the users the mirror knows.
-    fn escaped(&mut self, mut el: Element, to: &Jid) -> Result<Verdict, Error> {
+    fn escaped(&mut self, now: Timestamp, mut el: Element, to: &Jid) -> Result<Verdict, Error> {
         let guess = escape::jid_from_service_address(to).map_err(|e| Error::InvalidJid {
             jid: to.to_string(),
             reason: e.to_string(),
@@ -741,7 +980,7 @@ impl Mirror {
         let user = stanza::parse_jid(&user)?;
         stanza::set_attr(&mut el, "to", user.to_string());
         if let Some(from) = el.attr("from").and_then(|f| Jid::new(f).ok()) {
-            self.observe(&el, &from, &user);
+            self.observe(now, &el, &from, &user);
         }
         self.send(&el);
         Ok(Verdict::Consumed)
@@ -754,6 +993,22 @@ impl Mirror {
         };
         match stanza::stanza_type(&el) {
             Some("unavailable") => {
+                let lost_ours = r
+                    .occupants
+                    .get(nick)
+                    .and_then(|o| o.local.clone())
+                    .filter(|_| !final_leave(&el));
+                if let Some(user) = lost_ours {
+                    // The master lost track of one of our users (its link timeout, or an error
+                    // it kicked them for): rejoin them, unseen by them.
+                    info!(%room, %nick, "the master dropped a local occupant: rejoining");
+                    if let Some(join) = r.local.get(&user).map(|(_, j)| j.clone()) {
+                        r.resync.insert(nick.to_string());
+                        let join = self.rejoin(&join);
+                        self.send(&join);
+                    }
+                    return;
+                }
                 let Some(o) = r.occupants.remove(nick) else {
                     return;
                 };
@@ -801,6 +1056,9 @@ impl Mirror {
                     // The echo of our own rejoin after a link loss: nothing changed for anyone here.
                     if let Some(o) = r.occupants.get_mut(nick) {
                         o.presence = el;
+                    }
+                    if r.resync.is_empty() && r.sync == Sync::Ready {
+                        self.flush_queue(room);
                     }
                     return;
                 }
@@ -931,6 +1189,31 @@ impl Mirror {
             }
             Some("result") | Some("error") => {
                 let id = iq.attr("id").unwrap_or_default();
+                let bounced = is_bounce(&iq);
+                let roster_answer = self
+                    .rooms
+                    .get(room)
+                    .and_then(|r| r.roster_iq.as_ref())
+                    .is_some_and(|(h, _)| h == id);
+                let history_answer = self
+                    .rooms
+                    .get(room)
+                    .and_then(|r| r.history_iq.as_ref())
+                    .is_some_and(|(h, _)| h == id);
+                if bounced && (roster_answer || history_answer) {
+                    let master = self.rooms.get(room).map(|r| r.master.clone());
+                    if let Some(master) = master {
+                        self.link_lost(now, &master);
+                    }
+                    return Ok(());
+                }
+                if roster_answer && stanza::stanza_type(&iq) == Some("error") {
+                    // The master has no roster for us (it lost the room, or every one of our
+                    // users): an empty roster, so that every local user rejoins.
+                    info!(%room, "the master has no roster for this mirror: rejoining");
+                    self.apply_roster(now, room, Roster::default());
+                    return Ok(());
+                }
                 let ours = self
                     .rooms
                     .get(room)
@@ -962,13 +1245,19 @@ impl Mirror {
         Ok(())
     }
 
-    /// The master's occupant list: add who is new, drop who is gone (except our own users),
-    /// and ask for the history.
+    /// The master's occupant list: add who is new, drop who is gone (except our own users), and
+    /// ask for the history. After the first sync, a roster starts a catch-up: local users the
+    /// master no longer has rejoin, and the history request asks for what was said since the
+    /// newest message the mirror has (less a margin; what it already has is dropped).
     fn apply_roster(&mut self, now: Timestamp, room: &str, roster: Roster) {
+        let margin = self.config.catch_up_margin_ms;
+        let history_size = self.config.history_size;
         let Some(r) = self.rooms.get_mut(room) else {
             return;
         };
-        let announce = r.sync == Sync::Roster && !r.local.is_empty();
+        r.roster_iq = None;
+        let announce = !r.local.is_empty();
+        let catch_up = r.synced;
         let mut fresh = BTreeMap::new();
         for item in roster.items {
             let nick = item.name.clone();
@@ -988,6 +1277,14 @@ impl Mirror {
                 changes.push((n, p));
             }
         }
+        let mut rejoins = Vec::new();
+        if catch_up {
+            for (nick, join) in r.local.values() {
+                if !fresh.contains_key(nick) && !r.resync.contains(nick) {
+                    rejoins.push((nick.clone(), join.clone()));
+                }
+            }
+        }
         for (nick, presence) in fresh {
             let local = r.occupants.get(&nick).and_then(|o| o.local.clone());
             if local.is_some() || r.pending.contains_key(&nick) {
@@ -1005,21 +1302,31 @@ impl Mirror {
                 changes.push((nick, presence));
             }
         }
+        for (nick, _) in &rejoins {
+            r.resync.insert(nick.clone());
+        }
         let id = self.id("history");
         let Some(r) = self.rooms.get_mut(room) else {
             return;
         };
         r.sync = Sync::History;
+        r.catching_up = catch_up;
         r.history_iq = Some((id.clone(), now.plus_ms(self.config.join_timeout_ms)));
         // To the bare room (the draft's Example 12 uses the occupant JID, which a XEP-0045
         // service forwards to the occupant instead of answering it).
         let to = r.jid.clone();
-        let mut limits = History::new().with_maxstanzas(self.config.history_size as u32);
-        r.catch_up_since = r.resyncing.then_some(r.newest_from_master);
-        if let Some(Some(since)) = r.catch_up_since {
-            if let Ok(d) = since.to_xep0082().parse() {
-                limits = limits.with_since(d);
+        let mut limits = History::new();
+        match catch_up
+            .then(|| r.newest_from_master.or(r.synced_at))
+            .flatten()
+        {
+            Some(base) => {
+                let since = Timestamp(base.0.saturating_sub(margin));
+                if let Ok(d) = since.to_xep0082().parse() {
+                    limits = limits.with_since(d);
+                }
             }
+            None => limits = limits.with_maxstanzas(history_size as u32),
         }
         let request = Room {
             id: match Jid::new(&r.jid) {
@@ -1039,18 +1346,61 @@ impl Mirror {
                 self.fan_out_presence(room, &nick, &p, None);
             }
         }
+        // Rejoins first: on the users' own s2s stream they then precede their queued messages.
+        for (_, join) in rejoins {
+            let join = self.rejoin(&join);
+            self.send(&join);
+        }
         self.send(&iq);
     }
 
-    /// The history answer: store it; after a resync, deliver what local users missed.
+    /// Put what is in flight back at the head of the queue (the master drops copies it already
+    /// has by origin-id).
+    fn requeue_in_flight(&mut self, room: &str) {
+        if let Some(r) = self.rooms.get_mut(room) {
+            while let Some(q) = r.in_flight.pop_back() {
+                r.queue.push_front(q);
+            }
+            self.queue_dirty = true;
+        }
+    }
+
+    /// Join a local user again, unless their rejoin is already under way.
+    fn rejoin_user(&mut self, room: &str, user: &str) {
+        let Some(r) = self.rooms.get_mut(room) else {
+            return;
+        };
+        let Some((nick, join)) = r.local.get(user).cloned() else {
+            return;
+        };
+        if r.resync.insert(nick) {
+            let join = self.rejoin(&join);
+            self.send(&join);
+        }
+    }
+
+    /// A local user's join, as sent again after the master lost them.
+    fn rejoin(&self, join: &Element) -> Element {
+        let mut join = self.to_master(join);
+        if join.get_child("x", ns::MUC).is_none() {
+            join.append_child(Element::builder("x", ns::MUC).build());
+        }
+        join
+    }
+
+    /// The history answer: store it; after an outage, deliver what local users missed (each
+    /// message once), then send the queue.
     fn apply_history(&mut self, now: Timestamp, room: &str, messages: Vec<Element>) {
         let Some(r) = self.rooms.get_mut(room) else {
             return;
         };
         r.history_iq = None;
         r.sync = Sync::Ready;
-        let catch_up = r.catch_up_since.take();
-        r.resyncing = false;
+        let catch_up = std::mem::take(&mut r.catching_up);
+        if !r.synced {
+            r.synced = true;
+            r.synced_at = Some(now);
+        }
         let local_nicks: BTreeSet<String> = r.local.values().map(|(n, _)| n.clone()).collect();
         let mut missed = Vec::new();
         for m in messages {
@@ -1063,14 +1413,18 @@ impl Mirror {
                 continue;
             }
             let entry = Entry::new(m, now);
-            if let Some(since) = catch_up {
+            let print = fingerprint(&entry.message);
+            if !r.seen.insert(print) {
+                continue;
+            }
+            if catch_up {
                 let nick = entry
                     .message
                     .attr("from")
                     .and_then(|f| Jid::new(f).ok())
                     .and_then(|j| j.resource().map(|r| r.to_string()));
-                let ours = nick.is_some_and(|n| local_nicks.contains(&n));
-                if since.is_some_and(|s| entry.stamp <= s) || ours {
+                if nick.is_some_and(|n| local_nicks.contains(&n)) {
+                    // Our own users' messages: they saw them when they sent them.
                     continue;
                 }
                 missed.push(entry.delayed(&r.jid));
@@ -1078,14 +1432,18 @@ impl Mirror {
             r.newest_from_master = r.newest_from_master.max(Some(entry.stamp));
             r.history.push(entry);
         }
+        if catch_up {
+            info!(%room, missed = missed.len(), "caught up after an outage");
+        }
         let recipients: Vec<String> = r.local.keys().cloned().collect();
         let awaiting = std::mem::take(&mut r.awaiting);
         for m in missed {
-            for to in &recipients {
-                let mut m = m.clone();
-                stanza::set_attr(&mut m, "to", to);
-                self.send(&m);
-            }
+            let text = stanza::serialize(&m);
+            self.transmits.extend(stanza::copies_to(
+                &text,
+                m.name(),
+                recipients.iter().map(String::as_str),
+            ));
         }
         for nick in awaiting {
             self.serve_join(now, room, &nick);
@@ -1093,51 +1451,145 @@ impl Mirror {
         self.flush_queue(room);
     }
 
+    /// Send the queue in order. A sender who is no longer an occupant here (they left during
+    /// the outage, or the mirror restarted) is joined for the delivery and leaves again after
+    /// it, so that the master accepts what they said while they were in the room.
     fn flush_queue(&mut self, room: &str) {
         if self.is_down(room) {
             return;
         }
+        let service = self.config.service.clone();
         let Some(r) = self.rooms.get_mut(room) else {
             return;
         };
-        let queued: Vec<Element> = r.queue.drain(..).collect();
-        for m in queued {
-            self.send(&m);
+        if r.queue.is_empty() {
+            return;
+        }
+        let round = self
+            .links
+            .get(&r.master)
+            .map(Link::round)
+            .unwrap_or_default();
+        let mut out = Vec::new();
+        let mut wrapped: BTreeMap<String, String> = BTreeMap::new();
+        let queued: Vec<Queued> = r.queue.drain(..).collect();
+        for mut q in queued {
+            if q.is_message() {
+                let present = r.local.contains_key(&q.user);
+                if !present && !wrapped.contains_key(&q.user) {
+                    let mut join = Element::builder("presence", ns::JABBER_CLIENT).build();
+                    stanza::set_attr(&mut join, "from", &q.user);
+                    stanza::set_attr(&mut join, "to", format!("{}/{}", r.jid, q.nick));
+                    let mut x = Element::builder("x", ns::MUC).build();
+                    let mut h = Element::builder("history", ns::MUC).build();
+                    stanza::set_attr(&mut h, "maxstanzas", "0");
+                    x.append_child(h);
+                    join.append_child(x);
+                    if let Ok(from) = Jid::new(&service) {
+                        join.append_child(Dmuc { from }.into());
+                    }
+                    out.push(join);
+                    wrapped.insert(q.user.clone(), q.nick.clone());
+                }
+                out.push(q.delayed(&service));
+                q.round = round;
+                r.in_flight.push_back(q);
+            } else {
+                wrapped.remove(&q.user);
+                out.push(q.stanza);
+            }
+        }
+        for (user, nick) in wrapped {
+            let mut leave = Element::builder("presence", ns::JABBER_CLIENT).build();
+            stanza::set_attr(&mut leave, "from", user);
+            stanza::set_attr(&mut leave, "to", format!("{}/{}", r.jid, nick));
+            stanza::set_attr(&mut leave, "type", "unavailable");
+            out.push(leave);
+        }
+        info!(%room, sent = out.len(), "sent the outbound queue");
+        self.queue_dirty = true;
+        for el in out {
+            self.send(&el);
         }
     }
 
-    /// The s2s link to a master service went down or came up.
-    ///
-    /// Down: every remote occupant is shown leaving (status 333) to the local occupants, who go on
-    /// chatting; their messages queue for the master. Up: the mirror rejoins its local occupants,
-    /// which resyncs roster and history, then sends the queued messages in order.
+    /// The host saw the s2s link to a master service go down or come up (its own s2s events).
+    /// Pings find the same by themselves; this only makes it faster.
     pub fn handle_link(&mut self, now: Timestamp, master: &str, up: bool) {
         let master = master.to_ascii_lowercase();
         if !self.config.masters.contains(&master) {
             return;
         }
-        let rooms: Vec<String> = self
-            .rooms
+        if up {
+            self.link_back(now, &master);
+        } else {
+            self.link_lost(now, &master);
+        }
+    }
+
+    fn rooms_of(&self, master: &str) -> Vec<String> {
+        self.rooms
             .iter()
             .filter(|(_, r)| r.master == master)
             .map(|(j, _)| j.clone())
-            .collect();
-        if up {
-            if !self.down.remove(&master) {
-                return;
+            .collect()
+    }
+
+    /// Down: every remote occupant is shown leaving (status 333) to the local occupants, who go
+    /// on chatting; their messages, and those still in flight, queue for the master.
+    fn link_lost(&mut self, now: Timestamp, master: &str) {
+        let interval = self.config.ping_interval_ms;
+        let link = self.links.entry(master.to_string()).or_default();
+        if !link.go_down(now) {
+            return;
+        }
+        link.schedule(now.plus_ms(interval));
+        warn!(%master, "link down: remote occupants shown as gone, messages queue");
+        for room in self.rooms_of(master) {
+            self.lose(&room);
+        }
+    }
+
+    /// Up: each room with local occupants asks the master for its roster (which resyncs it);
+    /// a room with only queued messages sends them.
+    fn link_back(&mut self, now: Timestamp, master: &str) {
+        let Some(link) = self.links.get_mut(master) else {
+            return;
+        };
+        if !link.go_up(now) {
+            return;
+        }
+        info!(%master, "link up: resyncing");
+        for room in self.rooms_of(master) {
+            self.resync(now, &room);
+        }
+    }
+
+    /// A ping was answered (or bounced).
+    fn pong(&mut self, now: Timestamp, master: &str, id: &str, bounced: bool) {
+        let answer = self
+            .links
+            .get_mut(master)
+            .and_then(|l| l.answer(now, id, bounced));
+        match answer {
+            Some(Pong::Bounced) => self.link_lost(now, master),
+            Some(Pong::Alive { round, domain }) => {
+                let mut acked = 0;
+                for room in self.rooms_of(master) {
+                    if let Some(r) = self.rooms.get_mut(&room) {
+                        let before = r.in_flight.len();
+                        r.in_flight
+                            .retain(|q| !(q.round <= round && q.user_domain() == domain));
+                        acked += before - r.in_flight.len();
+                    }
+                    self.close_if_empty(&room);
+                }
+                if acked > 0 {
+                    self.queue_dirty = true;
+                }
+                self.link_back(now, master);
             }
-            info!(%master, "link up: resyncing");
-            for room in rooms {
-                self.resync(now, &room);
-            }
-        } else {
-            if !self.down.insert(master.clone()) {
-                return;
-            }
-            info!(%master, "link down: remote occupants shown as gone");
-            for room in rooms {
-                self.lose(&room);
-            }
+            None => {}
         }
     }
 
@@ -1145,6 +1597,18 @@ impl Mirror {
         let Some(r) = self.rooms.get_mut(room) else {
             return;
         };
+        // What was in flight may or may not have arrived: it goes again, ahead of the queue, and
+        // the master drops what it already has by origin-id.
+        while let Some(q) = r.in_flight.pop_back() {
+            r.queue.push_front(q);
+        }
+        r.resync.clear();
+        r.history_iq = None;
+        r.roster_iq = None;
+        r.catching_up = false;
+        if r.sync != Sync::Ready && r.synced {
+            r.sync = Sync::Ready;
+        }
         let pending: Vec<(String, Pending)> = std::mem::take(&mut r.pending).into_iter().collect();
         let remote: Vec<(String, Element)> = r
             .occupants
@@ -1184,34 +1648,39 @@ impl Mirror {
             p.append_child(x);
             self.fan_out_presence(room, &nick, &p, None);
         }
+        self.queue_dirty = true;
         self.close_if_empty(room);
     }
 
-    fn resync(&mut self, _now: Timestamp, room: &str) {
+    fn resync(&mut self, now: Timestamp, room: &str) {
+        let deadline = now.plus_ms(self.config.join_timeout_ms);
+        let id = self.id("roster");
+        let service = self.config.service.clone();
         let Some(r) = self.rooms.get_mut(room) else {
             return;
         };
-        r.sync = Sync::Roster;
-        let joins: Vec<(String, Element)> = r
-            .local
-            .iter()
-            .map(|(_, (n, e))| (n.clone(), e.clone()))
-            .collect();
-        r.resync = joins.iter().map(|(n, _)| n.clone()).collect();
-        r.resyncing = true;
-        for (_, e) in joins {
-            let mut join = self.to_master(&e);
-            if join.get_child("x", ns::MUC).is_none() {
-                join.append_child(Element::builder("x", ns::MUC).build());
-            }
-            self.send(&join);
+        if r.local.is_empty() {
+            self.flush_queue(room);
+            return;
         }
+        r.sync = Sync::Roster;
+        r.roster_iq = Some((id.clone(), deadline));
+        let mut iq = Element::builder("iq", ns::JABBER_CLIENT).build();
+        stanza::set_attr(&mut iq, "from", service);
+        stanza::set_attr(&mut iq, "to", &r.jid);
+        stanza::set_attr(&mut iq, "id", id);
+        stanza::set_attr(&mut iq, "type", "get");
+        iq.append_child(Roster::default().into());
+        self.send(&iq);
     }
 
-    /// Time has come: joins the master never answered fail with `remote-server-timeout`, and a
-    /// history request that was never answered counts as an empty history.
+    /// Time has come: a ping round, or a ping that was never answered (the link is down); joins
+    /// the master never answered fail with `remote-server-timeout`; a history request that was
+    /// never answered counts as an empty history; a roster request never answered means the
+    /// link is down after all.
     pub fn handle_timeout(&mut self, now: Timestamp) {
         let rooms: Vec<String> = self.rooms.keys().cloned().collect();
+        let mut lost = BTreeSet::new();
         for room in rooms {
             let Some(r) = self.rooms.get_mut(&room) else {
                 continue;
@@ -1243,6 +1712,10 @@ impl Mirror {
                 }
             }
             let history_late = r.history_iq.as_ref().is_some_and(|(_, d)| *d <= now);
+            if r.roster_iq.as_ref().is_some_and(|(_, d)| *d <= now) {
+                r.roster_iq = None;
+                lost.insert(r.master.clone());
+            }
             for e in errors {
                 self.send(&e);
             }
@@ -1252,6 +1725,112 @@ impl Mirror {
             }
             self.close_if_empty(&room);
         }
+        for master in lost {
+            warn!(%master, "roster request after an outage timed out");
+            self.link_lost(now, &master);
+        }
+        self.ping(now);
+    }
+
+    /// Expire unanswered pings, and start the ping rounds that are due.
+    fn ping(&mut self, now: Timestamp) {
+        let masters: Vec<String> = self.links.keys().cloned().collect();
+        for master in masters {
+            let expired = self.links.get_mut(&master).is_some_and(|l| l.expire(now));
+            if expired {
+                warn!(%master, "a ping went unanswered");
+                self.link_lost(now, &master);
+            }
+            let rooms = self.rooms_of(&master);
+            let Some(link) = self.links.get_mut(&master) else {
+                continue;
+            };
+            if rooms.is_empty() {
+                link.idle();
+                continue;
+            }
+            if !link.due(now) {
+                continue;
+            }
+            // One ping per user domain: each shares the s2s stream of that domain's messages.
+            let mut domains = BTreeSet::new();
+            for room in &rooms {
+                if let Some(r) = self.rooms.get(room) {
+                    domains.extend(r.local.keys().map(|u| user_domain(u).to_string()));
+                    domains.extend(r.pending.values().map(|p| user_domain(&p.user).to_string()));
+                    domains.extend(
+                        r.queue
+                            .iter()
+                            .chain(r.in_flight.iter())
+                            .map(|q| q.user_domain().to_string()),
+                    );
+                }
+            }
+            let mut pings = Vec::new();
+            for domain in domains {
+                self.next_id += 1;
+                let id = format!("dmuc-ping-{}", self.next_id);
+                let mut iq = Element::builder("iq", ns::JABBER_CLIENT).build();
+                stanza::set_attr(&mut iq, "from", &domain);
+                stanza::set_attr(&mut iq, "to", &master);
+                stanza::set_attr(&mut iq, "id", &id);
+                stanza::set_attr(&mut iq, "type", "get");
+                iq.append_child(Element::builder("ping", ns::PING).build());
+                pings.push((id, domain, iq));
+            }
+            let (interval, timeout) = (self.config.ping_interval_ms, self.config.ping_timeout_ms);
+            if let Some(link) = self.links.get_mut(&master) {
+                link.start_round(
+                    now,
+                    interval,
+                    timeout,
+                    pings.iter().map(|(id, d, _)| (id.clone(), d.clone())),
+                );
+            }
+            for (_, _, iq) in pings {
+                self.send(&iq);
+            }
+        }
+    }
+
+    /// At start: the queue the host stored before a restart (from [`Mirror::export_queue`]).
+    /// Nothing is sent until a ping to the master is answered; then each sender is joined for
+    /// the delivery of what they said. Items that do not parse, or name a room this mirror does
+    /// not mirror, are skipped with a warning.
+    pub fn import_queue(&mut self, now: Timestamp, items: &[String]) -> usize {
+        let mut n = 0;
+        for text in items {
+            let (room, q) = match Queued::from_xml(text) {
+                Ok(v) => v,
+                Err(e) => {
+                    warn!(error = %e, "skipped a stored queue item");
+                    continue;
+                }
+            };
+            let Ok(room_jid) = Jid::new(&room) else {
+                warn!(%room, "skipped a stored queue item for a bad room JID");
+                continue;
+            };
+            let master = room_jid.domain().as_str().to_ascii_lowercase();
+            if !self.config.masters.contains(&master) {
+                warn!(%room, "skipped a stored queue item for a room this mirror does not mirror");
+                continue;
+            }
+            let history_size = self.config.history_size;
+            let r = self
+                .rooms
+                .entry(room.clone())
+                .or_insert_with(|| MirrorRoom::new(room.clone(), master.clone(), history_size));
+            r.queue.push_back(q);
+            let link = self.links.entry(master).or_default();
+            link.go_down(now);
+            link.schedule(now);
+            n += 1;
+        }
+        if n > 0 {
+            info!(items = n, "restored the outbound queue");
+        }
+        n
     }
 }
 

@@ -18,3 +18,9 @@ pub const DELAY: &str = "urn:xmpp:delay";
 pub const XMPP_STANZAS: &str = "urn:ietf:params:xml:ns:xmpp-stanzas";
 /// XEP-0030 service discovery (info).
 pub const DISCO_INFO: &str = "http://jabber.org/protocol/disco#info";
+/// XEP-0199 XMPP ping: the mirror's link-health probe.
+pub const PING: &str = "urn:xmpp:ping";
+/// XEP-0359 unique and stable stanza ids (`<origin-id/>`): the master's de-duplication key.
+pub const SID: &str = "urn:xmpp:sid:0";
+/// dmuc's own storage format for the mirror's outbound queue (never sent on the wire).
+pub const QUEUE: &str = "urn:xmpp:dmuc:queue:0";

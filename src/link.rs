@@ -1,0 +1,193 @@
+//! The health of the s2s link from a mirror to one master, as the mirror sees it.
+//!
+//! The mirror sends an XEP-0199 ping to the master every `interval`. A ping travels from a local
+//! user's domain, on the same s2s stream as that domain's users' messages, so its answer proves
+//! that every message sent on that stream before it has arrived: those messages stop being "in
+//! flight" (see [`Link::acknowledged`]). A ping that gets no answer within `timeout`, or comes back
+//! as an s2s bounce, means the link is down; a ping answered while down means it is back.
+//!
+//! Pings are counted in rounds. A message sent to the master is tagged with the current round;
+//! the answer to round `r`'s ping from the message's domain acknowledges every message tagged
+//! `r` or earlier.
+
+use std::collections::BTreeMap;
+
+use crate::time::Timestamp;
+
+/// A ping on its way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Outstanding {
+    round: u64,
+    domain: String,
+    deadline: Timestamp,
+}
+
+/// What an answer to a ping means.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pong {
+    /// The master answered: messages from `domain` tagged `round` or earlier have arrived.
+    Alive {
+        /// The round of the answered ping.
+        round: u64,
+        /// The domain the ping was sent from.
+        domain: String,
+    },
+    /// The ping bounced: the link is down.
+    Bounced,
+}
+
+/// Link state for one master.
+#[derive(Debug, Clone, Default)]
+pub struct Link {
+    /// The mirror believes the link is down.
+    pub down: bool,
+    /// When the link went down, while it is down.
+    pub down_since: Option<Timestamp>,
+    /// When the master last answered a ping.
+    pub last_pong: Option<Timestamp>,
+    /// When the mirror last started a resync after an outage.
+    pub last_resync: Option<Timestamp>,
+    /// Outages seen since the mirror started.
+    pub outages: u64,
+    next_ping: Option<Timestamp>,
+    round: u64,
+    outstanding: BTreeMap<String, Outstanding>,
+}
+
+impl Link {
+    /// The round a message sent now belongs to.
+    pub fn round(&self) -> u64 {
+        self.round
+    }
+
+    /// Ask for a ping round at `at` unless one is already due earlier.
+    pub fn schedule(&mut self, at: Timestamp) {
+        if self.next_ping.is_none_or(|t| at < t) {
+            self.next_ping = Some(at);
+        }
+    }
+
+    /// Is a ping round due at `now`?
+    pub fn due(&self, now: Timestamp) -> bool {
+        self.next_ping.is_some_and(|t| t <= now)
+    }
+
+    /// Start a ping round: one ping per domain, ids chosen by the caller. The next round is due
+    /// `interval` ms from now; each ping must be answered within `timeout` ms.
+    pub fn start_round(
+        &mut self,
+        now: Timestamp,
+        interval: u64,
+        timeout: u64,
+        pings: impl IntoIterator<Item = (String, String)>,
+    ) {
+        let round = self.round;
+        self.round += 1;
+        for (id, domain) in pings {
+            self.outstanding.insert(
+                id,
+                Outstanding {
+                    round,
+                    domain,
+                    deadline: now.plus_ms(timeout),
+                },
+            );
+        }
+        self.next_ping = Some(now.plus_ms(interval));
+    }
+
+    /// Did a ping go unanswered past its deadline? Expired pings are forgotten.
+    pub fn expire(&mut self, now: Timestamp) -> bool {
+        let before = self.outstanding.len();
+        self.outstanding.retain(|_, o| o.deadline > now);
+        self.outstanding.len() != before
+    }
+
+    /// Is `id` one of our pings on its way?
+    pub fn is_ours(&self, id: &str) -> bool {
+        self.outstanding.contains_key(id)
+    }
+
+    /// The answer to ping `id`; `bounced` when it is an s2s failure.
+    pub fn answer(&mut self, now: Timestamp, id: &str, bounced: bool) -> Option<Pong> {
+        let o = self.outstanding.remove(id)?;
+        if bounced {
+            return Some(Pong::Bounced);
+        }
+        self.last_pong = Some(now);
+        Some(Pong::Alive {
+            round: o.round,
+            domain: o.domain,
+        })
+    }
+
+    /// Mark the link down (true if it was up). Pings on their way are forgotten: their answers
+    /// would not tell which messages arrived before the loss.
+    pub fn go_down(&mut self, now: Timestamp) -> bool {
+        self.outstanding.clear();
+        if self.down {
+            return false;
+        }
+        self.down = true;
+        self.down_since = Some(now);
+        self.outages += 1;
+        true
+    }
+
+    /// Mark the link up (true if it was down).
+    pub fn go_up(&mut self, now: Timestamp) -> bool {
+        if !self.down {
+            return false;
+        }
+        self.down = false;
+        self.down_since = None;
+        self.last_resync = Some(now);
+        true
+    }
+
+    /// When the link needs attention next: a ping round, or a ping's deadline.
+    pub fn deadline(&self) -> Option<Timestamp> {
+        self.outstanding
+            .values()
+            .map(|o| o.deadline)
+            .chain(self.next_ping)
+            .min()
+    }
+
+    /// Stop pinging (no room needs this link any more).
+    pub fn idle(&mut self) {
+        self.next_ping = None;
+        self.outstanding.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pong_acknowledges_its_round_and_a_silence_expires() {
+        let mut l = Link::default();
+        l.schedule(Timestamp(100));
+        assert!(!l.due(Timestamp(99)) && l.due(Timestamp(100)));
+        assert_eq!(l.round(), 0);
+        l.start_round(Timestamp(100), 1000, 500, [("p1".into(), "a".into())]);
+        assert_eq!(l.round(), 1);
+        assert_eq!(l.deadline(), Some(Timestamp(600)));
+        assert_eq!(
+            l.answer(Timestamp(200), "p1", false),
+            Some(Pong::Alive {
+                round: 0,
+                domain: "a".into()
+            })
+        );
+        assert_eq!(l.answer(Timestamp(200), "p1", false), None);
+        l.start_round(Timestamp(1100), 1000, 500, [("p2".into(), "a".into())]);
+        assert!(!l.expire(Timestamp(1599)));
+        assert!(l.expire(Timestamp(1600)));
+        assert!(l.go_down(Timestamp(1600)) && !l.go_down(Timestamp(1601)));
+        assert!(l.go_up(Timestamp(2000)) && !l.go_up(Timestamp(2001)));
+        assert_eq!(l.outages, 1);
+        assert_eq!(l.last_resync, Some(Timestamp(2000)));
+    }
+}
