@@ -1128,6 +1128,7 @@ impl Mirror {
         if is_subject {
             r.subject = Some(el);
         } else {
+            r.seen.insert(fingerprint(&el));
             let entry = Entry::with_text(el, &text, now);
             r.newest_from_master = r.newest_from_master.max(Some(entry.stamp));
             r.history.push(entry);

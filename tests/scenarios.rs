@@ -706,8 +706,9 @@ fn kick_of_a_mirror_user() {
 }
 
 /// Everyone at A leaves during an outage, after chatting. When the link returns the mirror has no
-/// occupant to rejoin: it must forget the room (and the queue of messages from users who are no
-/// longer there) instead of keeping it forever.
+/// occupant to rejoin, but it still owes the master what they said: it joins each sender for the
+/// delivery, sends their messages with the original time, and their leave; once a ping confirms
+/// delivery it forgets the room instead of keeping it forever.
 #[test]
 fn everyone_leaving_during_an_outage_closes_the_room() {
     let (mut w, c) = full_room();
@@ -715,11 +716,16 @@ fn everyone_leaving_during_an_outage_closes_the_room() {
     w.say(&c.wayne, "bye");
     w.leave(&c.wayne, "Wayne");
     w.leave(&c.keith, "Keith");
+    w.clear_inboxes();
     w.restore(Side::A);
+    assert_eq!(all_bodies(&w.take(&c.scott)), ["bye"]);
+    assert!(!w.master.room.occupants.contains_key("Wayne"));
+    w.settle();
     assert!(
         w.mirror(Side::A).rooms().is_empty(),
-        "mirror still holds the room, queue {}",
-        w.mirror(Side::A).queue_depth(ROOM)
+        "mirror still holds the room, queue {} in flight {}",
+        w.mirror(Side::A).queue_depth(ROOM),
+        w.mirror(Side::A).in_flight(ROOM),
     );
     let a = w.mark(Side::A);
     w.say(&c.scott, "gone?");
@@ -862,4 +868,101 @@ fn unbracketed_first_join_sends_the_occupants_once() {
         .map(|s| from_nick(s).unwrap_or_default())
         .collect();
     assert_eq!(presences, ["Wayne"], "roster plus occupant presences");
+}
+
+/// A silent partition (nobody is told; bytes just stop) found by pings alone. A's messages sent
+/// into it are in flight: when a ping goes unanswered the mirror shows the master's users gone
+/// (333) and queues them again; the master, hearing no pings, evicts A's users. When the link
+/// heals, the stalled copies arrive first, and the copies sent again after the resync are
+/// dropped by origin-id: every message reaches the master's users exactly once.
+#[test]
+fn silent_partition_found_by_pings_delivers_exactly_once() {
+    let (mut w, c) = full_room();
+    w.clear_inboxes();
+    w.stall(Side::A);
+    w.say(&c.wayne, "into the void 1");
+    w.say(&c.keith, "into the void 2");
+    assert_eq!(w.mirror(Side::A).in_flight(ROOM), 2);
+    // Pings stop coming back: the mirror finds out within a ping interval plus its timeout.
+    w.advance(31_000);
+    w.advance(21_000);
+    assert!(!w.mirror(Side::A).link_up(MUC_SERVICE));
+    assert_eq!(w.mirror(Side::A).queue_depth(ROOM), 2);
+    let p = presences(&w.take(&c.wayne));
+    assert!(p.iter().all(|p| p.statuses == ["333"]), "{p:?}");
+    w.say(&c.wayne, "during");
+    // The master's link timeout passes: A's users are evicted there.
+    w.advance(70_000);
+    assert!(!w.master.room.occupants.contains_key("Wayne"));
+    w.say(&c.scott, "master during");
+    for u in [&c.scott, &c.kevin, &c.ann] {
+        w.take(u);
+    }
+
+    w.restore(Side::A);
+    w.settle();
+    assert!(w.mirror(Side::A).link_up(MUC_SERVICE));
+    for u in [&c.scott, &c.kevin, &c.ann] {
+        assert_eq!(
+            all_bodies(&w.take(u)),
+            ["into the void 1", "into the void 2", "during"],
+            "{u}: each of A's messages once, in order"
+        );
+    }
+    let got = w.take(&c.wayne);
+    assert_eq!(
+        all_bodies(&got)
+            .into_iter()
+            .filter(|b| b == "master during")
+            .count(),
+        1,
+        "{got:?}"
+    );
+    assert!(w.master.room.occupants.contains_key("Wayne"));
+    let mut view = w.mirror(Side::A).occupants(ROOM);
+    view.sort();
+    assert_eq!(view, ["Ann", "Keith", "Kevin", "Scott", "Wayne"]);
+    assert!(w.mirror_errors.is_empty(), "{:?}", w.mirror_errors);
+    assert!(w.master.errors.is_empty(), "{:?}", w.master.errors);
+}
+
+/// The mirror's server restarts while messages are queued. The host stored the queue; the new
+/// mirror imports it, waits for a ping answer, then joins each sender for the delivery (their
+/// sessions died with the server), sends their messages with the time they were written, and
+/// their leave. Nothing is lost, nothing is doubled.
+#[test]
+fn a_restarted_mirror_delivers_its_stored_queue() {
+    let (mut w, c) = full_room();
+    w.cut(Side::A);
+    w.say(&c.wayne, "queued 1");
+    w.say(&c.keith, "queued 2");
+    let stored = w.mirror(Side::A).export_queue();
+    assert_eq!(stored.len(), 2);
+    // The server restarts: every local session is gone, the engine starts afresh.
+    let mut fresh = dmuc::mirror::Mirror::new(dmuc::mirror::MirrorConfig::new(
+        A_MIRROR,
+        vec![MUC_SERVICE.into()],
+    ));
+    assert_eq!(fresh.import_queue(w.now, &stored), 2);
+    assert!(
+        !fresh.link_up(MUC_SERVICE),
+        "nothing is sent before a ping is answered"
+    );
+    w.mirrors.insert(Side::A, fresh);
+    w.clear_inboxes();
+    w.restore(Side::A);
+    w.settle();
+    for u in [&c.scott, &c.ann] {
+        let got = w.take(u);
+        assert_eq!(all_bodies(&got), ["queued 1", "queued 2"], "{u}");
+        assert!(got
+            .iter()
+            .filter(|m| body(m).is_some())
+            .all(is_delayed));
+    }
+    assert!(!w.master.room.occupants.contains_key("Wayne"));
+    assert!(!w.master.room.occupants.contains_key("Keith"));
+    assert!(w.mirror(Side::A).rooms().is_empty());
+    assert!(w.mirror(Side::A).export_queue().is_empty());
+    assert!(w.master.errors.is_empty(), "{:?}", w.master.errors);
 }

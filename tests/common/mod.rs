@@ -355,9 +355,12 @@ impl World {
         self.run();
     }
 
-    /// Advance virtual time, firing the mirrors' timers.
+    /// Advance virtual time, firing the master's and the mirrors' timers.
     pub fn advance(&mut self, ms: u64) {
         self.now = self.now.plus_ms(ms);
+        let now = self.now;
+        self.master.tick(now);
+        self.flush_master();
         for side in [Side::A, Side::B] {
             let now = self.now;
             let m = self.mirrors.get_mut(&side).unwrap();
@@ -367,6 +370,14 @@ impl World {
             self.drain_mirror(side);
         }
         self.run();
+    }
+
+    /// Let ping rounds pass (three intervals): what is in flight is acknowledged, rooms whose
+    /// users all left close, and a mirror whose link died unnoticed finds out.
+    pub fn settle(&mut self) {
+        for _ in 0..3 {
+            self.advance(31_000);
+        }
     }
 
     // ---- plumbing ----

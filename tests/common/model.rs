@@ -189,6 +189,8 @@ pub struct MasterHost {
     pub local_domain: String,
     /// Does the host bracket presence broadcasts? (Groupchat broadcasts always are.)
     pub bracket_presence: bool,
+    /// Pings from mirrors the engine answered.
+    pub pings: usize,
     /// `out` position when the current broadcast began.
     mark: usize,
 }
@@ -211,6 +213,7 @@ impl MasterHost {
             verdicts: Vec::new(),
             local_domain: local_domain.to_string(),
             bracket_presence,
+            pings: 0,
             mark: 0,
         }
     }
@@ -311,6 +314,14 @@ impl MasterHost {
             }
         }
         self.drain_engine();
+    }
+
+    /// The host's timer: the engine's link timeouts.
+    pub fn tick(&mut self, now: Timestamp) {
+        if self.engine.poll_timeout().is_some_and(|t| t <= now) {
+            self.engine.handle_timeout(now);
+        }
+        self.drain_actions(now);
     }
 
     /// The s2s session to `domain` went down or came up (mod_dmuc's s2s hooks).
@@ -529,6 +540,12 @@ impl MasterHost {
     }
 
     fn groupchat(&mut self, now: Timestamp, el: &Element) {
+        // mod_dmuc's muc-occupant-groupchat hook: a second copy is dropped.
+        match self.engine.handle_groupchat(now, &xml(el)) {
+            Ok(true) => return,
+            Ok(false) => {}
+            Err(e) => self.errors.push(e),
+        }
         let real = el.attr("from").unwrap_or_default().to_string();
         if el.attr("to").is_some_and(|t| t.contains('/')) {
             return self.error_to(now, el, "modify", "bad-request");
@@ -585,10 +602,27 @@ impl MasterHost {
         if kind == Some("set") {
             return;
         }
-        if kind == Some("get") && el.get_child("room", DMUC0).is_none() {
+        if kind == Some("get") && el.attr("to").is_some_and(|t| !t.contains('@')) {
+            // To the service itself: mod_dmuc hands pings to the engine.
+            match self.engine.handle_ping(now, text) {
+                Ok(true) => self.pings += 1,
+                Ok(false) => {}
+                Err(e) => self.errors.push(e),
+            }
+            self.drain_engine();
+            return;
+        }
+        if kind == Some("get")
+            && el.get_child("room", DMUC0).is_none()
+            && el.get_child("roster", DMUC0).is_none()
+        {
             return;
         }
         match self.engine.handle_iq(now, text) {
+            Ok(IqVerdict::Snapshot { room, mirror }) => {
+                assert_eq!(room, self.room.jid, "roster request for an unknown room");
+                self.snapshot(now, &mirror, "");
+            }
             Ok(IqVerdict::History(request)) => {
                 let messages: Vec<String> = self.room.history.iter().map(xml).collect();
                 let subject = xml(&self.room.subject_message());
