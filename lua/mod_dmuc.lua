@@ -63,13 +63,54 @@ local function drain(engine)
 	end
 end
 
+-- One timer at the engine's earliest deadline; `on_fire` runs the engine's handle_timeout.
+local function timer_for(engine, on_fire)
+	local timer_at;
+	local function schedule()
+		local at = engine:poll_timeout();
+		if at and (not timer_at or at < timer_at) then
+			timer_at = at;
+			module:add_timer(math.max(0, at - time_now()), function()
+				timer_at = nil;
+				on_fire(time_now());
+				schedule();
+			end);
+		end
+	end
+	return schedule;
+end
+
+-- `prosodyctl shell` gets `dmuc:status()`: every dmuc host on this server adds its lines.
+local status_lines = module:shared("/*/dmuc/status");
+local shell_env = module:shared("/*/admin_shell/env");
+shell_env.dmuc = {
+	status = function(self)
+		local n = 0;
+		for host, lines in pairs(status_lines) do
+			for _, line in ipairs(lines()) do
+				self.session.print(host .. ": " .. line);
+				n = n + 1;
+			end
+		end
+		return true, n .. " link(s)";
+	end;
+};
+
+local function ago(t)
+	if not t then return "never" end
+	return string.format("%.0fs ago", time_now() - t);
+end
+
 local host_type = module:get_host_type();
 local component_module = module:get_option_string("component_module");
 
 if host_type == "component" and component_module == "muc" then
 	---------------------------------------------------------------- master
 	local trusted = module:get_option("dmuc_trusted_mirrors", {});
-	local ok, master = pcall(native.master, { trusted_mirrors = trusted });
+	local ok, master = pcall(native.master, {
+		trusted_mirrors = trusted;
+		link_timeout = module:get_option("dmuc_link_timeout");
+	});
 	if not ok then error("mod_dmuc: " .. tostring(master)); end
 
 	local mod_muc = module:depends("muc");
@@ -93,6 +134,7 @@ if host_type == "component" and component_module == "muc" then
 		module:fire_event("muc-occupant-left", { room = room; nick = occupant.nick; occupant = occupant });
 	end
 
+	local schedule;
 	local function drain_master()
 		drain(master);
 		while true do
@@ -100,7 +142,44 @@ if host_type == "component" and component_module == "muc" then
 			if not action then break end
 			if action.kind == "evict" then evict(action); end
 		end
+		schedule();
 	end
+	-- A mirror whose pings stop is lost: the engine's timer evicts its occupants.
+	schedule = timer_for(master, function(now)
+		master:handle_timeout(now);
+		drain_master();
+	end);
+
+	local measure_mirrors_up = module:measure("mirrors_up", "amount");
+	local measure_mirrors_down = module:measure("mirrors_down", "amount");
+	status_lines[module.host] = function()
+		local lines, up, down = {}, 0, 0;
+		for _, s in ipairs(master:status()) do
+			if s.up then up = up + 1 else down = down + 1 end
+			table.insert(lines, string.format("mirror %s %s, %d occupant(s) in %d room(s), last ping %s, %d outage(s)",
+				s.mirror, s.up and "up" or "DOWN", s.occupants, s.rooms, ago(s.last_seen), s.outages));
+		end
+		measure_mirrors_up(up); measure_mirrors_down(down);
+		return lines;
+	end;
+
+	-- Pings from mirrors prove their link alive; the engine answers them.
+	module:hook("iq/host", function(event)
+		local stanza = event.stanza;
+		if stanza.attr.type ~= "get" or not stanza:get_child("ping", "urn:xmpp:ping") then return end
+		local mine = call(master, "handle_ping", time_now(), tostring(stanza));
+		drain_master();
+		status_lines[module.host]();
+		if mine then return true; end
+	end, 100);
+
+	-- A message a mirror sent again after an outage, which the room already has: drop it.
+	module:hook("muc-occupant-groupchat", function(event)
+		local stanza = event.stanza;
+		if not master:routes_via_mirror(stanza.attr.from or "") then return end
+		local duplicate = call(master, "handle_groupchat", time_now(), tostring(stanza));
+		if duplicate then return true; end
+	end, 100);
 
 	local function snapshot(room, mirror, nick)
 		local occupants = {};
@@ -156,8 +235,9 @@ if host_type == "component" and component_module == "muc" then
 	local function on_iq(event)
 		local stanza = event.stanza;
 		if stanza.attr.type == "set" then return end
-		if stanza.attr.type == "get" and not stanza:get_child("room", "urn:xmpp:dmuc:0") then return end
-		local verdict, request = call(master, "handle_iq", time_now(), tostring(stanza));
+		if stanza.attr.type == "get" and not (stanza:get_child("room", "urn:xmpp:dmuc:0")
+			or stanza:get_child("roster", "urn:xmpp:dmuc:0")) then return end
+		local verdict, request, snap_room, snap_mirror = call(master, "handle_iq", time_now(), tostring(stanza));
 		if verdict == nil then
 			bounce(event.origin, stanza, "Malformed request");
 			return true;
@@ -174,6 +254,10 @@ if host_type == "component" and component_module == "muc" then
 				subject = tostring(st.message({ from = from; type = "groupchat" }):tag("subject"):text(text or ""):up());
 			end
 			call(master, "handle_history", time_now(), request, messages, subject);
+		elseif verdict == "snapshot" then
+			-- A mirror back from an outage asks for the roster.
+			local room = mod_muc.get_room_from_jid(snap_room);
+			if room then snapshot(room, snap_mirror, ""); end
 		end
 		drain_master();
 		if verdict ~= "pass" then return true; end
@@ -212,8 +296,8 @@ if host_type == "component" and component_module == "muc" then
 		end
 	end, 10);
 
-	-- Link loss (master:handle_link) is wired with link-health detection (XEP-0199 pings from the
-	-- mirror): a one-sided s2s session close alone must not evict anyone.
+	-- Link loss comes from the mirrors' pings (above), not from s2s session events: a session
+	-- that one side closes for being idle is no lost link.
 
 	module:log("info", "dmuc master: trusted mirrors %s", table.concat(trusted, ", "));
 
@@ -226,24 +310,44 @@ elseif host_type == "component" and component_module == "dmuc" then
 		queue_limit = module:get_option("dmuc_queue_limit");
 		join_timeout = module:get_option("dmuc_join_timeout");
 		history_size = module:get_option("dmuc_history_size");
+		ping_interval = module:get_option("dmuc_ping_interval");
+		ping_timeout = module:get_option("dmuc_ping_timeout");
+		catch_up_margin = module:get_option("dmuc_catch_up_margin");
 	});
 	if not ok then error("mod_dmuc: " .. tostring(mirror)); end
 
 	module:add_feature(DMUC_FEATURE);
 
-	local timer_at;
-	local function schedule()
-		local at = mirror:poll_timeout();
-		if at and (not timer_at or at < timer_at) then
-			timer_at = at;
-			module:add_timer(math.max(0, at - time_now()), function()
-				timer_at = nil;
-				mirror:handle_timeout(time_now());
-				drain(mirror);
-				schedule();
-			end);
-		end
+	-- The outbound queue outlives a restart: stored whenever it changes.
+	local store = module:open_store("dmuc_queue");
+	local function persist()
+		if not mirror:take_queue_dirty() then return end
+		local ok_set, err = store:set("queue", { items = mirror:export_queue() });
+		if not ok_set then module:log("error", "cannot store the outbound queue: %s", tostring(err)); end
 	end
+
+	local measure_up = module:measure("links_up", "amount");
+	local measure_queued = module:measure("queued", "amount");
+	local measure_in_flight = module:measure("in_flight", "amount");
+	status_lines[module.host] = function()
+		local lines, up, queued, in_flight = {}, 0, 0, 0;
+		for _, s in ipairs(mirror:status()) do
+			if s.up then up = up + 1 end
+			queued, in_flight = queued + s.queued, in_flight + s.in_flight;
+			table.insert(lines, string.format("master %s %s%s, %d room(s), %d queued, %d in flight, last pong %s, last resync %s, %d outage(s)",
+				s.master, s.up and "up" or "DOWN", s.down_since and (" since " .. ago(s.down_since)) or "",
+				s.rooms, s.queued, s.in_flight, ago(s.last_pong), ago(s.last_resync), s.outages));
+		end
+		measure_up(up); measure_queued(queued); measure_in_flight(in_flight);
+		return lines;
+	end;
+
+	local schedule = timer_for(mirror, function(now)
+		mirror:handle_timeout(now);
+		drain(mirror);
+		persist();
+		status_lines[module.host]();
+	end);
 
 	local function run(method, origin, stanza)
 		local consumed = call(mirror, method, time_now(), tostring(stanza));
@@ -252,18 +356,37 @@ elseif host_type == "component" and component_module == "dmuc" then
 			return true;
 		end
 		drain(mirror);
+		persist();
 		schedule();
 		return consumed;
 	end
 
+	do
+		local saved = store:get("queue");
+		local items = saved and saved.items or {};
+		if #items > 0 then
+			local n = call(mirror, "import_queue", time_now(), items);
+			module:log("info", "restored %s queued message(s) for the masters", tostring(n));
+			mirror:take_queue_dirty();
+		end
+		schedule();
+	end
 	-- The VirtualHost half finds this mirror through a table shared by every host.
 	local registry = module:shared("/*/dmuc/mirrors");
 	registry[module.host] = {
 		handles = function(to) return mirror:handles(to) end;
 		handle_local = function(origin, stanza) return run("handle_local", origin, stanza) end;
 		handle_remote = function(origin, stanza) return run("handle_remote", origin, stanza) end;
+		s2s_closed = function(domain)
+			call(mirror, "handle_s2s_closed", time_now(), domain);
+			schedule();
+		end;
 	};
-	function module.unload() registry[module.host] = nil; end
+	function module.unload()
+		registry[module.host] = nil;
+		status_lines[module.host] = nil;
+		persist();
+	end
 
 	-- Stanzas from masters to the mirror service and to users' escaped JIDs at it.
 	local function from_master(event)
@@ -301,6 +424,34 @@ elseif host_type == "local" then
 		local m = mirror_for(stanza.attr.from);
 		if m then m.handle_remote(event.origin, stanza); end
 	end, 100);
+
+	-- Errors about a user's groupchat messages: the s2s bounce of a message in flight (the
+	-- mirror sends it again later, so the user must not see it), or the master saying the user
+	-- is not in the room (the mirror rejoins them).
+	module:hook("message/full", function(event)
+		local stanza = event.stanza;
+		if stanza.attr.type ~= "error" then return end
+		local m = mirror_for(stanza.attr.from);
+		if m and m.handle_remote(event.origin, stanza) then return true; end
+	end, 100);
+
+	-- Answers to the mirror's pings, sent from this host so that they share its users' s2s stream.
+	module:hook("iq/host", function(event)
+		local stanza = event.stanza;
+		if stanza.attr.type ~= "result" and stanza.attr.type ~= "error" then return end
+		local m = mirror_for(stanza.attr.from);
+		if m and m.handle_remote(event.origin, stanza) then return true; end
+	end, 100);
+
+	-- A closed s2s session may have taken stanzas with it: the mirror pings at once.
+	local function s2s_closed(event)
+		local session = event.session;
+		local remote = session and (session.direction == "outgoing" and session.to_host or session.from_host);
+		local m = remote and mirror_for(remote);
+		if m then m.s2s_closed(remote); end
+	end
+	module:hook("s2sout-destroyed", s2s_closed);
+	module:hook("s2sin-destroyed", s2s_closed);
 else
 	error("mod_dmuc: load it on a MUC component (master), as Component \"...\" \"dmuc\" (mirror), or on a VirtualHost");
 end

@@ -13,6 +13,8 @@
 //! - [`Mirror::handle_local`]: a stanza from a local user to a mirrored service;
 //! - [`Mirror::handle_remote`]: a stanza from a mirrored service, to the mirror (or to a local user);
 //! - [`Mirror::handle_link`]: the host saw the s2s link to a master go down or come up;
+//! - [`Mirror::handle_s2s_closed`]: the host saw an s2s session with a master close (a ping
+//!   round follows at once);
 //! - [`Mirror::handle_timeout`]: the time asked for by [`Mirror::poll_timeout`] has come (ping
 //!   rounds, ping deadlines, join and sync deadlines);
 //! - [`Mirror::import_queue`]: at start, the outbound queue the host stored before a restart.
@@ -763,6 +765,7 @@ impl Mirror {
             self.send(&reply);
             return Ok(Verdict::Consumed);
         }
+        let original = el.clone();
         let mut el = el;
         if origin_id(&el).is_none() {
             // The master's de-duplication key, should this message have to be sent again.
@@ -801,7 +804,8 @@ impl Mirror {
             r.in_flight.push_back(item);
         }
         self.queue_dirty = true;
-        let mut shown = el.clone();
+        // Local users see the message as its sender wrote it (our origin-id is for the master).
+        let mut shown = original;
         stanza::set_attr(&mut shown, "from", r.occupant_jid(&nick));
         stanza::remove_attr(&mut shown, "to");
         while shown.remove_child("delay", ns::DELAY).is_some() {}
@@ -1525,6 +1529,16 @@ impl Mirror {
             self.link_back(now, &master);
         } else {
             self.link_lost(now, &master);
+        }
+    }
+
+    /// The host saw an s2s session with `domain` close. That alone is no outage (servers close
+    /// idle sessions), but stanzas may have died with it: a ping round is started at once.
+    pub fn handle_s2s_closed(&mut self, now: Timestamp, domain: &str) {
+        let domain = domain.to_ascii_lowercase();
+        let has_rooms = self.rooms.values().any(|r| r.master == domain);
+        if let Some(link) = self.links.get_mut(&domain).filter(|_| has_rooms) {
+            link.schedule(now);
         }
     }
 

@@ -11,7 +11,7 @@ use rustler::{Encoder, Env, ResourceArc, Term};
 
 use crate::error::NifError;
 
-rustler::atoms! { pass, refused, join, consumed, history, send, drop, replace, evict }
+rustler::atoms! { pass, refused, join, consumed, history, snapshot, send, drop, replace, evict }
 
 pub struct MasterRes(Mutex<Master>);
 
@@ -63,6 +63,7 @@ fn master_new(trusted: Vec<String>) -> Result<ResourceArc<MasterRes>, NifError> 
         MasterConfig {
             trusted_mirrors: trusted.into_iter().map(TrustedMirror::new).collect(),
             unbracketed_presence: true,
+            ..MasterConfig::default()
         },
     )))))
 }
@@ -120,6 +121,7 @@ fn master_iq<'a>(
         IqVerdict::Pass => pass().encode(env),
         IqVerdict::Consumed => consumed().encode(env),
         IqVerdict::History(req) => (history(), ResourceArc::new(HistoryRes(req))).encode(env),
+        IqVerdict::Snapshot { room, mirror } => (snapshot(), room, mirror).encode(env),
     };
     Ok((verdict, sent).encode(env))
 }

@@ -59,12 +59,16 @@ pub(crate) fn domains(
     Ok(list)
 }
 
-pub fn new(_: &Lua, config: LuaTable) -> LuaResult<LuaMaster> {
-    let mirrors = domains("dmuc_trusted_mirrors", config.get("trusted_mirrors")?)?;
-    let config = MasterConfig {
+pub fn new(_: &Lua, config_table: LuaTable) -> LuaResult<LuaMaster> {
+    let mirrors = domains("dmuc_trusted_mirrors", config_table.get("trusted_mirrors")?)?;
+    let mut config = MasterConfig {
         trusted_mirrors: mirrors.into_iter().map(TrustedMirror::new).collect(),
         unbracketed_presence: false,
+        ..MasterConfig::default()
     };
+    if let Some(s) = crate::mirror::positive(&config_table, "link_timeout", "dmuc_link_timeout")? {
+        config.link_timeout_ms = s * 1000;
+    }
     Ok(LuaMaster(Master::new(config)))
 }
 
@@ -114,9 +118,16 @@ impl LuaUserData for LuaMaster {
             let r = this.0.handle_iq(now(t), &xml);
             log::flush(lua);
             Ok(match r.map_err(ShimError::from)? {
-                IqVerdict::Pass => ("pass", None),
-                IqVerdict::Consumed => ("consumed", None),
-                IqVerdict::History(req) => ("history", Some(LuaHistoryRequest(req))),
+                IqVerdict::Pass => ("pass", None, None),
+                IqVerdict::Consumed => ("consumed", None, None),
+                IqVerdict::History(req) => ("history", Some(LuaHistoryRequest(req)), None),
+                IqVerdict::Snapshot { room, mirror } => {
+                    ("snapshot", None, Some((room, mirror)))
+                }
+            })
+            .map(|(v, req, snap)| {
+                let (room, mirror) = snap.unzip();
+                (v, req, room, mirror)
             })
         });
         methods.add_method_mut(
@@ -168,6 +179,38 @@ impl LuaUserData for LuaMaster {
                 Ok(())
             },
         );
+        methods.add_method_mut("handle_ping", |lua, this, (t, xml): (f64, String)| {
+            let r = this.0.handle_ping(now(t), &xml);
+            log::flush(lua);
+            Ok(r.map_err(ShimError::from)?)
+        });
+        methods.add_method_mut("handle_groupchat", |lua, this, (t, xml): (f64, String)| {
+            let r = this.0.handle_groupchat(now(t), &xml);
+            log::flush(lua);
+            Ok(r.map_err(ShimError::from)?)
+        });
+        methods.add_method_mut("handle_timeout", |lua, this, t: f64| {
+            this.0.handle_timeout(now(t));
+            log::flush(lua);
+            Ok(())
+        });
+        methods.add_method("poll_timeout", |_, this, ()| {
+            Ok(this.0.poll_timeout().map(|t| t.0 as f64 / 1000.0))
+        });
+        methods.add_method("status", |lua, this, ()| {
+            let list = lua.create_table()?;
+            for s in this.0.status() {
+                let t = lua.create_table()?;
+                t.set("mirror", s.mirror)?;
+                t.set("up", s.up)?;
+                t.set("rooms", s.rooms)?;
+                t.set("occupants", s.occupants)?;
+                t.set("last_seen", s.last_seen.map(|t| t.0 as f64 / 1000.0))?;
+                t.set("outages", s.outages)?;
+                list.push(t)?;
+            }
+            Ok(list)
+        });
         methods.add_method_mut("poll_transmit", |_, this, ()| Ok(this.0.poll_transmit()));
         methods.add_method_mut("poll_action", |lua, this, ()| {
             Ok(match this.0.poll_action() {

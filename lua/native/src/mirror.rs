@@ -10,7 +10,7 @@ use crate::master::domains;
 
 pub struct LuaMirror(Mirror);
 
-fn positive(
+pub(crate) fn positive(
     config: &LuaTable,
     key: &'static str,
     option: &'static str,
@@ -47,6 +47,15 @@ pub fn new(_: &Lua, config: LuaTable) -> LuaResult<LuaMirror> {
     if let Some(n) = positive(&config, "history_size", "dmuc_history_size")? {
         c.history_size = n as usize;
     }
+    if let Some(n) = positive(&config, "ping_interval", "dmuc_ping_interval")? {
+        c.ping_interval_ms = n * 1000;
+    }
+    if let Some(n) = positive(&config, "ping_timeout", "dmuc_ping_timeout")? {
+        c.ping_timeout_ms = n * 1000;
+    }
+    if let Some(n) = positive(&config, "catch_up_margin", "dmuc_catch_up_margin")? {
+        c.catch_up_margin_ms = n * 1000;
+    }
     Ok(LuaMirror(Mirror::new(c)))
 }
 
@@ -79,12 +88,43 @@ impl LuaUserData for LuaMirror {
                 Ok(())
             },
         );
+        methods.add_method_mut("handle_s2s_closed", |lua, this, (t, domain): (f64, String)| {
+            this.0.handle_s2s_closed(now(t), &domain);
+            log::flush(lua);
+            Ok(())
+        });
         methods.add_method_mut("handle_timeout", |lua, this, t: f64| {
             this.0.handle_timeout(now(t));
             log::flush(lua);
             Ok(())
         });
         methods.add_method_mut("poll_transmit", |_, this, ()| Ok(this.0.poll_transmit()));
+        methods.add_method_mut("import_queue", |lua, this, (t, items): (f64, Vec<String>)| {
+            let n = this.0.import_queue(now(t), &items);
+            log::flush(lua);
+            Ok(n)
+        });
+        methods.add_method("export_queue", |_, this, ()| Ok(this.0.export_queue()));
+        methods.add_method_mut("take_queue_dirty", |_, this, ()| {
+            Ok(this.0.take_queue_dirty())
+        });
+        methods.add_method("status", |lua, this, ()| {
+            let list = lua.create_table()?;
+            for s in this.0.status() {
+                let t = lua.create_table()?;
+                t.set("master", s.master)?;
+                t.set("up", s.up)?;
+                t.set("rooms", s.rooms)?;
+                t.set("queued", s.queued)?;
+                t.set("in_flight", s.in_flight)?;
+                t.set("outages", s.outages)?;
+                t.set("last_pong", s.last_pong.map(|t| t.0 as f64 / 1000.0))?;
+                t.set("last_resync", s.last_resync.map(|t| t.0 as f64 / 1000.0))?;
+                t.set("down_since", s.down_since.map(|t| t.0 as f64 / 1000.0))?;
+                list.push(t)?;
+            }
+            Ok(list)
+        });
         methods.add_method("poll_timeout", |_, this, ()| {
             Ok(this.0.poll_timeout().map(|t| t.0 as f64 / 1000.0))
         });
