@@ -231,6 +231,9 @@ struct MirrorRoom {
     in_flight: VecDeque<Queued>,
     /// Local occupants whose rejoin echo is expected after a resync.
     resync: BTreeSet<String>,
+    /// Live messages from the master that arrived during a catch-up: delivered after it, so
+    /// that each sender's messages arrive in order.
+    held: Vec<Element>,
 }
 
 impl MirrorRoom {
@@ -256,6 +259,7 @@ impl MirrorRoom {
             queue: VecDeque::new(),
             in_flight: VecDeque::new(),
             resync: BTreeSet::new(),
+            held: Vec::new(),
         }
     }
 
@@ -786,7 +790,10 @@ impl Mirror {
             stanza: el.clone(),
             round,
         };
-        if down {
+        // While older messages still wait for the link (a resync is under way), a new one waits
+        // behind them: the master gets each sender's messages in order.
+        let hold = down || !r.queue.is_empty();
+        if hold {
             if r.queue.len() + r.in_flight.len() >= queue_limit {
                 warn!(%room, "outbound queue full: message refused");
                 let reply = stanza::error_reply(
@@ -813,7 +820,7 @@ impl Mirror {
         let copies = stanza::copies_to(&text, shown.name(), r.local.keys().map(String::as_str));
         r.history.push(Entry::with_text(shown, &text, now));
         self.transmits.extend(copies);
-        if !down {
+        if !hold {
             self.send(&el);
         }
         Ok(Verdict::Consumed)
@@ -1125,6 +1132,11 @@ impl Mirror {
         let Some(r) = self.rooms.get_mut(room) else {
             return;
         };
+        if r.synced && r.sync != Sync::Ready {
+            r.held.push(el);
+            return;
+        }
+        r.seen.insert(fingerprint(&el));
         let is_subject = el.get_child("subject", ns::JABBER_CLIENT).is_some()
             && el.get_child("body", ns::JABBER_CLIENT).is_none();
         let text = stanza::serialize(&el);
@@ -1132,7 +1144,6 @@ impl Mirror {
         if is_subject {
             r.subject = Some(el);
         } else {
-            r.seen.insert(fingerprint(&el));
             let entry = Entry::with_text(el, &text, now);
             r.newest_from_master = r.newest_from_master.max(Some(entry.stamp));
             r.history.push(entry);
@@ -1453,6 +1464,20 @@ impl Mirror {
         for nick in awaiting {
             self.serve_join(now, room, &nick);
         }
+        let held = self
+            .rooms
+            .get_mut(room)
+            .map(|r| std::mem::take(&mut r.held))
+            .unwrap_or_default();
+        for m in held {
+            let caught = self
+                .rooms
+                .get(room)
+                .is_some_and(|r| r.seen.contains(&fingerprint(&m)));
+            if !caught {
+                self.remote_groupchat(now, m, room);
+            }
+        }
         self.flush_queue(room);
     }
 
@@ -1618,6 +1643,7 @@ impl Mirror {
             r.queue.push_front(q);
         }
         r.resync.clear();
+        r.held.clear();
         r.history_iq = None;
         r.roster_iq = None;
         r.catching_up = false;
