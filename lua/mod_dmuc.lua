@@ -128,9 +128,11 @@ if host_type == "component" and component_module == "muc" then
 		-- Show the occupant leaving for a technical reason (XEP-0045 status 333).
 		local x = st.stanza("x", { xmlns = "http://jabber.org/protocol/muc#user" })
 			:tag("status", { code = "333" }):up();
+		local prev_role = occupant.role;
 		occupant.role = nil;
 		room:save_occupant(occupant);
-		room:publicise_occupant_status(occupant, x);
+		-- prev_role: the room shows the leave to those who saw the occupant (as for a kick).
+		room:publicise_occupant_status(occupant, x, nil, nil, nil, prev_role);
 		module:fire_event("muc-occupant-left", { room = room; nick = occupant.nick; occupant = occupant });
 	end
 
