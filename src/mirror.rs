@@ -192,6 +192,9 @@ struct Pending {
 enum Sync {
     /// Waiting for config and roster.
     Roster,
+    /// After an outage: waiting for the master to confirm the rejoins of our users, before the
+    /// history request (which the master only answers for a mirror with occupants).
+    Rejoin,
     /// Waiting for the history answer (id, deadline).
     History,
     /// In sync.
@@ -962,6 +965,9 @@ impl Mirror {
             r.pending
                 .retain(|n, p| !(p.user == user && nick.as_deref().is_none_or(|x| x == n)));
         }
+        if let Some(nick) = nick {
+            self.rejoin_refused(now, &room, &nick);
+        }
         self.close_if_empty(&room);
         Verdict::Pass
     }
@@ -1009,6 +1015,14 @@ impl Mirror {
                     .get(nick)
                     .and_then(|o| o.local.clone())
                     .filter(|_| !final_leave(&el));
+                let link_down = self
+                    .links
+                    .get(&r.master)
+                    .is_some_and(|l| l.down);
+                if lost_ours.is_some() && link_down {
+                    // The resync after the outage rejoins them.
+                    return;
+                }
                 if let Some(user) = lost_ours {
                     // The master lost track of one of our users (its link timeout, or an error
                     // it kicked them for): rejoin them, unseen by them.
@@ -1035,6 +1049,12 @@ impl Mirror {
                     stanza::set_attr(&mut el, "to", p.user);
                     self.send(&el);
                     self.close_if_empty(room);
+                } else if let Some(user) = r.occupants.get(nick).and_then(|o| o.local.clone()) {
+                    if r.resync.contains(nick) {
+                        stanza::set_attr(&mut el, "to", user);
+                        self.send(&el);
+                        self.rejoin_refused(now, room, nick);
+                    }
                 }
             }
             Some(_) => {}
@@ -1068,8 +1088,12 @@ impl Mirror {
                     if let Some(o) = r.occupants.get_mut(nick) {
                         o.presence = el;
                     }
-                    if r.resync.is_empty() && r.sync == Sync::Ready {
-                        self.flush_queue(room);
+                    if r.resync.is_empty() {
+                        match r.sync {
+                            Sync::Ready => self.flush_queue(room),
+                            Sync::Rejoin => self.request_history(now, room),
+                            _ => {}
+                        }
                     }
                     return;
                 }
@@ -1266,8 +1290,6 @@ impl Mirror {
     /// master no longer has rejoin, and the history request asks for what was said since the
     /// newest message the mirror has (less a margin; what it already has is dropped).
     fn apply_roster(&mut self, now: Timestamp, room: &str, roster: Roster) {
-        let margin = self.config.catch_up_margin_ms;
-        let history_size = self.config.history_size;
         let Some(r) = self.rooms.get_mut(room) else {
             return;
         };
@@ -1321,12 +1343,40 @@ impl Mirror {
         for (nick, _) in &rejoins {
             r.resync.insert(nick.clone());
         }
+        r.catching_up = catch_up;
+        r.sync = if rejoins.is_empty() {
+            Sync::History
+        } else {
+            Sync::Rejoin
+        };
+        if announce {
+            for (nick, p) in changes {
+                self.fan_out_presence(room, &nick, &p, None);
+            }
+        }
+        // Rejoins first: on the users' own s2s stream they then precede their queued messages.
+        // The history request waits for their echo (see `remote_presence`).
+        let waiting = !rejoins.is_empty();
+        for (_, join) in rejoins {
+            let join = self.rejoin(&join);
+            self.send(&join);
+        }
+        if !waiting {
+            self.request_history(now, room);
+        }
+    }
+
+    /// Ask the master for the room's history: the first sync's `maxstanzas`, or after an outage
+    /// what was said since the newest message the mirror has (less a margin).
+    fn request_history(&mut self, now: Timestamp, room: &str) {
+        let margin = self.config.catch_up_margin_ms;
+        let history_size = self.config.history_size;
         let id = self.id("history");
         let Some(r) = self.rooms.get_mut(room) else {
             return;
         };
+        let catch_up = r.catching_up;
         r.sync = Sync::History;
-        r.catching_up = catch_up;
         r.history_iq = Some((id.clone(), now.plus_ms(self.config.join_timeout_ms)));
         // To the bare room (the draft's Example 12 uses the occupant JID, which a XEP-0045
         // service forwards to the occupant instead of answering it).
@@ -1357,17 +1407,31 @@ impl Mirror {
         stanza::set_attr(&mut iq, "id", id);
         stanza::set_attr(&mut iq, "type", "get");
         iq.append_child(request.into());
-        if announce {
-            for (nick, p) in changes {
-                self.fan_out_presence(room, &nick, &p, None);
-            }
-        }
-        // Rejoins first: on the users' own s2s stream they then precede their queued messages.
-        for (_, join) in rejoins {
-            let join = self.rejoin(&join);
-            self.send(&join);
-        }
         self.send(&iq);
+    }
+
+    /// The master refused to take back a local user after an outage (banned meanwhile, nick
+    /// taken, room gone members-only): they are out; everyone here sees them leave.
+    fn rejoin_refused(&mut self, now: Timestamp, room: &str, nick: &str) {
+        let Some(r) = self.rooms.get_mut(room) else {
+            return;
+        };
+        if !r.resync.remove(nick) {
+            return;
+        }
+        warn!(%room, %nick, "the master refused a rejoin after an outage");
+        let user = r.occupants.get(nick).and_then(|o| o.local.clone());
+        if let Some(user) = user {
+            let leave = Element::builder("presence", ns::JABBER_CLIENT).build();
+            self.local_leave(room, &user, nick, &leave);
+        }
+        let Some(r) = self.rooms.get_mut(room) else {
+            return;
+        };
+        if r.resync.is_empty() && r.sync == Sync::Rejoin {
+            self.request_history(now, room);
+        }
+        self.close_if_empty(room);
     }
 
     /// Put what is in flight back at the head of the queue (the master drops copies it already
@@ -1705,6 +1769,8 @@ impl Mirror {
             return;
         }
         r.sync = Sync::Roster;
+        // Rejoins sent before (into a link that died) may never have arrived.
+        r.resync.clear();
         r.roster_iq = Some((id.clone(), deadline));
         let mut iq = Element::builder("iq", ns::JABBER_CLIENT).build();
         stanza::set_attr(&mut iq, "from", service);
