@@ -38,12 +38,12 @@ end
 
 -- Call into the engine; an error is logged, never raised into Prosody's stanza processing.
 local function call(engine, method, ...)
-	local ok, a, b, c = pcall(engine[method], engine, ...);
-	if not ok then
-		module:log("warn", "dmuc %s refused input: %s", method, tostring(a));
-		return nil, tostring(a);
+	local result = table.pack(pcall(engine[method], engine, ...));
+	if not result[1] then
+		module:log("warn", "dmuc %s refused input: %s", method, tostring(result[2]));
+		return nil, tostring(result[2]);
 	end
-	return a, b, c;
+	return table.unpack(result, 2, result.n);
 end
 
 -- Answer a stanza the engine could not take with an XMPP error, so nothing is silently lost.

@@ -215,6 +215,11 @@ struct MirrorRoom {
     history_iq: Option<(String, Timestamp)>,
     /// A roster request after an outage (id, deadline).
     roster_iq: Option<(String, Timestamp)>,
+    /// The ping round in which the pending roster or history request was sent: a later answer
+    /// to the mirror service's own ping (same s2s streams both ways) means it was lost.
+    sync_round: u64,
+    /// When that request was sent.
+    sync_sent: Timestamp,
     /// The room has had its first sync: later rosters start a catch-up.
     synced: bool,
     /// The pending history answer is a catch-up: deliver what local users missed.
@@ -251,6 +256,8 @@ impl MirrorRoom {
             sync: Sync::Roster,
             history_iq: None,
             roster_iq: None,
+            sync_round: 0,
+            sync_sent: Timestamp(0),
             synced: false,
             catching_up: false,
             synced_at: None,
@@ -1378,6 +1385,12 @@ impl Mirror {
         let catch_up = r.catching_up;
         r.sync = Sync::History;
         r.history_iq = Some((id.clone(), now.plus_ms(self.config.join_timeout_ms)));
+        r.sync_round = self
+            .links
+            .get(&r.master)
+            .map(Link::round)
+            .unwrap_or_default();
+        r.sync_sent = now;
         // To the bare room (the draft's Example 12 uses the occupant JID, which a XEP-0045
         // service forwards to the occupant instead of answering it).
         let to = r.jid.clone();
@@ -1691,9 +1704,35 @@ impl Mirror {
                 if acked > 0 {
                     self.queue_dirty = true;
                 }
+                if domain == self.config.service {
+                    self.redo_lost_requests(now, master, round);
+                }
                 self.link_back(now, master);
             }
             None => {}
+        }
+    }
+
+    /// The master answered the mirror service's ping of `round`: a roster or history request
+    /// sent before it on the same stream, whose answer (sent before the ping's) has not come, was
+    /// lost with a dying connection. Ask again.
+    fn redo_lost_requests(&mut self, now: Timestamp, master: &str, round: u64) {
+        for room in self.rooms_of(master) {
+            let Some(r) = self.rooms.get(&room) else {
+                continue;
+            };
+            // A host may answer pings before its rooms answer (ejabberd): give the answer a ping
+            // timeout's head start before calling it lost.
+            if r.sync_round > round || now.since(r.sync_sent) < self.config.ping_timeout_ms {
+                continue;
+            }
+            if r.roster_iq.is_some() {
+                info!(%room, "the roster request was lost: asking again");
+                self.resync(now, &room);
+            } else if r.history_iq.is_some() && r.sync == Sync::History {
+                info!(%room, "the history request was lost: asking again");
+                self.request_history(now, &room);
+            }
         }
     }
 
@@ -1764,6 +1803,11 @@ impl Mirror {
         let Some(r) = self.rooms.get_mut(room) else {
             return;
         };
+        let round = self
+            .links
+            .get(&r.master)
+            .map(Link::round)
+            .unwrap_or_default();
         if r.local.is_empty() {
             self.flush_queue(room);
             return;
@@ -1772,6 +1816,8 @@ impl Mirror {
         // Rejoins sent before (into a link that died) may never have arrived.
         r.resync.clear();
         r.roster_iq = Some((id.clone(), deadline));
+        r.sync_round = round;
+        r.sync_sent = now;
         let mut iq = Element::builder("iq", ns::JABBER_CLIENT).build();
         stanza::set_attr(&mut iq, "from", service);
         stanza::set_attr(&mut iq, "to", &r.jid);
@@ -1873,6 +1919,8 @@ impl Mirror {
                     );
                 }
             }
+            // And one from the mirror service: it shares the streams of the sync requests.
+            domains.insert(self.config.service.clone());
             let mut pings = Vec::new();
             for domain in domains {
                 self.next_id += 1;
