@@ -51,6 +51,7 @@ pub mod escape;
 #[cfg(feature = "host-log")]
 pub mod host_log;
 pub mod link;
+pub mod link_watch;
 pub mod master;
 pub mod mirror;
 pub mod ns;

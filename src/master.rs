@@ -38,6 +38,7 @@ use crate::elements::{
 };
 use crate::error::Error;
 use crate::escape;
+use crate::link_watch::LinkWatch;
 use crate::ns;
 use crate::recent::Recent;
 use crate::room_history::{self, Entry};
@@ -206,14 +207,6 @@ pub enum MasterAction {
     },
 }
 
-/// When a mirror was last heard from.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Heard {
-    at: Timestamp,
-    down: bool,
-    outages: u64,
-}
-
 /// An occupant that joined through a mirror.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Remote {
@@ -267,8 +260,8 @@ impl RoomState {
 pub struct Master {
     config: MasterConfig,
     rooms: HashMap<String, RoomState>,
-    /// Per mirror: when it was last heard from (ping or join), and its outages.
-    heard: BTreeMap<String, Heard>,
+    /// When each mirror was last heard from (ping, join, message).
+    watch: LinkWatch,
     /// Per room: origin-ids of messages from occupants behind mirrors. Outlives the room state,
     /// which ends when a lost mirror's occupants are evicted.
     origin_ids: HashMap<String, Recent<String>>,
@@ -292,9 +285,9 @@ impl Master {
     /// A master with these settings.
     pub fn new(config: MasterConfig) -> Self {
         Master {
+            watch: LinkWatch::new(config.trusted_mirrors.clone(), config.link_timeout_ms),
             config,
             rooms: HashMap::new(),
-            heard: BTreeMap::new(),
             origin_ids: HashMap::new(),
             transmits: VecDeque::new(),
             actions: VecDeque::new(),
@@ -883,42 +876,27 @@ impl Master {
         }
         for mirror in lost {
             if up {
-                self.hear(now, &mirror);
+                self.watch.hear(now, &mirror);
             } else {
-                self.lose(now, &mirror);
+                self.watch.lose(&mirror);
             }
         }
+        self.apply_link_events();
     }
 
     /// An XEP-0199 ping addressed to the MUC service. A ping from a trusted mirror (or from a
     /// user domain it speaks for) proves its link alive; the engine queues the answer and returns
     /// true. Other pings return false and are the host's to answer.
     pub fn handle_ping(&mut self, now: Timestamp, xml: &str) -> Result<bool, Error> {
-        let iq = stanza::parse(xml)?;
-        if iq.name() != "iq"
-            || stanza::stanza_type(&iq) != Some("get")
-            || !iq.has_child("ping", ns::PING)
-        {
-            return Ok(false);
-        }
-        let from = stanza::jid_attr(&iq, "iq", "from")?;
-        let domain = from.domain().as_str().to_ascii_lowercase();
-        let mirrors: Vec<String> = self
-            .config
-            .trusted_mirrors
-            .iter()
-            .filter(|t| t.mirror == domain || t.may_speak_for(&domain))
-            .map(|t| t.mirror.clone())
-            .collect();
-        if mirrors.is_empty() {
-            return Ok(false);
-        }
-        for mirror in &mirrors {
-            self.hear(now, mirror);
-        }
-        let to = iq.attr("to").unwrap_or_default().to_string();
-        self.send(&stanza::iq_result(&iq, &to));
-        Ok(true)
+        let reply = self.watch.handle_ping(now, xml)?;
+        self.apply_link_events();
+        Ok(match reply {
+            Some(r) => {
+                self.transmits.push_back(r);
+                true
+            }
+            None => false,
+        })
     }
 
     /// A groupchat message to a room, before the room broadcasts it. Returns true if it is a
@@ -959,81 +937,66 @@ impl Master {
         Ok(!fresh)
     }
 
-    /// When [`Master::handle_timeout`] should next be called: when the quietest mirror with
-    /// occupants would count as lost.
+    /// When [`Master::handle_timeout`] should next be called: when the quietest mirror would
+    /// count as lost.
     pub fn poll_timeout(&self) -> Option<Timestamp> {
-        self.heard
-            .iter()
-            .filter(|(m, h)| !h.down && self.has_occupants(m))
-            .map(|(_, h)| h.at.plus_ms(self.config.link_timeout_ms))
-            .min()
+        self.watch.poll_timeout()
     }
 
-    /// Time has come: a mirror with occupants that has been silent for the link timeout is lost.
+    /// Time has come: a mirror that has been silent for the link timeout is lost, and its
+    /// occupants are evicted.
     pub fn handle_timeout(&mut self, now: Timestamp) {
-        let timeout = self.config.link_timeout_ms;
-        let silent: Vec<String> = self
-            .heard
-            .iter()
-            .filter(|(m, h)| !h.down && now.since(h.at) >= timeout && self.has_occupants(m))
-            .map(|(m, _)| m.clone())
-            .collect();
-        for mirror in silent {
-            warn!(%mirror, "no ping from the mirror: its link is lost");
-            self.lose(now, &mirror);
-        }
+        self.watch.handle_timeout(now);
+        self.apply_link_events();
     }
 
     /// Link state of every mirror the master has heard from.
     pub fn status(&self) -> Vec<MirrorStatus> {
-        self.heard
-            .iter()
-            .map(|(m, h)| MirrorStatus {
-                mirror: m.clone(),
-                up: !h.down,
+        self.watch
+            .status()
+            .into_iter()
+            .map(|w| MirrorStatus {
                 rooms: self
                     .rooms
                     .values()
-                    .filter(|r| r.mirror_has_occupants(m))
+                    .filter(|r| r.mirror_has_occupants(&w.mirror))
                     .count(),
                 occupants: self
                     .rooms
                     .values()
-                    .map(|r| r.by_real.values().filter(|o| &o.mirror == m).count())
+                    .map(|r| r.by_real.values().filter(|o| o.mirror == w.mirror).count())
                     .sum(),
-                last_seen: Some(h.at),
-                outages: h.outages,
+                mirror: w.mirror,
+                up: w.up,
+                last_seen: Some(w.last_seen),
+                outages: w.outages,
             })
             .collect()
     }
 
-    fn has_occupants(&self, mirror: &str) -> bool {
-        self.rooms.values().any(|r| r.mirror_has_occupants(mirror))
+    fn hear(&mut self, now: Timestamp, mirror: &str) {
+        self.watch.hear(now, mirror);
+        self.apply_link_events();
     }
 
-    /// The mirror was heard from: its link is up.
-    fn hear(&mut self, now: Timestamp, mirror: &str) {
-        let h = self.heard.entry(mirror.to_string()).or_default();
-        h.at = now;
-        if h.down {
-            info!(%mirror, "mirror back");
-            h.down = false;
-        }
-        for state in self.rooms.values_mut() {
-            if let Some(link) = state.mirrors.get_mut(mirror) {
-                link.down = false;
+    /// Act on the watch's events: a mirror back may be sent to again; a lost one's occupants
+    /// are evicted.
+    fn apply_link_events(&mut self) {
+        while let Some(e) = self.watch.poll_event() {
+            if e.up {
+                for state in self.rooms.values_mut() {
+                    if let Some(link) = state.mirrors.get_mut(&e.mirror) {
+                        link.down = false;
+                    }
+                }
+            } else {
+                self.lose(&e.mirror);
             }
         }
     }
 
     /// The mirror is lost: evict its occupants.
-    fn lose(&mut self, now: Timestamp, mirror: &str) {
-        let h = self.heard.entry(mirror.to_string()).or_default();
-        if !h.down {
-            h.outages += 1;
-        }
-        h.down = true;
-        h.at = h.at.max(Timestamp(now.0.saturating_sub(self.config.link_timeout_ms)));
+    fn lose(&mut self, mirror: &str) {
         let mut evict = Vec::new();
         for (room, state) in &mut self.rooms {
             let Some(link) = state.mirrors.get_mut(mirror) else {
