@@ -103,6 +103,8 @@ pub enum Verdict {
 
 /// Fingerprints of master messages kept per room, for de-duplicating a catch-up.
 const SEEN: usize = 2000;
+/// Acknowledged messages kept per room, in case the master refuses them after all.
+const DELIVERED: usize = 500;
 
 /// The link state of one master, for an admin.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -237,6 +239,12 @@ struct MirrorRoom {
     queue: VecDeque<Queued>,
     /// Sent to the master, not yet acknowledged by a ping answer.
     in_flight: VecDeque<Queued>,
+    /// Acknowledged lately: a ping answer proves arrival, not acceptance, and a master that
+    /// lost the sender refuses what arrived (`not-acceptable`).
+    delivered: VecDeque<Queued>,
+    /// Refused by the master because it had lost the sender: sent again, in order, once the
+    /// sender's rejoin is confirmed.
+    refused: Vec<Queued>,
     /// Local occupants whose rejoin echo is expected after a resync.
     resync: BTreeSet<String>,
     /// Live messages from the master that arrived during a catch-up: delivered after it, so
@@ -268,6 +276,8 @@ impl MirrorRoom {
             subject: None,
             queue: VecDeque::new(),
             in_flight: VecDeque::new(),
+            delivered: VecDeque::new(),
+            refused: Vec::new(),
             resync: BTreeSet::new(),
             held: Vec::new(),
         }
@@ -426,8 +436,9 @@ impl Mirror {
         self.rooms
             .values()
             .flat_map(|r| {
-                r.in_flight
+                r.refused
                     .iter()
+                    .chain(r.in_flight.iter())
                     .chain(r.queue.iter())
                     .map(|q| q.to_xml(&r.jid))
             })
@@ -802,7 +813,7 @@ impl Mirror {
         };
         // While older messages still wait for the link (a resync is under way), a new one waits
         // behind them: the master gets each sender's messages in order.
-        let hold = down || !r.queue.is_empty();
+        let hold = down || !r.queue.is_empty() || !r.refused.is_empty();
         if hold {
             if r.queue.len() + r.in_flight.len() >= queue_limit {
                 warn!(%room, "outbound queue full: message refused");
@@ -851,6 +862,7 @@ impl Mirror {
                 && r.pending.is_empty()
                 && r.queue.is_empty()
                 && r.in_flight.is_empty()
+                && r.refused.is_empty()
         });
         if !empty {
             return;
@@ -939,6 +951,7 @@ impl Mirror {
                 r.in_flight
                     .iter()
                     .chain(r.queue.iter())
+                    .chain(r.delivered.iter())
                     .any(|q| q.stanza.attr("id") == Some(id) && q.user == to.as_str())
             });
             if !ours {
@@ -957,7 +970,21 @@ impl Mirror {
                 // The master lost this user (and has not told us yet): rejoin them, and send
                 // what was in flight again once it has them.
                 info!(%room, user = %to, "the master says a local user is not in the room: rejoining");
-                self.requeue_in_flight(&room);
+                if let Some(r) = self.rooms.get_mut(&room) {
+                    let mine = |q: &Queued| q.stanza.attr("id") == Some(id) && q.user == to.as_str();
+                    let item = match r.in_flight.iter().position(mine) {
+                        Some(i) => r.in_flight.remove(i),
+                        None => r
+                            .delivered
+                            .iter()
+                            .position(mine)
+                            .and_then(|i| r.delivered.remove(i)),
+                    };
+                    if let Some(item) = item {
+                        r.refused.push(item);
+                        self.queue_dirty = true;
+                    }
+                }
                 self.rejoin_user(&room, to.as_str());
                 return Verdict::Consumed;
             }
@@ -1096,6 +1123,11 @@ impl Mirror {
                         o.presence = el;
                     }
                     if r.resync.is_empty() {
+                        // What the master refused while it had lost our users goes first.
+                        let refused = std::mem::take(&mut r.refused);
+                        for q in refused.into_iter().rev() {
+                            r.queue.push_front(q);
+                        }
                         match r.sync {
                             Sync::Ready => self.flush_queue(room),
                             Sync::Rejoin => self.request_history(now, room),
@@ -1447,17 +1479,6 @@ impl Mirror {
         self.close_if_empty(room);
     }
 
-    /// Put what is in flight back at the head of the queue (the master drops copies it already
-    /// has by origin-id).
-    fn requeue_in_flight(&mut self, room: &str) {
-        if let Some(r) = self.rooms.get_mut(room) {
-            while let Some(q) = r.in_flight.pop_back() {
-                r.queue.push_front(q);
-            }
-            self.queue_dirty = true;
-        }
-    }
-
     /// Join a local user again, unless their rejoin is already under way.
     fn rejoin_user(&mut self, room: &str, user: &str) {
         let Some(r) = self.rooms.get_mut(room) else {
@@ -1694,10 +1715,16 @@ impl Mirror {
                 let mut acked = 0;
                 for room in self.rooms_of(master) {
                     if let Some(r) = self.rooms.get_mut(&room) {
-                        let before = r.in_flight.len();
-                        r.in_flight
-                            .retain(|q| !(q.round <= round && q.user_domain() == domain));
-                        acked += before - r.in_flight.len();
+                        let (done, waiting): (VecDeque<Queued>, VecDeque<Queued>) =
+                            std::mem::take(&mut r.in_flight)
+                                .into_iter()
+                                .partition(|q| q.round <= round && q.user_domain() == domain);
+                        r.in_flight = waiting;
+                        acked += done.len();
+                        r.delivered.extend(done);
+                        while r.delivered.len() > DELIVERED {
+                            r.delivered.pop_front();
+                        }
                     }
                     self.close_if_empty(&room);
                 }
@@ -1743,6 +1770,9 @@ impl Mirror {
         // What was in flight may or may not have arrived: it goes again, ahead of the queue, and
         // the master drops what it already has by origin-id.
         while let Some(q) = r.in_flight.pop_back() {
+            r.queue.push_front(q);
+        }
+        for q in std::mem::take(&mut r.refused).into_iter().rev() {
             r.queue.push_front(q);
         }
         r.resync.clear();
