@@ -4,9 +4,10 @@
 -export([take_logs/0,
          master_new/1, master_routes/2, master_presence/4, master_snapshot/7, master_iq/3,
          master_history/5, master_begin/2, master_end/2, master_outbound/3, master_left/3,
-         master_link/4,
-         mirror_new/5, mirror_handles/2, mirror_local/3, mirror_remote/3, mirror_timeout/2,
-         mirror_link/4]).
+         master_link/4, master_groupchat/3,
+         mirror_new/8, mirror_handles/2, mirror_local/3, mirror_remote/3, mirror_timeout/2,
+         mirror_link/4, mirror_import/3, mirror_persist/1, mirror_status/1,
+         watch_new/2, watch_ping/3, watch_timeout/2, watch_status/1]).
 -on_load(init/0).
 
 init() ->
@@ -30,9 +31,18 @@ master_end(_M, _Room) -> ?NOT_LOADED.
 master_outbound(_M, _Now, _Xml) -> ?NOT_LOADED.
 master_left(_M, _Room, _Jid) -> ?NOT_LOADED.
 master_link(_M, _Now, _Domain, _Up) -> ?NOT_LOADED.
-mirror_new(_Service, _Masters, _QueueLimit, _JoinTimeout, _HistorySize) -> ?NOT_LOADED.
+master_groupchat(_M, _Now, _Xml) -> ?NOT_LOADED.
+mirror_new(_Service, _Masters, _QueueLimit, _JoinTimeout, _HistorySize, _PingInterval, _PingTimeout,
+           _CatchUpMargin) -> ?NOT_LOADED.
 mirror_handles(_M, _Jid) -> ?NOT_LOADED.
 mirror_local(_M, _Now, _Xml) -> ?NOT_LOADED.
 mirror_remote(_M, _Now, _Xml) -> ?NOT_LOADED.
 mirror_timeout(_M, _Now) -> ?NOT_LOADED.
 mirror_link(_M, _Now, _Master, _Up) -> ?NOT_LOADED.
+mirror_import(_M, _Now, _Items) -> ?NOT_LOADED.
+mirror_persist(_M) -> ?NOT_LOADED.
+mirror_status(_M) -> ?NOT_LOADED.
+watch_new(_Trusted, _TimeoutSeconds) -> ?NOT_LOADED.
+watch_ping(_W, _Now, _Xml) -> ?NOT_LOADED.
+watch_timeout(_W, _Now) -> ?NOT_LOADED.
+watch_status(_W) -> ?NOT_LOADED.

@@ -5,12 +5,18 @@
 %%%
 %%% Master (option trusted_mirrors): each MUC room process keeps its own engine in its process
 %%% dictionary. Hooks: muc_filter_presence (joins, leaves, nick changes), muc_process_iq (history
-%%% requests), multicast_route (groupchat fan-out: one copy per mirror), filter_packet (the room's
-%%% per-occupant presences, history and subject; join errors), leave_room.
+%%% and roster requests; link changes), muc_filter_message (a message a mirror sent twice),
+%%% multicast_route (groupchat fan-out: one copy per mirror), filter_packet (the room's
+%%% per-occupant presences, history and subject; join errors; the mirrors' pings), leave_room.
+%%% This module's process keeps one link watch per MUC service: it answers the mirrors' pings,
+%%% times their silences, and tells each room when a mirror is lost or back.
 %%%
 %%% Mirror (options mirror_host, masters): one engine per mirror service, held by this module's
-%%% process. Hooks: user_send_packet (local users' stanzas for mirrored rooms),
-%%% user_receive_packet (join errors sent straight to a user), and a route for mirror_host.
+%%% process, its outbound queue stored in Mnesia. Hooks: user_send_packet (local users' stanzas
+%%% for mirrored rooms), user_receive_packet (join errors and bounces sent straight to a user),
+%%% filter_packet (answers to the mirror's pings), and a route for mirror_host.
+%%%
+%%% `ejabberdctl dmuc_status` shows every link, its queue and its last resync.
 -module(mod_dmuc).
 -behaviour(gen_mod).
 -behaviour(gen_server).
@@ -19,15 +25,22 @@
 -export([start_link/2, init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2,
          code_change/3]).
 -export([muc_filter_presence/3, muc_process_iq/2, multicast_route/1, filter_packet/1,
-         leave_room/4, user_send_packet/1, user_receive_packet/1, route/1]).
+         leave_room/4, user_send_packet/1, user_receive_packet/1, route/1,
+         muc_filter_message/3, filter_pong/1, get_commands_spec/0, dmuc_status/0]).
 
 -include("logger.hrl").
 -include("xmpp.hrl").
 -include("mod_muc_room.hrl").
 -include("translate.hrl").
 
+-include("ejabberd_commands.hrl").
+
 -define(NS_DMUC, <<"http://tridsys.com/protocol/dmuc">>).
+-define(NS_LINK, <<"urn:xmpp:dmuc:link:0">>).
 -define(MASTER_KEY, dmuc_master).
+
+%% The mirror's outbound queue, stored so that a restart loses nothing.
+-record(dmuc_queue, {service :: binary(), items = [] :: [binary()]}).
 
 %%%===================================================================
 %%% gen_mod
@@ -43,13 +56,16 @@ start(Host, Opts) ->
             end,
             persistent_term:put({?MODULE, master_config, Host}, Trusted),
             ejabberd_hooks:add(muc_filter_presence, Host, ?MODULE, muc_filter_presence, 50),
+            ejabberd_hooks:add(muc_filter_message, Host, ?MODULE, muc_filter_message, 50),
             ejabberd_hooks:add(muc_process_iq, Host, ?MODULE, muc_process_iq, 50),
             ejabberd_hooks:add(multicast_route, Host, ?MODULE, multicast_route, 50),
             ejabberd_hooks:add(leave_room, Host, ?MODULE, leave_room, 50),
             ejabberd_hooks:add(filter_packet, ?MODULE, filter_packet, 50)
     end,
-    case gen_mod:get_opt(masters, Opts) of
-        [] -> ok;
+    ejabberd_commands:register_commands(?MODULE, get_commands_spec()),
+    %% This module's process: the master's link watch and/or the mirror engine.
+    case {gen_mod:get_opt(trusted_mirrors, Opts), gen_mod:get_opt(masters, Opts)} of
+        {[], []} -> ok;
         _ -> gen_mod:start_child(?MODULE, Host, Opts)
     end.
 
@@ -58,13 +74,14 @@ stop(Host) ->
         undefined -> ok;
         _ ->
             ejabberd_hooks:delete(muc_filter_presence, Host, ?MODULE, muc_filter_presence, 50),
+            ejabberd_hooks:delete(muc_filter_message, Host, ?MODULE, muc_filter_message, 50),
             ejabberd_hooks:delete(muc_process_iq, Host, ?MODULE, muc_process_iq, 50),
             ejabberd_hooks:delete(multicast_route, Host, ?MODULE, multicast_route, 50),
             ejabberd_hooks:delete(leave_room, Host, ?MODULE, leave_room, 50),
             ejabberd_hooks:delete(filter_packet, ?MODULE, filter_packet, 50),
             persistent_term:erase({?MODULE, master_config, Host})
     end,
-    %% The mirror's process, if this host has one (its terminate/2 unhooks the mirror role).
+    %% This module's process, if this host has one (its terminate/2 unhooks what it hooked).
     gen_mod:stop_child(?MODULE, Host).
 
 reload(Host, NewOpts, _OldOpts) ->
@@ -78,7 +95,11 @@ mod_opt_type(mirror_host) -> econf:host();
 mod_opt_type(masters) -> econf:list(econf:domain());
 mod_opt_type(queue_limit) -> econf:pos_int();
 mod_opt_type(join_timeout) -> econf:pos_int();
-mod_opt_type(history_size) -> econf:pos_int().
+mod_opt_type(history_size) -> econf:pos_int();
+mod_opt_type(link_timeout) -> econf:pos_int();
+mod_opt_type(ping_interval) -> econf:pos_int();
+mod_opt_type(ping_timeout) -> econf:pos_int();
+mod_opt_type(catch_up_margin) -> econf:pos_int().
 
 mod_options(Host) ->
     [{trusted_mirrors, []},
@@ -86,7 +107,11 @@ mod_options(Host) ->
      {masters, []},
      {queue_limit, 1000},
      {join_timeout, 30},
-     {history_size, 20}].
+     {history_size, 20},
+     {link_timeout, 120},
+     {ping_interval, 30},
+     {ping_timeout, 20},
+     {catch_up_margin, 30}].
 
 mod_doc() ->
     #{desc =>
@@ -113,7 +138,23 @@ mod_doc() ->
               desc => ?T("Mirror role: how long a join waits for the master.")}},
            {history_size,
             #{value => ?T("Number"),
-              desc => ?T("Mirror role: messages of history kept per room.")}}]}.
+              desc => ?T("Mirror role: messages of history kept per room.")}},
+           {link_timeout,
+            #{value => ?T("Seconds"),
+              desc => ?T("Master role: a mirror that has not pinged for this long is lost, and "
+                         "its occupants leave the room (longer than the mirrors' ping interval "
+                         "plus their ping timeout). The default is 120.")}},
+           {ping_interval,
+            #{value => ?T("Seconds"),
+              desc => ?T("Mirror role: how often the mirror pings each master. The default is 30.")}},
+           {ping_timeout,
+            #{value => ?T("Seconds"),
+              desc => ?T("Mirror role: a ping unanswered this long means the link is down. "
+                         "The default is 20.")}},
+           {catch_up_margin,
+            #{value => ?T("Seconds"),
+              desc => ?T("Mirror role: after an outage the mirror asks for history from this "
+                         "long before the newest message it has (clock skew). The default is 30.")}}]}.
 
 %%%===================================================================
 %%% Shared plumbing
@@ -231,7 +272,8 @@ affiliation(JID, #state{affiliations = Affs}) ->
 
 %% History requests from mirrors; answers to the engine's sync IQs.
 muc_process_iq(#iq{type = get} = IQ, #state{server_host = SH, jid = RoomJID} = State) ->
-    case [E || #xmlel{name = <<"room">>} = E <- xmpp:get_els(IQ),
+    case [E || #xmlel{name = Name} = E <- xmpp:get_els(IQ),
+               Name == <<"room">> orelse Name == <<"roster">>,
                fxml:get_tag_attr_s(<<"xmlns">>, E) == <<"urn:xmpp:dmuc:0">>] of
         [] -> IQ;
         _ ->
@@ -241,6 +283,11 @@ muc_process_iq(#iq{type = get} = IQ, #state{server_host = SH, jid = RoomJID} = S
                     route_out(Out),
                     history(M, Req, RoomJID, State),
                     ignore;
+                {{snapshot, _Room, Mirror}, Out} ->
+                    %% A mirror back from an outage asks for the roster.
+                    route_out(Out),
+                    snapshot(M, State, Mirror, <<>>),
+                    ignore;
                 {error, _} ->
                     xmpp:make_error(IQ, xmpp:err_bad_request());
                 {_, Out} ->
@@ -248,8 +295,56 @@ muc_process_iq(#iq{type = get} = IQ, #state{server_host = SH, jid = RoomJID} = S
                     ignore
             end
     end;
+muc_process_iq(#iq{type = set, from = #jid{luser = <<>>, lresource = <<>>, lserver = Service}} = IQ,
+               #state{server_host = SH, jid = #jid{lserver = Service}}) ->
+    %% From our own MUC service (this module's link watch): a mirror was lost or is back.
+    case [E || #xmlel{name = <<"link">>} = E <- xmpp:get_els(IQ),
+               fxml:get_tag_attr_s(<<"xmlns">>, E) == ?NS_LINK] of
+        [Link] ->
+            Mirror = fxml:get_tag_attr_s(<<"mirror">>, Link),
+            Up = fxml:get_tag_attr_s(<<"up">>, Link) == <<"true">>,
+            case get(?MASTER_KEY) of
+                undefined -> ok;
+                _ ->
+                    case call(fun() -> dmuc_nif:master_link(master(SH), now_ms(), Mirror, Up) end) of
+                        {error, _} -> ok;
+                        Actions -> lists:foreach(fun evict/1, Actions)
+                    end
+            end,
+            ignore;
+        _ -> IQ
+    end;
 muc_process_iq(IQ, _State) ->
     IQ.
+
+%% An occupant behind a lost mirror leaves the room. The room cannot be told "status 333", so
+%% the leave comes from the occupant, with a reason, as if their server had said it.
+evict({evict, Room, Nick, Jid}) ->
+    try
+        ejabberd_router:route(
+          #presence{type = unavailable, from = jid:decode(Jid),
+                    to = jid:replace_resource(jid:decode(Room), Nick),
+                    status = [#text{data = <<"The link to this user's server is lost">>}]})
+    catch _:Why -> ?WARNING_MSG("dmuc: cannot evict ~ts from ~ts: ~p", [Nick, Room, Why])
+    end;
+evict(_) -> ok.
+
+%% A groupchat message a mirror sent again after an outage, which the room already broadcast.
+muc_filter_message(#message{} = Pkt, #state{server_host = SH}, _FromNick) ->
+    case get(?MASTER_KEY) of
+        undefined -> Pkt;
+        M ->
+            case dmuc_nif:master_routes(M, jid:encode(xmpp:get_from(Pkt))) of
+                false -> Pkt;
+                true ->
+                    case call(fun() -> dmuc_nif:master_groupchat(master(SH), now_ms(), enc(Pkt)) end) of
+                        {true, Out} -> route_out(Out), drop;
+                        {false, Out} -> route_out(Out), Pkt;
+                        _ -> Pkt
+                    end
+            end
+    end;
+muc_filter_message(Acc, _State, _FromNick) -> Acc.
 
 history(M, Req, RoomJID, #state{history = #lqueue{queue = Q}, subject = Subject,
                                 subject_author = Author}) ->
@@ -292,6 +387,24 @@ multicast_route({From, Domain, Dests, Packet, Wrapped} = Acc) ->
 %% the room's process (where its engine lives) for the room's own stanzas. Also adds the DMUC
 %% feature to the MUC service's disco#info answers.
 filter_packet(drop) -> drop;
+filter_packet(#iq{type = get, to = #jid{luser = <<>>, lresource = <<>>, lserver = Service}} = IQ) ->
+    %% A ping to a MUC service with a link watch: a mirror proves its link alive.
+    case persistent_term:get({?MODULE, watch, Service}, undefined) of
+        undefined -> IQ;
+        {W, Proc} ->
+            case xmpp:get_subtag(IQ, #ping{}) of
+                false -> IQ;
+                _ ->
+                    case call(fun() -> dmuc_nif:watch_ping(W, now_ms(), enc(IQ)) end) of
+                        {<<>>, _, _} -> IQ;
+                        {Reply, Events, At} ->
+                            route_out([Reply]),
+                            gen_server:cast(Proc, {link_events, Service, Events, At}),
+                            drop;
+                        _ -> IQ
+                    end
+            end
+    end;
 filter_packet(#iq{type = result, from = #jid{luser = <<>>, lresource = <<>>} = From} = IQ) ->
     case xmpp:get_subtag(IQ, #disco_info{}) of
         #disco_info{node = <<>>, features = F} = Info ->
@@ -341,55 +454,170 @@ start_link(Host, Opts) ->
 
 init([Host, Opts]) ->
     process_flag(trap_exit, true),
-    Service = gen_mod:get_opt(mirror_host, Opts),
-    Masters = gen_mod:get_opt(masters, Opts),
-    case dmuc_nif:mirror_new(Service, Masters, gen_mod:get_opt(queue_limit, Opts),
-                             gen_mod:get_opt(join_timeout, Opts), gen_mod:get_opt(history_size, Opts)) of
-        {error, Reason} ->
-            {stop, {bad_option, Reason}};
-        {ok, M} ->
-            Proc = gen_mod:get_module_proc(Host, ?MODULE),
-            persistent_term:put({?MODULE, mirror, Host}, {M, Proc}),
-            persistent_term:put({?MODULE, mirror_service, Service}, {M, Proc}),
-            ejabberd_router:register_route(Service, Host, {apply, ?MODULE, route}),
-            ejabberd_hooks:add(user_send_packet, Host, ?MODULE, user_send_packet, 50),
-            ejabberd_hooks:add(user_receive_packet, Host, ?MODULE, user_receive_packet, 50),
-            ?INFO_MSG("dmuc mirror ~ts for ~p", [Service, Masters]),
-            {ok, #{host => Host, service => Service, timer => undefined}}
+    Proc = gen_mod:get_module_proc(Host, ?MODULE),
+    case init_watch(Host, Opts, Proc) of
+        {error, Reason} -> {stop, {bad_option, Reason}};
+        Watched ->
+            case init_mirror(Host, Opts, Proc) of
+                {error, Reason} -> {stop, {bad_option, Reason}};
+                Service ->
+                    {ok, #{host => Host, service => Service, watched => Watched,
+                           timer => undefined, watch_timers => #{}}}
+            end
+    end.
+
+%% Master role: one link watch per MUC service of this host.
+init_watch(Host, Opts, Proc) ->
+    case gen_mod:get_opt(trusted_mirrors, Opts) of
+        [] -> [];
+        Trusted ->
+            Services = gen_mod:get_module_opt_hosts(Host, mod_muc),
+            lists:foldl(
+              fun(_, {error, _} = E) -> E;
+                 (Service, Acc) ->
+                      case dmuc_nif:watch_new(Trusted, gen_mod:get_opt(link_timeout, Opts)) of
+                          {ok, W} ->
+                              persistent_term:put({?MODULE, watch, Service}, {W, Proc}),
+                              [Service | Acc];
+                          {error, _} = E -> E
+                      end
+              end, [], Services)
+    end.
+
+%% Mirror role: the engine, its stored queue, its hooks and route.
+init_mirror(Host, Opts, Proc) ->
+    case gen_mod:get_opt(masters, Opts) of
+        [] -> undefined;
+        Masters ->
+            Service = gen_mod:get_opt(mirror_host, Opts),
+            case dmuc_nif:mirror_new(Service, Masters, gen_mod:get_opt(queue_limit, Opts),
+                                     gen_mod:get_opt(join_timeout, Opts), gen_mod:get_opt(history_size, Opts),
+                                     gen_mod:get_opt(ping_interval, Opts), gen_mod:get_opt(ping_timeout, Opts),
+                                     gen_mod:get_opt(catch_up_margin, Opts)) of
+                {error, Reason} ->
+                    {error, Reason};
+                {ok, M} ->
+                    persistent_term:put({?MODULE, mirror, Host}, {M, Proc}),
+                    persistent_term:put({?MODULE, mirror_service, Service}, {M, Proc}),
+                    ejabberd_mnesia:create(?MODULE, dmuc_queue,
+                                           [{disc_only_copies, [node()]},
+                                            {attributes, record_info(fields, dmuc_queue)}]),
+                    Items = case mnesia:dirty_read(dmuc_queue, Service) of
+                                [#dmuc_queue{items = I}] -> I;
+                                _ -> []
+                            end,
+                    ?INFO_MSG("dmuc mirror ~ts for ~p (~b stored queue item(s))", [Service, Masters, length(Items)]),
+                    _ = mirror_run(M, Proc, fun() -> dmuc_nif:mirror_import(M, now_ms(), Items) end),
+                    ejabberd_router:register_route(Service, Host, {apply, ?MODULE, route}),
+                    ejabberd_hooks:add(user_send_packet, Host, ?MODULE, user_send_packet, 50),
+                    ejabberd_hooks:add(user_receive_packet, Host, ?MODULE, user_receive_packet, 50),
+                    ejabberd_hooks:add(filter_packet, ?MODULE, filter_pong, 40),
+                    Service
+            end
     end.
 
 handle_call(_Request, _From, State) -> {reply, ok, State}.
 
-handle_cast({schedule, 0}, State) -> {noreply, State};
+handle_cast({schedule, 0}, State) -> {noreply, persist(State)};
 handle_cast({schedule, At}, #{timer := T} = State) ->
     Now = now_ms(),
-    case T of
-        {Ref, Old} when Old =< At -> _ = Ref, {noreply, State};
-        {Ref, _} -> erlang:cancel_timer(Ref), {noreply, arm(At, Now, State)};
-        undefined -> {noreply, arm(At, Now, State)}
-    end;
+    State1 = case T of
+                 {_Ref, Old} when Old =< At -> State;
+                 {Ref, _} -> erlang:cancel_timer(Ref), arm(At, Now, State);
+                 undefined -> arm(At, Now, State)
+             end,
+    {noreply, persist(State1)};
+handle_cast({link_events, Service, Events, At}, State) ->
+    tell_rooms(Service, Events),
+    {noreply, arm_watch(Service, At, State)};
 handle_cast(_Msg, State) -> {noreply, State}.
 
 arm(At, Now, State) ->
     Ref = erlang:send_after(max(0, At - Now), self(), timeout),
     State#{timer => {Ref, At}}.
 
+%% One timer per link watch, at its earliest deadline.
+arm_watch(_Service, 0, State) -> State;
+arm_watch(Service, At, #{watch_timers := Timers} = State) ->
+    case maps:get(Service, Timers, undefined) of
+        {_Ref, Old} when Old =< At -> State;
+        Prev ->
+            case Prev of {R, _} -> erlang:cancel_timer(R); undefined -> ok end,
+            Ref = erlang:send_after(max(0, At - now_ms()), self(), {watch_timeout, Service}),
+            State#{watch_timers => Timers#{Service => {Ref, At}}}
+    end.
+
+%% Each online room of the service hears of each link change (its engine evicts, or resumes).
+tell_rooms(_Service, []) -> ok;
+tell_rooms(Service, Events) ->
+    Rooms = mod_muc:get_online_rooms(Service),
+    lists:foreach(
+      fun({Mirror, Up}) ->
+              ?INFO_MSG("dmuc: mirror ~ts ~ts", [Mirror, case Up of true -> "back"; false -> "lost" end]),
+              Link = #xmlel{name = <<"link">>,
+                            attrs = [{<<"xmlns">>, ?NS_LINK}, {<<"mirror">>, Mirror},
+                                     {<<"up">>, atom_to_binary(Up, utf8)}]},
+              lists:foreach(
+                fun(Room) ->
+                        {Name, RoomHost} = case Room of
+                                               {N, H, _Pid} -> {N, H};
+                                               {N, H} -> {N, H}
+                                           end,
+                        ejabberd_router:route(
+                          #iq{type = set, id = p1_rand:get_string(),
+                              from = jid:make(Service), to = jid:make(Name, RoomHost),
+                              sub_els = [Link]})
+                end, Rooms)
+      end, Events).
+
 handle_info(timeout, #{host := Host} = State) ->
     {M, _} = persistent_term:get({?MODULE, mirror, Host}),
     State1 = State#{timer => undefined},
     case call(fun() -> dmuc_nif:mirror_timeout(M, now_ms()) end) of
-        {_, Out, 0} -> route_out(Out), {noreply, State1};
-        {_, Out, At} -> route_out(Out), {noreply, arm(At, now_ms(), State1)};
+        {_, Out, 0} -> route_out(Out), {noreply, persist(State1)};
+        {_, Out, At} -> route_out(Out), {noreply, persist(arm(At, now_ms(), State1))};
         _ -> {noreply, State1}
+    end;
+handle_info({watch_timeout, Service}, #{watch_timers := Timers} = State) ->
+    State1 = State#{watch_timers => maps:remove(Service, Timers)},
+    case persistent_term:get({?MODULE, watch, Service}, undefined) of
+        undefined -> {noreply, State1};
+        {W, _} ->
+            case call(fun() -> dmuc_nif:watch_timeout(W, now_ms()) end) of
+                {_, Events, At} ->
+                    tell_rooms(Service, Events),
+                    {noreply, arm_watch(Service, At, State1)};
+                _ -> {noreply, State1}
+            end
     end;
 handle_info(_Info, State) -> {noreply, State}.
 
-terminate(_Reason, #{host := Host, service := Service}) ->
-    ejabberd_hooks:delete(user_send_packet, Host, ?MODULE, user_send_packet, 50),
-    ejabberd_hooks:delete(user_receive_packet, Host, ?MODULE, user_receive_packet, 50),
-    ejabberd_router:unregister_route(Service),
-    persistent_term:erase({?MODULE, mirror, Host}),
-    persistent_term:erase({?MODULE, mirror_service, Service}),
+%% Store the mirror's queue when it changed (in this process, so that writes keep their order).
+persist(#{service := undefined} = State) -> State;
+persist(#{host := Host, service := Service} = State) ->
+    case persistent_term:get({?MODULE, mirror, Host}, undefined) of
+        undefined -> State;
+        {M, _} ->
+            case call(fun() -> dmuc_nif:mirror_persist(M) end) of
+                {true, Items} -> mnesia:dirty_write(#dmuc_queue{service = Service, items = Items});
+                _ -> ok
+            end,
+            State
+    end.
+
+terminate(_Reason, #{host := Host, service := Service, watched := Watched} = State) ->
+    [persistent_term:erase({?MODULE, watch, S}) || S <- Watched],
+    case Service of
+        undefined -> ok;
+        _ ->
+            persist(State),
+            ejabberd_hooks:delete(user_send_packet, Host, ?MODULE, user_send_packet, 50),
+            ejabberd_hooks:delete(user_receive_packet, Host, ?MODULE, user_receive_packet, 50),
+            ejabberd_hooks:delete(filter_packet, ?MODULE, filter_pong, 40),
+            ejabberd_router:unregister_route(Service),
+            persistent_term:erase({?MODULE, mirror, Host}),
+            persistent_term:erase({?MODULE, mirror_service, Service})
+    end,
     ok.
 
 code_change(_OldVsn, State, _Extra) -> {ok, State}.
@@ -428,18 +656,74 @@ is_mirror_stanza(#presence{to = #jid{lresource = R}}) when R /= <<>> -> true;
 is_mirror_stanza(#message{type = groupchat}) -> true;
 is_mirror_stanza(_) -> false.
 
-%% A join error the master sent straight to the user ends the mirror's pending join.
-user_receive_packet({#presence{type = error, from = From} = Pkt, #{lserver := LServer}} = Acc) ->
+%% A join error the master sent straight to the user ends the mirror's pending join. A message
+%% error is the s2s bounce of a message in flight (sent again later: the user must not see it),
+%% or the master saying the user is not in the room (the mirror rejoins them).
+user_receive_packet({Pkt, #{lserver := LServer} = C2S} = Acc)
+  when is_record(Pkt, presence), Pkt#presence.type == error;
+       is_record(Pkt, message), Pkt#message.type == error ->
     case persistent_term:get({?MODULE, mirror, LServer}, undefined) of
         undefined -> Acc;
         {M, Proc} ->
-            case dmuc_nif:mirror_handles(M, jid:encode(From)) of
-                true -> _ = mirror_run(M, Proc, fun() -> dmuc_nif:mirror_remote(M, now_ms(), enc(Pkt)) end);
-                false -> ok
-            end,
-            Acc
+            case dmuc_nif:mirror_handles(M, jid:encode(xmpp:get_from(Pkt))) of
+                true ->
+                    case mirror_run(M, Proc, fun() -> dmuc_nif:mirror_remote(M, now_ms(), enc(Pkt)) end) of
+                        consumed when is_record(Pkt, message) -> {drop, C2S};
+                        _ -> Acc
+                    end;
+                false -> Acc
+            end
     end;
 user_receive_packet(Acc) -> Acc.
+
+%% Answers to the mirror's pings, sent from this host's domain so that they share its users'
+%% s2s stream.
+filter_pong(#iq{type = T, to = #jid{luser = <<>>, lresource = <<>>, lserver = LServer}, from = From} = IQ)
+  when T == result; T == error ->
+    case persistent_term:get({?MODULE, mirror, LServer}, undefined) of
+        undefined -> IQ;
+        {M, Proc} ->
+            case dmuc_nif:mirror_handles(M, jid:encode(From)) of
+                true ->
+                    case mirror_run(M, Proc, fun() -> dmuc_nif:mirror_remote(M, now_ms(), enc(IQ)) end) of
+                        consumed -> drop;
+                        _ -> IQ
+                    end;
+                false -> IQ
+            end
+    end;
+filter_pong(Pkt) -> Pkt.
+
+%%%===================================================================
+%%% Status: ejabberdctl dmuc_status
+%%%===================================================================
+get_commands_spec() ->
+    [#ejabberd_commands{name = dmuc_status, tags = [muc],
+                        desc = "Show the dmuc links: state per mirror and per master, queue depth, "
+                               "last resync",
+                        module = ?MODULE, function = dmuc_status,
+                        args = [], result = {status, string}}].
+
+dmuc_status() ->
+    Now = now_ms(),
+    Ago = fun(0) -> "never"; (T) -> io_lib:format("~bs ago", [(Now - T) div 1000]) end,
+    Watches = [{S, W} || {{?MODULE, watch, S}, {W, _}} <- persistent_term:get()],
+    Mirrors = [M || {{?MODULE, mirror, _}, {M, _}} <- persistent_term:get()],
+    Lines =
+        [io_lib:format("~ts: mirror ~ts ~ts, last ping ~ts, ~b outage(s)",
+                       [S, Mirror, case Up of true -> "up"; false -> "DOWN" end, Ago(Seen), Outages])
+         || {S, W} <- Watches, {Mirror, Up, Seen, Outages} <- ok_list(dmuc_nif:watch_status(W))] ++
+        [io_lib:format("master ~ts ~ts, ~b room(s), ~b queued, ~b in flight, last pong ~ts, "
+                       "last resync ~ts, ~b outage(s)",
+                       [Master, case Up of true -> "up"; false -> "DOWN" end, Rooms, Queued, InFlight,
+                        Ago(Pong), Ago(Resync), Outages])
+         || M <- Mirrors,
+            {{Master, Up}, {Rooms, Queued, InFlight, Outages}, {Pong, Resync, _Down}}
+                <- ok_list(dmuc_nif:mirror_status(M))],
+    lists:flatten(lists:join("\n", Lines)).
+
+ok_list({ok, L}) -> L;
+ok_list(_) -> [].
 
 %% Stanzas to the mirror service and to users' escaped JIDs at it.
 route(Pkt) ->

@@ -1,5 +1,5 @@
 //! `dmuc_nif`: the rustler NIF that `dmuc_nif.erl` loads for `mod_dmuc`. It only exports; the
-//! wrappers live in [`master`] and [`mirror`], errors in [`error`], logging in [`log`].
+//! wrappers live in [`master`], [`mirror`] and [`watch`], errors in [`error`], logging in [`log`].
 //!
 //! Every call returns what the engine wants routed (`[Xml]`) along with its verdict, so the
 //! Erlang side is a loop over results. Engine errors come back as `{error, Reason}`; a panic
@@ -9,5 +9,6 @@ mod error;
 mod log;
 mod master;
 mod mirror;
+mod watch;
 
 rustler::init!("dmuc_nif", load = log::load);

@@ -68,6 +68,17 @@ fn master_new(trusted: Vec<String>) -> Result<ResourceArc<MasterRes>, NifError> 
     )))))
 }
 
+/// `{Duplicate, [Xml]}`: a groupchat message before the room broadcasts it.
+#[rustler::nif]
+fn master_groupchat(
+    r: ResourceArc<MasterRes>,
+    now: u64,
+    xml: String,
+) -> Result<(bool, Vec<String>), NifError> {
+    let (v, sent) = with(&r, |m| m.handle_groupchat(Timestamp(now), &xml))?;
+    Ok((v?, sent))
+}
+
 #[rustler::nif]
 fn master_routes(r: ResourceArc<MasterRes>, to: String) -> bool {
     r.0.lock()

@@ -38,13 +38,18 @@ fn run(
     Ok((verdict, sent, at))
 }
 
+/// Settings in seconds, as ejabberd options give them; 0 keeps the default.
 #[rustler::nif]
+#[allow(clippy::too_many_arguments)]
 fn mirror_new(
     service: String,
     masters: Vec<String>,
     queue_limit: u64,
     join_timeout_s: u64,
     history_size: u64,
+    ping_interval_s: u64,
+    ping_timeout_s: u64,
+    catch_up_margin_s: u64,
 ) -> Result<ResourceArc<MirrorRes>, NifError> {
     let masters = domain_list("masters", masters)?;
     if masters.is_empty() {
@@ -62,6 +67,15 @@ fn mirror_new(
     }
     if history_size > 0 {
         c.history_size = history_size as usize;
+    }
+    if ping_interval_s > 0 {
+        c.ping_interval_ms = ping_interval_s * 1000;
+    }
+    if ping_timeout_s > 0 {
+        c.ping_timeout_ms = ping_timeout_s * 1000;
+    }
+    if catch_up_margin_s > 0 {
+        c.catch_up_margin_ms = catch_up_margin_s * 1000;
     }
     Ok(ResourceArc::new(MirrorRes(Mutex::new(Mirror::new(c)))))
 }
@@ -100,4 +114,49 @@ fn mirror_link(
         m.handle_link(Timestamp(now), &master, up);
         Ok(Verdict::Consumed)
     })
+}
+
+/// At start: the queue stored before a restart.
+#[rustler::nif]
+fn mirror_import(
+    r: ResourceArc<MirrorRes>,
+    now: u64,
+    items: Vec<String>,
+) -> Result<Outcome, NifError> {
+    run(&r, |m| {
+        m.import_queue(Timestamp(now), &items);
+        Ok(Verdict::Consumed)
+    })
+}
+
+/// `{Changed, [Item]}`: the queue to store, if it changed since the last call.
+#[rustler::nif]
+fn mirror_persist(r: ResourceArc<MirrorRes>) -> Result<(bool, Vec<String>), NifError> {
+    let mut m = r.0.lock().map_err(|_| NifError::Poisoned)?;
+    if m.take_queue_dirty() {
+        Ok((true, m.export_queue()))
+    } else {
+        Ok((false, Vec::new()))
+    }
+}
+
+/// `[{{Master, Up}, {Rooms, Queued, InFlight, Outages}, {LastPongMs, LastResyncMs, DownSinceMs}}]`,
+/// times 0 when never.
+#[rustler::nif]
+#[allow(clippy::type_complexity)]
+fn mirror_status(
+    r: ResourceArc<MirrorRes>,
+) -> Result<Vec<((String, bool), (usize, usize, usize, u64), (u64, u64, u64))>, NifError> {
+    let m = r.0.lock().map_err(|_| NifError::Poisoned)?;
+    let ms = |t: Option<Timestamp>| t.map(|t| t.0).unwrap_or(0);
+    Ok(m.status()
+        .into_iter()
+        .map(|s| {
+            (
+                (s.master, s.up),
+                (s.rooms, s.queued, s.in_flight, s.outages),
+                (ms(s.last_pong), ms(s.last_resync), ms(s.down_since)),
+            )
+        })
+        .collect())
 }

@@ -1,0 +1,68 @@
+//! The master's link watch as a NIF resource, one per MUC service (held by mod_dmuc's process):
+//! ejabberd's rooms each hold their own master engine, so pings are answered, and silences
+//! timed, once per service; the rooms hear of each link change.
+
+use std::sync::Mutex;
+
+use dmuc::link_watch::LinkWatch;
+use dmuc::master::TrustedMirror;
+use dmuc::Timestamp;
+use rustler::ResourceArc;
+
+use crate::error::NifError;
+use crate::master::domain_list;
+
+pub struct WatchRes(Mutex<LinkWatch>);
+
+#[rustler::resource_impl]
+impl rustler::Resource for WatchRes {}
+
+/// `(Reply | "", [{Mirror, Up}], NextTimeoutMs | 0)`.
+type Outcome = (String, Vec<(String, bool)>, u64);
+
+fn run(
+    r: &WatchRes,
+    f: impl FnOnce(&mut LinkWatch) -> Result<Option<String>, dmuc::Error>,
+) -> Result<Outcome, NifError> {
+    let mut w = r.0.lock().map_err(|_| NifError::Poisoned)?;
+    let reply = f(&mut w)?.unwrap_or_default();
+    let mut events = Vec::new();
+    while let Some(e) = w.poll_event() {
+        events.push((e.mirror, e.up));
+    }
+    Ok((reply, events, w.poll_timeout().map(|t| t.0).unwrap_or(0)))
+}
+
+#[rustler::nif]
+fn watch_new(trusted: Vec<String>, timeout_s: u64) -> Result<ResourceArc<WatchRes>, NifError> {
+    let trusted = domain_list("trusted_mirrors", trusted)?;
+    let w = LinkWatch::new(
+        trusted.into_iter().map(TrustedMirror::new).collect(),
+        timeout_s.max(1) * 1000,
+    );
+    Ok(ResourceArc::new(WatchRes(Mutex::new(w))))
+}
+
+#[rustler::nif]
+fn watch_ping(r: ResourceArc<WatchRes>, now: u64, xml: String) -> Result<Outcome, NifError> {
+    run(&r, |w| w.handle_ping(Timestamp(now), &xml))
+}
+
+#[rustler::nif]
+fn watch_timeout(r: ResourceArc<WatchRes>, now: u64) -> Result<Outcome, NifError> {
+    run(&r, |w| {
+        w.handle_timeout(Timestamp(now));
+        Ok(None)
+    })
+}
+
+/// `[{Mirror, Up, LastSeenMs, Outages}]`.
+#[rustler::nif]
+fn watch_status(r: ResourceArc<WatchRes>) -> Result<Vec<(String, bool, u64, u64)>, NifError> {
+    let w = r.0.lock().map_err(|_| NifError::Poisoned)?;
+    Ok(w
+        .status()
+        .into_iter()
+        .map(|s| (s.mirror, s.up, s.last_seen.0, s.outages))
+        .collect())
+}
