@@ -1362,9 +1362,16 @@ impl Mirror {
                 }
             }
         }
+        // Our users who left during the outage: their leave is still queued for the master.
+        let leaving: BTreeSet<String> = r
+            .queue
+            .iter()
+            .filter(|q| !q.is_message())
+            .map(|q| q.nick.clone())
+            .collect();
         for (nick, presence) in fresh {
             let local = r.occupants.get(&nick).and_then(|o| o.local.clone());
-            if local.is_some() || r.pending.contains_key(&nick) {
+            if local.is_some() || r.pending.contains_key(&nick) || leaving.contains(&nick) {
                 continue;
             }
             let known = r.occupants.contains_key(&nick);
@@ -1624,6 +1631,10 @@ impl Mirror {
                 r.in_flight.push_back(q);
             } else {
                 wrapped.remove(&q.user);
+                if !r.local.contains_key(&q.user) {
+                    // Shown here when they left; the master's echo of it is not sent back.
+                    r.occupants.remove(&q.nick);
+                }
                 out.push(q.stanza);
             }
         }
@@ -1655,13 +1666,35 @@ impl Mirror {
         }
     }
 
-    /// The host saw an s2s session with `domain` close. That alone is no outage (servers close
-    /// idle sessions), but stanzas may have died with it: a ping round is started at once.
+    /// The host saw an s2s session with `domain` (a master) close. That alone is no outage
+    /// (servers close idle sessions), but stanzas written into the connection may have died with
+    /// it, unbounced, and a ping answered on the next connection proves nothing about them. So
+    /// what is in flight is sent again at once, ahead of anything newer (the master drops what it
+    /// already has by origin-id), and a ping round starts.
     pub fn handle_s2s_closed(&mut self, now: Timestamp, domain: &str) {
         let domain = domain.to_ascii_lowercase();
-        let has_rooms = self.rooms.values().any(|r| r.master == domain);
-        if let Some(link) = self.links.get_mut(&domain).filter(|_| has_rooms) {
+        let rooms = self.rooms_of(&domain);
+        if rooms.is_empty() {
+            return;
+        }
+        if let Some(link) = self.links.get_mut(&domain) {
             link.schedule(now);
+        }
+        for room in rooms {
+            let Some(r) = self.rooms.get_mut(&room) else {
+                continue;
+            };
+            if r.in_flight.is_empty() {
+                continue;
+            }
+            debug!(%room, in_flight = r.in_flight.len(), "s2s session closed: sending what was in flight again");
+            while let Some(q) = r.in_flight.pop_back() {
+                r.queue.push_front(q);
+            }
+            self.queue_dirty = true;
+            if r.sync == Sync::Ready && r.resync.is_empty() && r.refused.is_empty() {
+                self.flush_queue(&room);
+            }
         }
     }
 

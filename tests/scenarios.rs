@@ -966,3 +966,27 @@ fn a_restarted_mirror_delivers_its_stored_queue() {
     assert!(w.mirror(Side::A).export_queue().is_empty());
     assert!(w.master.errors.is_empty(), "{:?}", w.master.errors);
 }
+
+/// The s2s connection dies under messages already written into it; they are lost without a
+/// bounce, and the next connection comes up at once. A ping answered on the new connection must
+/// not count them as delivered: the closed session makes the mirror send them again, ahead of
+/// anything newer, and the master shows each once, in order.
+#[test]
+fn messages_lost_with_a_replaced_connection_are_sent_again() {
+    let (mut w, c) = full_room();
+    w.clear_inboxes();
+    w.stall(Side::A);
+    w.say(&c.wayne, "written into a dying connection");
+    w.reconnect(Side::A);
+    w.say(&c.wayne, "after the new connection");
+    w.settle();
+    assert_eq!(
+        all_bodies(&w.take(&c.scott)),
+        [
+            "written into a dying connection",
+            "after the new connection"
+        ]
+    );
+    assert_eq!(w.mirror(Side::A).in_flight(ROOM), 0);
+    assert!(w.mirror_errors.is_empty(), "{:?}", w.mirror_errors);
+}

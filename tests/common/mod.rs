@@ -372,6 +372,22 @@ impl World {
         self.run();
     }
 
+    /// The s2s connection to `side` dies and is replaced: what it held is lost, unbounced, and
+    /// the mirror's host reports the closed session (Prosody's s2sout-destroyed).
+    pub fn reconnect(&mut self, side: Side) {
+        let link = self.links.get_mut(&side).unwrap();
+        link.dropped += link.held.len();
+        link.held.clear();
+        link.state = LinkState::Up;
+        let now = self.now;
+        self.mirrors
+            .get_mut(&side)
+            .unwrap()
+            .handle_s2s_closed(now, MUC_SERVICE);
+        self.drain_mirror(side);
+        self.run();
+    }
+
     /// Let ping rounds pass (three intervals): what is in flight is acknowledged, rooms whose
     /// users all left close, and a mirror whose link died unnoticed finds out.
     pub fn settle(&mut self) {
