@@ -26,7 +26,8 @@
          code_change/3]).
 -export([muc_filter_presence/3, muc_process_iq/2, multicast_route/1, filter_packet/1,
          leave_room/4, user_send_packet/1, user_receive_packet/1, route/1,
-         muc_filter_message/3, filter_pong/1, get_commands_spec/0, dmuc_status/0]).
+         muc_filter_message/3, filter_pong/1, s2s_out_closed/2, get_commands_spec/0,
+         dmuc_status/0]).
 
 -include("logger.hrl").
 -include("xmpp.hrl").
@@ -512,6 +513,7 @@ init_mirror(Host, Opts, Proc) ->
                     ejabberd_hooks:add(user_send_packet, Host, ?MODULE, user_send_packet, 50),
                     ejabberd_hooks:add(user_receive_packet, Host, ?MODULE, user_receive_packet, 50),
                     ejabberd_hooks:add(filter_packet, ?MODULE, filter_pong, 40),
+                    ejabberd_hooks:add(s2s_out_closed, Host, ?MODULE, s2s_out_closed, 50),
                     Service
             end
     end.
@@ -614,6 +616,7 @@ terminate(_Reason, #{host := Host, service := Service, watched := Watched} = Sta
             ejabberd_hooks:delete(user_send_packet, Host, ?MODULE, user_send_packet, 50),
             ejabberd_hooks:delete(user_receive_packet, Host, ?MODULE, user_receive_packet, 50),
             ejabberd_hooks:delete(filter_packet, ?MODULE, filter_pong, 40),
+            ejabberd_hooks:delete(s2s_out_closed, Host, ?MODULE, s2s_out_closed, 50),
             ejabberd_router:unregister_route(Service),
             persistent_term:erase({?MODULE, mirror, Host}),
             persistent_term:erase({?MODULE, mirror_service, Service})
@@ -693,6 +696,19 @@ filter_pong(#iq{type = T, to = #jid{luser = <<>>, lresource = <<>>, lserver = LS
             end
     end;
 filter_pong(Pkt) -> Pkt.
+
+%% An s2s connection to a master closed: what was written into it may be lost unbounced.
+s2s_out_closed(#{server := LServer, remote_server := RServer} = State, _Reason) ->
+    case persistent_term:get({?MODULE, mirror, LServer}, undefined) of
+        undefined -> ok;
+        {M, Proc} ->
+            case dmuc_nif:mirror_handles(M, RServer) of
+                true -> _ = mirror_run(M, Proc, fun() -> dmuc_nif:mirror_s2s_closed(M, now_ms(), RServer) end);
+                false -> ok
+            end
+    end,
+    State;
+s2s_out_closed(State, _Reason) -> State.
 
 %%%===================================================================
 %%% Status: ejabberdctl dmuc_status

@@ -160,3 +160,16 @@ fn mirror_status(
         })
         .collect())
 }
+
+/// An s2s session with a master closed: in-flight messages go again, a ping round starts.
+#[rustler::nif]
+fn mirror_s2s_closed(
+    r: ResourceArc<MirrorRes>,
+    now: u64,
+    domain: String,
+) -> Result<Outcome, NifError> {
+    run(&r, |m| {
+        m.handle_s2s_closed(Timestamp(now), &domain);
+        Ok(Verdict::Consumed)
+    })
+}
