@@ -105,6 +105,9 @@ pub enum Verdict {
 const SEEN: usize = 2000;
 /// Acknowledged messages kept per room, in case the master refuses them after all.
 const DELIVERED: usize = 500;
+/// Live messages from the master held per room while a catch-up is due (the catch-up has the
+/// oldest again, should they be dropped).
+const HELD: usize = 1000;
 
 /// The link state of one master, for an admin.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1192,10 +1195,15 @@ impl Mirror {
 
     fn remote_groupchat(&mut self, now: Timestamp, mut el: Element, room: &str) {
         stanza::remove_attr(&mut el, "to");
+        let down = self.is_down(room);
         let Some(r) = self.rooms.get_mut(room) else {
             return;
         };
-        if r.synced && r.sync != Sync::Ready {
+        if r.synced && (down || r.sync != Sync::Ready) {
+            // Older messages may still come from the catch-up: this one waits behind them.
+            if r.held.len() >= HELD {
+                r.held.remove(0);
+            }
             r.held.push(el);
             return;
         }
@@ -1809,7 +1817,6 @@ impl Mirror {
             r.queue.push_front(q);
         }
         r.resync.clear();
-        r.held.clear();
         r.history_iq = None;
         r.roster_iq = None;
         r.catching_up = false;
