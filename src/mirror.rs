@@ -248,6 +248,10 @@ struct MirrorRoom {
     /// Refused by the master because it had lost the sender: sent again, in order, once the
     /// sender's rejoin is confirmed.
     refused: Vec<Queued>,
+    /// The queue was just sent: newer messages wait until a ping answer acknowledges it. An s2s
+    /// connection can be replaced between two sends, and a newer message on the new connection
+    /// must not overtake older ones that die with the old one (they go again, ahead).
+    barrier: bool,
     /// Local occupants whose rejoin echo is expected after a resync.
     resync: BTreeSet<String>,
     /// Live messages from the master that arrived during a catch-up: delivered after it, so
@@ -281,6 +285,7 @@ impl MirrorRoom {
             in_flight: VecDeque::new(),
             delivered: VecDeque::new(),
             refused: Vec::new(),
+            barrier: false,
             resync: BTreeSet::new(),
             held: Vec::new(),
         }
@@ -816,7 +821,10 @@ impl Mirror {
         };
         // While older messages still wait for the link (a resync is under way), a new one waits
         // behind them: the master gets each sender's messages in order.
-        let hold = down || !r.queue.is_empty() || !r.refused.is_empty();
+        let hold = down
+            || !r.queue.is_empty()
+            || !r.refused.is_empty()
+            || (r.barrier && !r.in_flight.is_empty());
         if hold {
             if r.queue.len() + r.in_flight.len() >= queue_limit {
                 warn!(%room, "outbound queue full: message refused");
@@ -1132,7 +1140,7 @@ impl Mirror {
                             r.queue.push_front(q);
                         }
                         match r.sync {
-                            Sync::Ready => self.flush_queue(room),
+                            Sync::Ready => self.flush_queue(now, room, true),
                             Sync::Rejoin => self.request_history(now, room),
                             _ => {}
                         }
@@ -1591,13 +1599,14 @@ impl Mirror {
                 self.remote_groupchat(now, m, room);
             }
         }
-        self.flush_queue(room);
+        self.flush_queue(now, room, true);
     }
 
-    /// Send the queue in order. A sender who is no longer an occupant here (they left during
+    /// Send the queue in order; with `barrier`, newer messages then wait for its acknowledgement.
+    /// A sender who is no longer an occupant here (they left during
     /// the outage, or the mirror restarted) is joined for the delivery and leaves again after
     /// it, so that the master accepts what they said while they were in the room.
-    fn flush_queue(&mut self, room: &str) {
+    fn flush_queue(&mut self, now: Timestamp, room: &str, barrier: bool) {
         if self.is_down(room) {
             return;
         }
@@ -1654,9 +1663,15 @@ impl Mirror {
             out.push(leave);
         }
         info!(%room, sent = out.len(), "sent the outbound queue");
+        r.barrier = barrier;
+        let master = r.master.clone();
         self.queue_dirty = true;
         for el in out {
             self.send(&el);
+        }
+        // The acknowledgement that lifts the barrier: ask for it now.
+        if let Some(link) = self.links.get_mut(&master).filter(|_| barrier) {
+            link.schedule(now);
         }
     }
 
@@ -1701,7 +1716,7 @@ impl Mirror {
             }
             self.queue_dirty = true;
             if r.sync == Sync::Ready && r.resync.is_empty() && r.refused.is_empty() {
-                self.flush_queue(&room);
+                self.flush_queue(now, &room, true);
             }
         }
     }
@@ -1765,6 +1780,13 @@ impl Mirror {
                         r.delivered.extend(done);
                         while r.delivered.len() > DELIVERED {
                             r.delivered.pop_front();
+                        }
+                        if r.barrier && r.in_flight.is_empty() {
+                            r.barrier = false;
+                            if r.sync == Sync::Ready && r.resync.is_empty() && r.refused.is_empty() {
+                                // What waited behind the barrier: sent as any message is.
+                                self.flush_queue(now, &room, false);
+                            }
                         }
                     }
                     self.close_if_empty(&room);
@@ -1879,7 +1901,7 @@ impl Mirror {
             .map(Link::round)
             .unwrap_or_default();
         if r.local.is_empty() {
-            self.flush_queue(room);
+            self.flush_queue(now, room, true);
             return;
         }
         r.sync = Sync::Roster;
