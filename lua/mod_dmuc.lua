@@ -390,6 +390,17 @@ elseif host_type == "component" and component_module == "dmuc" then
 		persist();
 	end
 
+	-- The masters' broadcasts come on an incoming s2s session to this component: if one closes,
+	-- what it carried may be lost, and the rooms catch up.
+	module:hook("s2sin-destroyed", function(event)
+		local from = event.session and event.session.from_host;
+		if from and mirror:handles(from) then
+			call(mirror, "handle_s2s_in_closed", time_now(), from);
+			drain(mirror);
+			schedule();
+		end
+	end);
+
 	-- Stanzas from masters to the mirror service and to users' escaped JIDs at it.
 	local function from_master(event)
 		if run("handle_remote", event.origin, event.stanza) then return true; end

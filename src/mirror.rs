@@ -13,8 +13,9 @@
 //! - [`Mirror::handle_local`]: a stanza from a local user to a mirrored service;
 //! - [`Mirror::handle_remote`]: a stanza from a mirrored service, to the mirror (or to a local user);
 //! - [`Mirror::handle_link`]: the host saw the s2s link to a master go down or come up;
-//! - [`Mirror::handle_s2s_closed`]: the host saw an s2s session with a master close (a ping
-//!   round follows at once);
+//! - [`Mirror::handle_s2s_closed`] / [`Mirror::handle_s2s_in_closed`]: the host saw an
+//!   outgoing / incoming s2s session with a master close (what was in flight goes again / the
+//!   rooms catch up);
 //! - [`Mirror::handle_timeout`]: the time asked for by [`Mirror::poll_timeout`] has come (ping
 //!   rounds, ping deadlines, join and sync deadlines);
 //! - [`Mirror::import_queue`]: at start, the outbound queue the host stored before a restart.
@@ -1718,6 +1719,27 @@ impl Mirror {
             if r.sync == Sync::Ready && r.resync.is_empty() && r.refused.is_empty() {
                 self.flush_queue(now, &room, true);
             }
+        }
+    }
+
+    /// The host saw an incoming s2s session from `domain` (a master) close: what the master sent
+    /// into it may be lost, unbounced. Each room in sync catches up from the room's history;
+    /// live messages wait behind the catch-up, so that each sender's messages stay in order.
+    pub fn handle_s2s_in_closed(&mut self, now: Timestamp, domain: &str) {
+        let domain = domain.to_ascii_lowercase();
+        if self.links.get(&domain).is_none_or(|l| l.down) {
+            return;
+        }
+        for room in self.rooms_of(&domain) {
+            let Some(r) = self.rooms.get_mut(&room) else {
+                continue;
+            };
+            if !r.synced || r.sync != Sync::Ready || r.local.is_empty() {
+                continue;
+            }
+            debug!(%room, "s2s session from the master closed: catching up");
+            r.catching_up = true;
+            self.request_history(now, &room);
         }
     }
 

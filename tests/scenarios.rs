@@ -990,3 +990,26 @@ fn messages_lost_with_a_replaced_connection_are_sent_again() {
     assert_eq!(w.mirror(Side::A).in_flight(ROOM), 0);
     assert!(w.mirror_errors.is_empty(), "{:?}", w.mirror_errors);
 }
+
+/// The same on the way back: the master's broadcasts die with a replaced connection, unbounced,
+/// and the mirror never thought the link down. The closed session makes the mirror catch up from
+/// the room's history, holding newer live messages behind it: A's users get each message once,
+/// in order.
+#[test]
+fn broadcasts_lost_with_a_replaced_connection_come_from_a_catch_up() {
+    let (mut w, c) = full_room();
+    w.clear_inboxes();
+    w.stall(Side::A);
+    w.say(&c.scott, "lost on the way");
+    w.reconnect(Side::A);
+    w.say(&c.scott, "on the new connection");
+    w.settle();
+    for u in [&c.wayne, &c.keith] {
+        assert_eq!(
+            all_bodies(&w.take(u)),
+            ["lost on the way", "on the new connection"],
+            "{u}"
+        );
+    }
+    assert!(w.mirror_errors.is_empty(), "{:?}", w.mirror_errors);
+}

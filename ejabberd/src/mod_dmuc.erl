@@ -26,7 +26,7 @@
          code_change/3]).
 -export([muc_filter_presence/3, muc_process_iq/2, multicast_route/1, filter_packet/1,
          leave_room/4, user_send_packet/1, user_receive_packet/1, route/1,
-         muc_filter_message/3, filter_pong/1, s2s_out_closed/2, get_commands_spec/0,
+         muc_filter_message/3, filter_pong/1, s2s_out_closed/2, s2s_in_closed/2, get_commands_spec/0,
          dmuc_status/0]).
 
 -include("logger.hrl").
@@ -514,6 +514,7 @@ init_mirror(Host, Opts, Proc) ->
                     ejabberd_hooks:add(user_receive_packet, Host, ?MODULE, user_receive_packet, 50),
                     ejabberd_hooks:add(filter_packet, ?MODULE, filter_pong, 40),
                     ejabberd_hooks:add(s2s_out_closed, Host, ?MODULE, s2s_out_closed, 50),
+                    ejabberd_hooks:add(s2s_in_closed, Host, ?MODULE, s2s_in_closed, 50),
                     Service
             end
     end.
@@ -617,6 +618,7 @@ terminate(_Reason, #{host := Host, service := Service, watched := Watched} = Sta
             ejabberd_hooks:delete(user_receive_packet, Host, ?MODULE, user_receive_packet, 50),
             ejabberd_hooks:delete(filter_packet, ?MODULE, filter_pong, 40),
             ejabberd_hooks:delete(s2s_out_closed, Host, ?MODULE, s2s_out_closed, 50),
+            ejabberd_hooks:delete(s2s_in_closed, Host, ?MODULE, s2s_in_closed, 50),
             ejabberd_router:unregister_route(Service),
             persistent_term:erase({?MODULE, mirror, Host}),
             persistent_term:erase({?MODULE, mirror_service, Service})
@@ -709,6 +711,21 @@ s2s_out_closed(#{server := LServer, remote_server := RServer} = State, _Reason) 
     end,
     State;
 s2s_out_closed(State, _Reason) -> State.
+
+%% An s2s connection from a master closed: what it was sending may be lost; the rooms catch up.
+s2s_in_closed(#{server_host := ServerHost} = State, _Reason) ->
+    Domains = case maps:get(auth_domains, State, undefined) of
+                  undefined -> [];
+                  Set -> sets:to_list(Set)
+              end,
+    case persistent_term:get({?MODULE, mirror, ServerHost}, undefined) of
+        undefined -> ok;
+        {M, Proc} ->
+            [mirror_run(M, Proc, fun() -> dmuc_nif:mirror_s2s_in_closed(M, now_ms(), D) end)
+             || D <- Domains, dmuc_nif:mirror_handles(M, D)]
+    end,
+    State;
+s2s_in_closed(State, _Reason) -> State.
 
 %%%===================================================================
 %%% Status: ejabberdctl dmuc_status

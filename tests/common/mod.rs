@@ -380,10 +380,9 @@ impl World {
         link.held.clear();
         link.state = LinkState::Up;
         let now = self.now;
-        self.mirrors
-            .get_mut(&side)
-            .unwrap()
-            .handle_s2s_closed(now, MUC_SERVICE);
+        let m = self.mirrors.get_mut(&side).unwrap();
+        m.handle_s2s_closed(now, MUC_SERVICE);
+        m.handle_s2s_in_closed(now, MUC_SERVICE);
         self.drain_mirror(side);
         self.run();
     }

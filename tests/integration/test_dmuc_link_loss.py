@@ -14,6 +14,8 @@ Each test runs in every pairing of Prosody and ejabberd.
 import asyncio
 import os
 import random
+import re
+import subprocess
 import time
 from typing import Dict, List
 
@@ -46,7 +48,8 @@ def link_loss_env(make_mixed_servers, master: str, mirror: str):
         if not os.path.exists(path):
             raise AssertionError(f"{path} missing: run `make dist` first")
     kw = dict(master=master, mirror=mirror, plugin_paths=[PROSODY_DIST],
-              contrib_modules={"mod_dmuc": EJABBERD_DIST})
+              contrib_modules={"mod_dmuc": EJABBERD_DIST},
+              global_modules=["admin_shell"])   # prosodyctl shell: dmuc:status()
     if master == "ejabberd":
         kw["master_modules"] = {"mod_dmuc": {"trusted_mirrors": [MIRROR], "link_timeout": LINK_TIMEOUT}}
         kw["conference_options"] = {"history_size": HISTORY}
@@ -67,6 +70,15 @@ def link_loss_env(make_mixed_servers, master: str, mirror: str):
             f"    dmuc_ping_timeout = {PING_TIMEOUT}",
         ])]
     return make_mixed_servers(**kw)
+
+
+def dmuc_status(server) -> str:
+    """What an admin sees: `prosodyctl shell dmuc status`, or `ejabberdctl dmuc_status`."""
+    if hasattr(server, "rpc"):
+        return server.rpc("mod_dmuc:dmuc_status()")
+    out = subprocess.run(["prosodyctl", "--config", server.config_path, "shell", "dmuc", "status"],
+                         capture_output=True, text=True, timeout=30)
+    return out.stdout + out.stderr
 
 
 class Conversation:
@@ -191,10 +203,18 @@ def test_ten_outages_during_a_conversation(make_mixed_servers, master, mirror):
                 await talk.stop()
             await talk.converge("the end", everyone)
             talk.check_exactly_once_in_order()
+            # The admin's view: the link is up, nothing waits, and every outage was counted.
+            mirror_status = await asyncio.to_thread(dmuc_status, env.raleigh)
+            m = re.search(r"master conference\.fairfax\.localhost up, 1 room\(s\), 0 queued, \d+ in flight, "
+                          r"last pong \d+s ago, last resync \d+s ago, (\d+) outage", mirror_status)
+            assert m and int(m.group(1)) >= len(OUTAGES), mirror_status
+            master_status = await asyncio.to_thread(dmuc_status, env.fairfax)
+            assert re.search(r"mirror mirror\.raleigh\.localhost up", master_status), master_status
             sent = sum(len(v) for v in talk.sent.values())
             print(f"\n{master} master, {mirror} mirror: {len(OUTAGES)} outages survived, {sent} messages sent, "
                   f"0 lost, 0 duplicated; seconds to converge after each: "
                   + ", ".join(f"{s}s {m}: {t:.1f}" for s, m, t in report))
+            print(f"mirror status: {mirror_status.strip()}\nmaster status: {master_status.strip()}")
 
     run(scenario(), timeout=sum(s for s, _ in OUTAGES) + len(OUTAGES) * (CONVERGE + 5) + 120)
 

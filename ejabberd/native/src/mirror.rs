@@ -173,3 +173,16 @@ fn mirror_s2s_closed(
         Ok(Verdict::Consumed)
     })
 }
+
+/// An incoming s2s session from a master closed: the rooms catch up.
+#[rustler::nif]
+fn mirror_s2s_in_closed(
+    r: ResourceArc<MirrorRes>,
+    now: u64,
+    domain: String,
+) -> Result<Outcome, NifError> {
+    run(&r, |m| {
+        m.handle_s2s_in_closed(Timestamp(now), &domain);
+        Ok(Verdict::Consumed)
+    })
+}

@@ -93,6 +93,14 @@ impl LuaUserData for LuaMirror {
             log::flush(lua);
             Ok(())
         });
+        methods.add_method_mut(
+            "handle_s2s_in_closed",
+            |lua, this, (t, domain): (f64, String)| {
+                this.0.handle_s2s_in_closed(now(t), &domain);
+                log::flush(lua);
+                Ok(())
+            },
+        );
         methods.add_method_mut("handle_timeout", |lua, this, t: f64| {
             this.0.handle_timeout(now(t));
             log::flush(lua);
