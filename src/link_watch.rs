@@ -207,7 +207,8 @@ mod tests {
         let mut w = LinkWatch::new(vec![TrustedMirror::new("mirror.raleigh.localhost")], 4000);
         let stranger = PING.replace("raleigh.localhost", "evil.example");
         assert_eq!(w.handle_ping(Timestamp(1), &stranger).unwrap(), None);
-        let disco = "<iq type='get' id='d' from='raleigh.localhost' to='conference.fairfax.localhost'>\
+        let disco =
+            "<iq type='get' id='d' from='raleigh.localhost' to='conference.fairfax.localhost'>\
                      <query xmlns='http://jabber.org/protocol/disco#info'/></iq>";
         assert_eq!(w.handle_ping(Timestamp(1), disco).unwrap(), None);
         assert!(w.status().is_empty());

@@ -547,12 +547,7 @@ impl Master {
         } else {
             format!("{room}/{joining_nick}")
         };
-        let config = iq_set(
-            &from,
-            mirror,
-            &id,
-            Config::new(compact_form(&form)).into(),
-        );
+        let config = iq_set(&from, mirror, &id, Config::new(compact_form(&form)).into());
         self.await_sync(id);
         self.send(&config);
         let id = self.id("roster");
@@ -918,10 +913,7 @@ impl Master {
             return Ok(false);
         };
         self.hear(now, &mirror);
-        let Some(id) = m
-            .get_child("origin-id", ns::SID)
-            .and_then(|o| o.attr("id"))
-        else {
+        let Some(id) = m.get_child("origin-id", ns::SID).and_then(|o| o.attr("id")) else {
             return Ok(false);
         };
         let bare = from.split('/').next().unwrap_or_default();

@@ -133,6 +133,11 @@ pub struct LinkStatus {
     pub down_since: Option<Timestamp>,
 }
 
+/// The ping round a message sent now to `master` belongs to.
+fn round_of(links: &BTreeMap<String, Link>, master: &str) -> u64 {
+    links.get(master).map(Link::round).unwrap_or_default()
+}
+
 /// The fingerprint of a message from the master's side: who said what, under which id.
 fn fingerprint(m: &Element) -> u64 {
     use std::hash::{Hash, Hasher};
@@ -416,8 +421,11 @@ impl Mirror {
         self.links
             .iter()
             .map(|(master, l)| {
-                let rooms: Vec<&MirrorRoom> =
-                    self.rooms.values().filter(|r| &r.master == master).collect();
+                let rooms: Vec<&MirrorRoom> = self
+                    .rooms
+                    .values()
+                    .filter(|r| &r.master == master)
+                    .collect();
                 LinkStatus {
                     master: master.clone(),
                     up: !l.down,
@@ -808,11 +816,7 @@ impl Mirror {
             stanza::set_attr(&mut o, "id", format!("dmuc-{:x}-{}", now.0, self.next_id));
             el.append_child(o);
         }
-        let round = self
-            .links
-            .get(&r.master)
-            .map(Link::round)
-            .unwrap_or_default();
+        let round = round_of(&self.links, &r.master);
         let item = Queued {
             user: user.clone(),
             nick: nick.clone(),
@@ -983,7 +987,8 @@ impl Mirror {
                 // what was in flight again once it has them.
                 info!(%room, user = %to, "the master says a local user is not in the room: rejoining");
                 if let Some(r) = self.rooms.get_mut(&room) {
-                    let mine = |q: &Queued| q.stanza.attr("id") == Some(id) && q.user == to.as_str();
+                    let mine =
+                        |q: &Queued| q.stanza.attr("id") == Some(id) && q.user == to.as_str();
                     let item = match r.in_flight.iter().position(mine) {
                         Some(i) => r.in_flight.remove(i),
                         None => r
@@ -1061,10 +1066,7 @@ impl Mirror {
                     .get(nick)
                     .and_then(|o| o.local.clone())
                     .filter(|_| !final_leave(&el));
-                let link_down = self
-                    .links
-                    .get(&r.master)
-                    .is_some_and(|l| l.down);
+                let link_down = self.links.get(&r.master).is_some_and(|l| l.down);
                 if lost_ours.is_some() && link_down {
                     // The resync after the outage rejoins them.
                     return;
@@ -1441,11 +1443,7 @@ impl Mirror {
         let catch_up = r.catching_up;
         r.sync = Sync::History;
         r.history_iq = Some((id.clone(), now.plus_ms(self.config.join_timeout_ms)));
-        r.sync_round = self
-            .links
-            .get(&r.master)
-            .map(Link::round)
-            .unwrap_or_default();
+        r.sync_round = round_of(&self.links, &r.master);
         r.sync_sent = now;
         // To the bare room (the draft's Example 12 uses the occupant JID, which a XEP-0045
         // service forwards to the occupant instead of answering it).
@@ -1618,11 +1616,7 @@ impl Mirror {
         if r.queue.is_empty() {
             return;
         }
-        let round = self
-            .links
-            .get(&r.master)
-            .map(Link::round)
-            .unwrap_or_default();
+        let round = round_of(&self.links, &r.master);
         let mut out = Vec::new();
         let mut wrapped: BTreeMap<String, String> = BTreeMap::new();
         let queued: Vec<Queued> = r.queue.drain(..).collect();
@@ -1805,7 +1799,8 @@ impl Mirror {
                         }
                         if r.barrier && r.in_flight.is_empty() {
                             r.barrier = false;
-                            if r.sync == Sync::Ready && r.resync.is_empty() && r.refused.is_empty() {
+                            if r.sync == Sync::Ready && r.resync.is_empty() && r.refused.is_empty()
+                            {
                                 // What waited behind the barrier: sent as any message is.
                                 self.flush_queue(now, &room, false);
                             }
@@ -1917,11 +1912,7 @@ impl Mirror {
         let Some(r) = self.rooms.get_mut(room) else {
             return;
         };
-        let round = self
-            .links
-            .get(&r.master)
-            .map(Link::round)
-            .unwrap_or_default();
+        let round = round_of(&self.links, &r.master);
         if r.local.is_empty() {
             self.flush_queue(now, room, true);
             return;

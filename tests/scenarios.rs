@@ -955,10 +955,7 @@ fn a_restarted_mirror_delivers_its_stored_queue() {
     for u in [&c.scott, &c.ann] {
         let got = w.take(u);
         assert_eq!(all_bodies(&got), ["queued 1", "queued 2"], "{u}");
-        assert!(got
-            .iter()
-            .filter(|m| body(m).is_some())
-            .all(is_delayed));
+        assert!(got.iter().filter(|m| body(m).is_some()).all(is_delayed));
     }
     assert!(!w.master.room.occupants.contains_key("Wayne"));
     assert!(!w.master.room.occupants.contains_key("Keith"));

@@ -60,8 +60,7 @@ fn watch_timeout(r: ResourceArc<WatchRes>, now: u64) -> Result<Outcome, NifError
 #[rustler::nif]
 fn watch_status(r: ResourceArc<WatchRes>) -> Result<Vec<(String, bool, u64, u64)>, NifError> {
     let w = r.0.lock().map_err(|_| NifError::Poisoned)?;
-    Ok(w
-        .status()
+    Ok(w.status()
         .into_iter()
         .map(|s| (s.mirror, s.up, s.last_seen.0, s.outages))
         .collect())

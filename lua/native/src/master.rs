@@ -121,9 +121,7 @@ impl LuaUserData for LuaMaster {
                 IqVerdict::Pass => ("pass", None, None),
                 IqVerdict::Consumed => ("consumed", None, None),
                 IqVerdict::History(req) => ("history", Some(LuaHistoryRequest(req)), None),
-                IqVerdict::Snapshot { room, mirror } => {
-                    ("snapshot", None, Some((room, mirror)))
-                }
+                IqVerdict::Snapshot { room, mirror } => ("snapshot", None, Some((room, mirror))),
             })
             .map(|(v, req, snap)| {
                 let (room, mirror) = snap.unzip();

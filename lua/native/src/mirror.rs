@@ -88,11 +88,14 @@ impl LuaUserData for LuaMirror {
                 Ok(())
             },
         );
-        methods.add_method_mut("handle_s2s_closed", |lua, this, (t, domain): (f64, String)| {
-            this.0.handle_s2s_closed(now(t), &domain);
-            log::flush(lua);
-            Ok(())
-        });
+        methods.add_method_mut(
+            "handle_s2s_closed",
+            |lua, this, (t, domain): (f64, String)| {
+                this.0.handle_s2s_closed(now(t), &domain);
+                log::flush(lua);
+                Ok(())
+            },
+        );
         methods.add_method_mut(
             "handle_s2s_in_closed",
             |lua, this, (t, domain): (f64, String)| {
@@ -107,11 +110,14 @@ impl LuaUserData for LuaMirror {
             Ok(())
         });
         methods.add_method_mut("poll_transmit", |_, this, ()| Ok(this.0.poll_transmit()));
-        methods.add_method_mut("import_queue", |lua, this, (t, items): (f64, Vec<String>)| {
-            let n = this.0.import_queue(now(t), &items);
-            log::flush(lua);
-            Ok(n)
-        });
+        methods.add_method_mut(
+            "import_queue",
+            |lua, this, (t, items): (f64, Vec<String>)| {
+                let n = this.0.import_queue(now(t), &items);
+                log::flush(lua);
+                Ok(n)
+            },
+        );
         methods.add_method("export_queue", |_, this, ()| Ok(this.0.export_queue()));
         methods.add_method_mut("take_queue_dirty", |_, this, ()| {
             Ok(this.0.take_queue_dirty())
