@@ -521,19 +521,31 @@ init_mirror(Host, Opts, Proc) ->
 
 handle_call(_Request, _From, State) -> {reply, ok, State}.
 
-handle_cast({schedule, 0}, State) -> {noreply, persist(State)};
-handle_cast({schedule, At}, #{timer := T} = State) ->
-    Now = now_ms(),
-    State1 = case T of
-                 {_Ref, Old} when Old =< At -> State;
-                 {Ref, _} -> erlang:cancel_timer(Ref), arm(At, Now, State);
-                 undefined -> arm(At, Now, State)
-             end,
-    {noreply, persist(State1)};
+handle_cast(drain, State) ->
+    {noreply, persist(drain(State))};
 handle_cast({link_events, Service, Events, At}, State) ->
     tell_rooms(Service, Events),
     {noreply, arm_watch(Service, At, State)};
 handle_cast(_Msg, State) -> {noreply, State}.
+
+%% Route what the mirror engine made, in order (only this process does), and re-arm its timer.
+drain(#{host := Host} = State) ->
+    case persistent_term:get({?MODULE, mirror, Host}, undefined) of
+        undefined -> State;
+        {M, _} ->
+            case call(fun() -> dmuc_nif:mirror_drain(M) end) of
+                {Out, At} when is_list(Out) -> route_out(Out), schedule(At, State);
+                _ -> State
+            end
+    end.
+
+schedule(0, State) -> State;
+schedule(At, #{timer := T} = State) ->
+    case T of
+        {_Ref, Old} when Old =< At -> State;
+        {Ref, _} -> erlang:cancel_timer(Ref), arm(At, now_ms(), State);
+        undefined -> arm(At, now_ms(), State)
+    end.
 
 arm(At, Now, State) ->
     Ref = erlang:send_after(max(0, At - Now), self(), timeout),
@@ -575,12 +587,8 @@ tell_rooms(Service, Events) ->
 
 handle_info(timeout, #{host := Host} = State) ->
     {M, _} = persistent_term:get({?MODULE, mirror, Host}),
-    State1 = State#{timer => undefined},
-    case call(fun() -> dmuc_nif:mirror_timeout(M, now_ms()) end) of
-        {_, Out, 0} -> route_out(Out), {noreply, persist(State1)};
-        {_, Out, At} -> route_out(Out), {noreply, persist(arm(At, now_ms(), State1))};
-        _ -> {noreply, State1}
-    end;
+    _ = call(fun() -> dmuc_nif:mirror_timeout(M, now_ms()) end),
+    {noreply, persist(drain(State#{timer => undefined}))};
 handle_info({watch_timeout, Service}, #{watch_timers := Timers} = State) ->
     State1 = State#{watch_timers => maps:remove(Service, Timers)},
     case persistent_term:get({?MODULE, watch, Service}, undefined) of
@@ -627,12 +635,11 @@ terminate(_Reason, #{host := Host, service := Service, watched := Watched} = Sta
 
 code_change(_OldVsn, State, _Extra) -> {ok, State}.
 
-%% Run a mirror call and route/schedule what it produced. Returns consumed | pass.
+%% Run a mirror call; this module's process routes what it produced. Returns consumed | pass.
 mirror_run(_M, Proc, F) ->
     case call(F) of
-        {Verdict, Out, At} ->
-            route_out(Out),
-            gen_server:cast(Proc, {schedule, At}),
+        {Verdict, _, _} ->
+            gen_server:cast(Proc, drain),
             Verdict;
         {error, _} ->
             error

@@ -16,7 +16,9 @@ pub struct MirrorRes(Mutex<Mirror>);
 #[rustler::resource_impl]
 impl rustler::Resource for MirrorRes {}
 
-/// `(Verdict, [Xml], NextTimeoutMs | 0)`.
+/// `(Verdict, [], NextTimeoutMs | 0)`. What the engine wants routed stays in it until
+/// [`mirror_drain`]: ejabberd calls the mirror from many processes, and only one process (the
+/// module's) routes, so that stanzas leave in the order the engine made them.
 type Outcome = (rustler::Atom, Vec<String>, u64);
 
 fn run(
@@ -25,17 +27,24 @@ fn run(
 ) -> Result<Outcome, NifError> {
     let mut m = r.0.lock().map_err(|_| NifError::Poisoned)?;
     let v = f(&mut m)?;
-    let mut sent = Vec::new();
-    while let Some(x) = m.poll_transmit() {
-        sent.push(x);
-    }
     let at = m.poll_timeout().map(|t| t.0).unwrap_or(0);
     let verdict = if v == Verdict::Consumed {
         consumed()
     } else {
         pass()
     };
-    Ok((verdict, sent, at))
+    Ok((verdict, Vec::new(), at))
+}
+
+/// `{[Xml], NextTimeoutMs | 0}`: everything the engine wants routed, in order.
+#[rustler::nif]
+fn mirror_drain(r: ResourceArc<MirrorRes>) -> Result<(Vec<String>, u64), NifError> {
+    let mut m = r.0.lock().map_err(|_| NifError::Poisoned)?;
+    let mut sent = Vec::new();
+    while let Some(x) = m.poll_transmit() {
+        sent.push(x);
+    }
+    Ok((sent, m.poll_timeout().map(|t| t.0).unwrap_or(0)))
 }
 
 /// Settings in seconds, as ejabberd options give them; 0 keeps the default.
