@@ -28,7 +28,10 @@ def dmuc_env(make_two_servers, conference_options=()):
         conference_options=['modules_enabled = { "dmuc" }',
                             f'dmuc_trusted_mirrors = {{ "{MIRROR}" }}'] + list(conference_options),
         raleigh_modules=["dmuc"],
-        raleigh_blocks=[f'Component "{MIRROR}" "dmuc"\n    dmuc_masters = {{ "{CONFERENCE}" }}'],
+        # Pings (every 30 s by default) would add to the stanza counts asserted here; the link
+        # loss tests have them (test_dmuc_link_loss.py).
+        raleigh_blocks=[f'Component "{MIRROR}" "dmuc"\n    dmuc_masters = {{ "{CONFERENCE}" }}\n'
+                        '    dmuc_ping_interval = 3600'],
     )
 
 
