@@ -523,6 +523,9 @@ handle_call(_Request, _From, State) -> {reply, ok, State}.
 
 handle_cast(drain, State) ->
     {noreply, persist(drain(State))};
+handle_cast({s2s_out_closed, Pid, RServer}, State) ->
+    _ = erlang:monitor(process, Pid, [{tag, {s2s_out_gone, RServer}}]),
+    {noreply, State};
 handle_cast({link_events, Service, Events, At}, State) ->
     tell_rooms(Service, Events),
     {noreply, arm_watch(Service, At, State)};
@@ -600,6 +603,13 @@ handle_info({watch_timeout, Service}, #{watch_timers := Timers} = State) ->
                     {noreply, arm_watch(Service, At, State1)};
                 _ -> {noreply, State1}
             end
+    end;
+handle_info({{s2s_out_gone, RServer}, _Ref, process, _Pid, _Why}, #{host := Host} = State) ->
+    case persistent_term:get({?MODULE, mirror, Host}, undefined) of
+        undefined -> {noreply, State};
+        {M, _} ->
+            _ = call(fun() -> dmuc_nif:mirror_s2s_closed(M, now_ms(), RServer) end),
+            {noreply, persist(drain(State))}
     end;
 handle_info(_Info, State) -> {noreply, State}.
 
@@ -706,13 +716,15 @@ filter_pong(#iq{type = T, to = #jid{luser = <<>>, lresource = <<>>, lserver = LS
     end;
 filter_pong(Pkt) -> Pkt.
 
-%% An s2s connection to a master closed: what was written into it may be lost unbounced.
+%% An s2s connection to a master closed: what was written into it may be lost unbounced. This
+%% runs in the closing connection's process, which is still the registered route: what the
+%% mirror sends again must wait until it is gone, or it would die with it.
 s2s_out_closed(#{server := LServer, remote_server := RServer} = State, _Reason) ->
     case persistent_term:get({?MODULE, mirror, LServer}, undefined) of
         undefined -> ok;
         {M, Proc} ->
             case dmuc_nif:mirror_handles(M, RServer) of
-                true -> _ = mirror_run(M, Proc, fun() -> dmuc_nif:mirror_s2s_closed(M, now_ms(), RServer) end);
+                true -> gen_server:cast(Proc, {s2s_out_closed, self(), RServer});
                 false -> ok
             end
     end,
