@@ -523,8 +523,8 @@ handle_call(_Request, _From, State) -> {reply, ok, State}.
 
 handle_cast(drain, State) ->
     {noreply, persist(drain(State))};
-handle_cast({s2s_out_closed, Pid, RServer}, State) ->
-    _ = erlang:monitor(process, Pid, [{tag, {s2s_out_gone, RServer}}]),
+handle_cast({s2s_out_closed, Pid, FromTo}, State) ->
+    _ = erlang:monitor(process, Pid, [{tag, {s2s_out_gone, FromTo}}]),
     {noreply, State};
 handle_cast({link_events, Service, Events, At}, State) ->
     tell_rooms(Service, Events),
@@ -604,14 +604,27 @@ handle_info({watch_timeout, Service}, #{watch_timers := Timers} = State) ->
                 _ -> {noreply, State1}
             end
     end;
-handle_info({{s2s_out_gone, RServer}, _Ref, process, _Pid, _Why}, #{host := Host} = State) ->
-    case persistent_term:get({?MODULE, mirror, Host}, undefined) of
-        undefined -> {noreply, State};
-        {M, _} ->
-            _ = call(fun() -> dmuc_nif:mirror_s2s_closed(M, now_ms(), RServer) end),
-            {noreply, persist(drain(State))}
-    end;
+handle_info({{s2s_out_gone, FromTo}, _Ref, process, Pid, _Why}, State) ->
+    s2s_out_gone(FromTo, Pid, State);
+handle_info({s2s_out_gone, FromTo, Pid}, State) ->
+    s2s_out_gone(FromTo, Pid, State);
 handle_info(_Info, State) -> {noreply, State}.
+
+%% The closed connection's process is gone; once ejabberd_s2s has forgotten it too (it does so
+%% on its own monitor, a moment later), the mirror sends again what was in flight.
+s2s_out_gone({_, RServer} = FromTo, Pid, #{host := Host} = State) ->
+    case lists:member(Pid, ejabberd_s2s:get_connections_pids(FromTo)) of
+        true ->
+            erlang:send_after(20, self(), {s2s_out_gone, FromTo, Pid}),
+            {noreply, State};
+        false ->
+            case persistent_term:get({?MODULE, mirror, Host}, undefined) of
+                undefined -> {noreply, State};
+                {M, _} ->
+                    _ = call(fun() -> dmuc_nif:mirror_s2s_closed(M, now_ms(), RServer) end),
+                    {noreply, persist(drain(State))}
+            end
+    end.
 
 %% Store the mirror's queue when it changed (in this process, so that writes keep their order).
 persist(#{service := undefined} = State) -> State;
@@ -724,7 +737,7 @@ s2s_out_closed(#{server := LServer, remote_server := RServer} = State, _Reason) 
         undefined -> ok;
         {M, Proc} ->
             case dmuc_nif:mirror_handles(M, RServer) of
-                true -> gen_server:cast(Proc, {s2s_out_closed, self(), RServer});
+                true -> gen_server:cast(Proc, {s2s_out_closed, self(), {LServer, RServer}});
                 false -> ok
             end
     end,
