@@ -1690,6 +1690,22 @@ impl Mirror {
     /// what is in flight is sent again at once, ahead of anything newer (the master drops what it
     /// already has by origin-id), and a ping round starts.
     pub fn handle_s2s_closed(&mut self, now: Timestamp, domain: &str) {
+        self.handle_s2s_closing(now, domain);
+        let domain = domain.to_ascii_lowercase();
+        for room in self.rooms_of(&domain) {
+            let ready = self.rooms.get(&room).is_some_and(|r| {
+                r.sync == Sync::Ready && r.resync.is_empty() && r.refused.is_empty()
+            });
+            if ready {
+                self.flush_queue(now, &room, true);
+            }
+        }
+    }
+
+    /// The first half of [`Mirror::handle_s2s_closed`], for a host that still routes to the
+    /// closing connection for a moment (ejabberd): what was in flight goes back to the queue,
+    /// and newer messages wait behind it, until [`Mirror::handle_s2s_closed`] sends it.
+    pub fn handle_s2s_closing(&mut self, now: Timestamp, domain: &str) {
         let domain = domain.to_ascii_lowercase();
         let rooms = self.rooms_of(&domain);
         if rooms.is_empty() {
@@ -1705,14 +1721,11 @@ impl Mirror {
             if r.in_flight.is_empty() {
                 continue;
             }
-            debug!(%room, in_flight = r.in_flight.len(), "s2s session closed: sending what was in flight again");
+            debug!(%room, in_flight = r.in_flight.len(), "s2s session closed: what was in flight goes again");
             while let Some(q) = r.in_flight.pop_back() {
                 r.queue.push_front(q);
             }
             self.queue_dirty = true;
-            if r.sync == Sync::Ready && r.resync.is_empty() && r.refused.is_empty() {
-                self.flush_queue(now, &room, true);
-            }
         }
     }
 

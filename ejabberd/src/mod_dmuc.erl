@@ -737,7 +737,10 @@ s2s_out_closed(#{server := LServer, remote_server := RServer} = State, _Reason) 
         undefined -> ok;
         {M, Proc} ->
             case dmuc_nif:mirror_handles(M, RServer) of
-                true -> gen_server:cast(Proc, {s2s_out_closed, self(), {LServer, RServer}});
+                true ->
+                    %% Now: newer messages wait behind what was in flight.
+                    _ = mirror_run(M, Proc, fun() -> dmuc_nif:mirror_s2s_closing(M, now_ms(), RServer) end),
+                    gen_server:cast(Proc, {s2s_out_closed, self(), {LServer, RServer}});
                 false -> ok
             end
     end,

@@ -195,3 +195,16 @@ fn mirror_s2s_in_closed(
         Ok(Verdict::Consumed)
     })
 }
+
+/// An s2s connection to a master is closing (still the route): in flight goes back to the queue.
+#[rustler::nif]
+fn mirror_s2s_closing(
+    r: ResourceArc<MirrorRes>,
+    now: u64,
+    domain: String,
+) -> Result<Outcome, NifError> {
+    run(&r, |m| {
+        m.handle_s2s_closing(Timestamp(now), &domain);
+        Ok(Verdict::Consumed)
+    })
+}
