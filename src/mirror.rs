@@ -297,6 +297,13 @@ impl MirrorRoom {
         }
     }
 
+    /// Put `items` (oldest first) at the head of the queue, ahead of anything queued.
+    fn queue_first(&mut self, items: impl IntoIterator<Item = Queued>) {
+        let mut items: Vec<Queued> = items.into_iter().collect();
+        items.extend(self.queue.drain(..));
+        self.queue = items.into();
+    }
+
     fn occupant_jid(&self, nick: &str) -> String {
         format!("{}/{}", self.jid, nick)
     }
@@ -1139,9 +1146,7 @@ impl Mirror {
                     if r.resync.is_empty() {
                         // What the master refused while it had lost our users goes first.
                         let refused = std::mem::take(&mut r.refused);
-                        for q in refused.into_iter().rev() {
-                            r.queue.push_front(q);
-                        }
+                        r.queue_first(refused);
                         match r.sync {
                             Sync::Ready => self.flush_queue(now, room, true),
                             Sync::Rejoin => self.request_history(now, room),
@@ -1722,9 +1727,8 @@ impl Mirror {
                 continue;
             }
             debug!(%room, in_flight = r.in_flight.len(), "s2s session closed: what was in flight goes again");
-            while let Some(q) = r.in_flight.pop_back() {
-                r.queue.push_front(q);
-            }
+            let in_flight = std::mem::take(&mut r.in_flight);
+            r.queue_first(in_flight);
             self.queue_dirty = true;
         }
     }
@@ -1862,12 +1866,10 @@ impl Mirror {
         };
         // What was in flight may or may not have arrived: it goes again, ahead of the queue, and
         // the master drops what it already has by origin-id.
-        while let Some(q) = r.in_flight.pop_back() {
-            r.queue.push_front(q);
-        }
-        for q in std::mem::take(&mut r.refused).into_iter().rev() {
-            r.queue.push_front(q);
-        }
+        let in_flight = std::mem::take(&mut r.in_flight);
+        r.queue_first(in_flight);
+        let refused = std::mem::take(&mut r.refused);
+        r.queue_first(refused);
         r.resync.clear();
         r.history_iq = None;
         r.roster_iq = None;
