@@ -1,0 +1,219 @@
+//! Link health: ping rounds, a link going down (remote occupants shown gone, messages queue)
+//! and coming back (each room resyncs).
+
+use std::collections::BTreeSet;
+
+use minidom::Element;
+use tracing::{info, warn};
+
+use super::room::{Pending, Sync};
+use super::Mirror;
+use crate::link::Pong;
+use crate::ns;
+use crate::queue::user_domain;
+use crate::stanza::{self, Condition};
+use crate::time::Timestamp;
+
+impl Mirror {
+    /// Down: every remote occupant is shown leaving (status 333) to the local occupants, who go
+    /// on chatting; their messages, and those still in flight, queue for the master.
+    pub(super) fn link_lost(&mut self, now: Timestamp, master: &str) {
+        let interval = self.config.ping_interval_ms;
+        let link = self.links.entry(master.to_string()).or_default();
+        if !link.go_down(now) {
+            return;
+        }
+        link.schedule(now.plus_ms(interval));
+        warn!(%master, "link down: remote occupants shown as gone, messages queue");
+        for room in self.rooms_of(master) {
+            self.lose(&room);
+        }
+    }
+
+    /// Up: each room with local occupants asks the master for its roster (which resyncs it);
+    /// a room with only queued messages sends them.
+    pub(super) fn link_back(&mut self, now: Timestamp, master: &str) {
+        let Some(link) = self.links.get_mut(master) else {
+            return;
+        };
+        if !link.go_up(now) {
+            return;
+        }
+        info!(%master, "link up: resyncing");
+        for room in self.rooms_of(master) {
+            self.resync(now, &room);
+        }
+    }
+
+    /// A ping was answered (or bounced).
+    pub(super) fn pong(&mut self, now: Timestamp, master: &str, id: &str, bounced: bool) {
+        let answer = self
+            .links
+            .get_mut(master)
+            .and_then(|l| l.answer(now, id, bounced));
+        match answer {
+            Some(Pong::Bounced) => self.link_lost(now, master),
+            Some(Pong::Alive { round, domain }) => {
+                let mut acked = 0;
+                for room in self.rooms_of(master) {
+                    if let Some(r) = self.rooms.get_mut(&room) {
+                        acked += r.out.acknowledge(round, &domain);
+                        if r.out.barrier && r.out.in_flight.is_empty() {
+                            r.out.barrier = false;
+                            if r.may_flush() {
+                                // What waited behind the barrier: sent as any message is.
+                                self.flush_queue(now, &room, false);
+                            }
+                        }
+                    }
+                    self.close_if_empty(&room);
+                }
+                if acked > 0 {
+                    self.queue_dirty = true;
+                }
+                if domain == self.config.service {
+                    self.redo_lost_requests(now, master, round);
+                }
+                self.link_back(now, master);
+            }
+            None => {}
+        }
+    }
+
+    /// The master answered the mirror service's ping of `round`: a roster or history request
+    /// sent before it on the same stream, whose answer (sent before the ping's) has not come, was
+    /// lost with a dying connection. Ask again.
+    pub(super) fn redo_lost_requests(&mut self, now: Timestamp, master: &str, round: u64) {
+        for room in self.rooms_of(master) {
+            let Some(r) = self.rooms.get(&room) else {
+                continue;
+            };
+            // A host may answer pings before its rooms answer (ejabberd): give the answer a ping
+            // timeout's head start before calling it lost.
+            if r.sync_round > round || now.since(r.sync_sent) < self.config.ping_timeout_ms {
+                continue;
+            }
+            if r.roster_iq.is_some() {
+                info!(%room, "the roster request was lost: asking again");
+                self.resync(now, &room);
+            } else if r.history_iq.is_some() && r.sync == Sync::History {
+                info!(%room, "the history request was lost: asking again");
+                self.request_history(now, &room);
+            }
+        }
+    }
+
+    pub(super) fn lose(&mut self, room: &str) {
+        let Some(r) = self.rooms.get_mut(room) else {
+            return;
+        };
+        // What was in flight may or may not have arrived: it goes again, ahead of the queue, and
+        // the master drops what it already has by origin-id.
+        r.out.requeue_in_flight();
+        let refused = std::mem::take(&mut r.out.refused);
+        r.out.queue_first(refused);
+        r.resync.clear();
+        r.history_iq = None;
+        r.roster_iq = None;
+        r.catching_up = false;
+        if r.sync != Sync::Ready && r.synced {
+            r.sync = Sync::Ready;
+        }
+        let pending: Vec<(String, Pending)> = std::mem::take(&mut r.pending).into_iter().collect();
+        // Every remote occupant leaves for a technical reason (XEP-0045 status 333).
+        let mut status = Element::builder("status", ns::MUC_USER).build();
+        stanza::set_attr(&mut status, "code", "333");
+        let remote: Vec<(String, Element)> = r
+            .replica
+            .occupants
+            .iter()
+            .filter(|(_, o)| o.local.is_none())
+            .map(|(n, _)| (n.clone(), r.replica.leave_of(n, [status.clone()])))
+            .collect();
+        for (n, _) in &remote {
+            r.replica.occupants.remove(n);
+        }
+        let room_jid = r.replica.jid.clone();
+        for (nick, p) in pending {
+            let mut e = Element::builder("presence", ns::JABBER_CLIENT).build();
+            stanza::set_attr(&mut e, "to", &room_jid);
+            let reply = stanza::error_reply(
+                &e,
+                &format!("{room_jid}/{nick}"),
+                &p.user,
+                Condition::RemoteServerTimeout,
+                "The link to this room is down",
+            );
+            self.send(&reply);
+        }
+        for (nick, p) in remote {
+            self.fan_out_presence(room, &nick, &p, None);
+        }
+        self.queue_dirty = true;
+        self.close_if_empty(room);
+    }
+
+    /// Expire unanswered pings, and start the ping rounds that are due.
+    pub(super) fn ping(&mut self, now: Timestamp) {
+        let masters: Vec<String> = self.links.keys().cloned().collect();
+        for master in masters {
+            let expired = self.links.get_mut(&master).is_some_and(|l| l.expire(now));
+            if expired {
+                warn!(%master, "a ping went unanswered");
+                self.link_lost(now, &master);
+            }
+            let rooms = self.rooms_of(&master);
+            let Some(link) = self.links.get_mut(&master) else {
+                continue;
+            };
+            if rooms.is_empty() {
+                link.idle();
+                continue;
+            }
+            if !link.due(now) {
+                continue;
+            }
+            // One ping per user domain: each shares the s2s stream of that domain's messages.
+            let mut domains = BTreeSet::new();
+            for room in &rooms {
+                if let Some(r) = self.rooms.get(room) {
+                    domains.extend(r.replica.local.keys().map(|u| user_domain(u).to_string()));
+                    domains.extend(r.pending.values().map(|p| user_domain(&p.user).to_string()));
+                    domains.extend(
+                        r.out
+                            .queue
+                            .iter()
+                            .chain(r.out.in_flight.iter())
+                            .map(|q| q.user_domain().to_string()),
+                    );
+                }
+            }
+            // And one from the mirror service: it shares the streams of the sync requests.
+            domains.insert(self.config.service.clone());
+            let mut pings = Vec::new();
+            for domain in domains {
+                self.next_id += 1;
+                let id = format!("dmuc-ping-{}", self.next_id);
+                let mut iq = Element::builder("iq", ns::JABBER_CLIENT).build();
+                stanza::set_attr(&mut iq, "from", &domain);
+                stanza::set_attr(&mut iq, "to", &master);
+                stanza::set_attr(&mut iq, "id", &id);
+                stanza::set_attr(&mut iq, "type", "get");
+                iq.append_child(Element::builder("ping", ns::PING).build());
+                pings.push((id, domain, iq));
+            }
+            let (interval, timeout) = (self.config.ping_interval_ms, self.config.ping_timeout_ms);
+            if let Some(link) = self.links.get_mut(&master) {
+                link.start_round(
+                    now,
+                    interval,
+                    timeout,
+                    pings.iter().map(|(id, d, _)| (id.clone(), d.clone())),
+                );
+            }
+            for (_, _, iq) in pings {
+                self.send(&iq);
+            }
+        }
+    }
+}

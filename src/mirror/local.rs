@@ -1,0 +1,360 @@
+//! Stanzas from local users to a mirrored room: joins, leaves, status changes and groupchat
+//! messages. Joins wait for the master; messages are shown locally at once and sent (or queued).
+
+use jid::Jid;
+use minidom::Element;
+use tracing::{debug, warn};
+
+use super::classify::origin_id;
+use super::room::{MirrorRoom, Pending};
+use super::{round_of, Mirror, Verdict};
+use crate::elements::Dmuc;
+use crate::error::Error;
+use crate::ns;
+use crate::queue::Queued;
+use crate::room_history::Entry;
+use crate::stanza::{self, Condition};
+use crate::time::Timestamp;
+
+impl Mirror {
+    pub(super) fn local_presence(
+        &mut self,
+        now: Timestamp,
+        el: Element,
+        from: Jid,
+        room: String,
+        nick: String,
+    ) -> Result<Verdict, Error> {
+        let user = from.to_string();
+        let master_down = self.is_down(&room);
+        let kind = stanza::stanza_type(&el).map(str::to_string);
+        let current = self
+            .rooms
+            .get(&room)
+            .and_then(|r| r.replica.local.get(&user))
+            .map(|(n, _)| n.clone());
+        match kind.as_deref() {
+            Some("unavailable") => {
+                let Some(current) = current else {
+                    // A leave from a user whose join is still pending: cancel it, and tell the master.
+                    if let Some(r) = self.rooms.get_mut(&room) {
+                        r.pending.retain(|_, p| p.user != user);
+                    }
+                    if !master_down {
+                        self.send(&el);
+                    }
+                    self.close_if_empty(&room);
+                    return Ok(Verdict::Consumed);
+                };
+                self.local_leave(&room, &user, &current, &el);
+                if master_down {
+                    // The master hears of it after the messages this user sent before leaving.
+                    if let Some(r) = self.rooms.get_mut(&room) {
+                        r.out.queue.push_back(Queued {
+                            user: user.clone(),
+                            nick: current.clone(),
+                            at: now,
+                            stanza: el,
+                            round: 0,
+                        });
+                        self.queue_dirty = true;
+                    }
+                } else {
+                    self.send(&el);
+                }
+                self.close_if_empty(&room);
+                Ok(Verdict::Consumed)
+            }
+            Some(_) => Ok(Verdict::Pass),
+            None => {
+                if let Some(current) = current {
+                    if current != nick {
+                        let reply = stanza::error_reply(
+                            &el,
+                            &format!("{room}/{nick}"),
+                            &user,
+                            Condition::NotAcceptable,
+                            "Nick changes are not allowed in a mirrored room",
+                        );
+                        self.send(&reply);
+                        return Ok(Verdict::Consumed);
+                    }
+                    // A status change: the master confirms it to everyone, us included.
+                    let Some(r) = self.rooms.get_mut(&room) else {
+                        return Ok(Verdict::Consumed);
+                    };
+                    if let Some(entry) = r.replica.local.get_mut(&user) {
+                        entry.1 = el.clone();
+                    }
+                    if master_down {
+                        self.local_status(&room, &nick, &el);
+                    } else {
+                        let fwd = self.to_master(&el);
+                        self.send(&fwd);
+                    }
+                    return Ok(Verdict::Consumed);
+                }
+                self.local_join(now, el, user, room, nick, master_down)
+            }
+        }
+    }
+
+    pub(super) fn local_join(
+        &mut self,
+        now: Timestamp,
+        el: Element,
+        user: String,
+        room: String,
+        nick: String,
+        master_down: bool,
+    ) -> Result<Verdict, Error> {
+        let occupant_jid = format!("{room}/{nick}");
+        if master_down {
+            let reply = stanza::error_reply(
+                &el,
+                &occupant_jid,
+                &user,
+                Condition::RemoteServerTimeout,
+                "The link to this room is down",
+            );
+            self.send(&reply);
+            return Ok(Verdict::Consumed);
+        }
+        let master = Jid::new(&room)
+            .map(|j| j.domain().to_string())
+            .unwrap_or_default();
+        let history_size = self.config.history_size;
+        let deadline = now.plus_ms(self.config.join_timeout_ms);
+        let fwd = self.to_master(&el);
+        let r = self
+            .rooms
+            .entry(room.clone())
+            .or_insert_with(|| MirrorRoom::new(room.clone(), master, history_size));
+        let taken = r
+            .replica
+            .occupants
+            .get(&nick)
+            .is_some_and(|o| o.local.as_deref() != Some(&user))
+            || r.pending.get(&nick).is_some_and(|p| p.user != user);
+        if taken {
+            let reply = stanza::error_reply(&el, &occupant_jid, &user, Condition::Conflict, "");
+            self.send(&reply);
+            return Ok(Verdict::Consumed);
+        }
+        debug!(%room, %nick, "forwarding a local join");
+        let master = r.master.clone();
+        let first_ping = now.plus_ms(self.config.ping_interval_ms);
+        self.links.entry(master).or_default().schedule(first_ping);
+        let Some(r) = self.rooms.get_mut(&room) else {
+            return Ok(Verdict::Consumed);
+        };
+        r.pending.insert(
+            nick,
+            Pending {
+                user,
+                deadline,
+                join: el,
+            },
+        );
+        self.send(&fwd);
+        Ok(Verdict::Consumed)
+    }
+
+    /// The user's join as the master gets it: `<x/>` without `<history/>` (the mirror serves
+    /// history), plus `<dmuc from='mirror'/>`.
+    pub(super) fn to_master(&self, el: &Element) -> Element {
+        let mut fwd = el.clone();
+        if let Some(x) = fwd.get_child_mut("x", ns::MUC) {
+            let mut rebuilt = Element::builder("x", ns::MUC).build();
+            for c in x.children().filter(|c| !c.is("history", ns::MUC)) {
+                rebuilt.append_child(c.clone());
+            }
+            *x = rebuilt;
+        }
+        while fwd.remove_child("dmuc", ns::DMUC).is_some() {}
+        if let Ok(service) = Jid::new(&self.config.service) {
+            fwd.append_child(Dmuc { from: service }.into());
+        }
+        fwd
+    }
+
+    pub(super) fn local_leave(&mut self, room: &str, user: &str, nick: &str, el: &Element) {
+        let Some(r) = self.rooms.get_mut(room) else {
+            return;
+        };
+        r.replica.local.remove(user);
+        // The leave as XEP-0045 shows it, with the user's status text.
+        let texts = el
+            .children()
+            .filter(|c| c.is("status", ns::JABBER_CLIENT))
+            .cloned();
+        let gone = r.replica.leave_of(nick, texts);
+        r.replica.occupants.remove(nick);
+        self.fan_out_presence(room, nick, &gone, Some(user));
+    }
+
+    pub(super) fn local_status(&mut self, room: &str, nick: &str, el: &Element) {
+        let Some(r) = self.rooms.get_mut(room) else {
+            return;
+        };
+        let Some(o) = r.replica.occupants.get_mut(nick) else {
+            return;
+        };
+        let mut p = el.clone();
+        stanza::remove_attr(&mut p, "to");
+        stanza::set_attr(&mut p, "from", format!("{room}/{nick}"));
+        while p.remove_child("x", ns::MUC).is_some() {}
+        if let Some(x) = stanza::muc_user(&o.presence) {
+            p.append_child(x.clone());
+        }
+        o.presence = p.clone();
+        self.fan_out_presence(room, nick, &p, None);
+    }
+
+    /// Send `presence` about `subject` to every local occupant (and to `extra`, a user who has
+    /// just left, who sees their own leave).
+    pub(super) fn fan_out_presence(
+        &mut self,
+        room: &str,
+        subject: &str,
+        presence: &Element,
+        extra: Option<&str>,
+    ) {
+        let Some(r) = self.rooms.get(room) else {
+            return;
+        };
+        let mut out = Vec::new();
+        for (user, (nick, _)) in &r.replica.local {
+            out.push(r.replica.presence_for(presence, subject, nick, user));
+        }
+        if let Some(user) = extra {
+            let mut p = presence.clone();
+            stanza::set_attr(&mut p, "to", user);
+            stanza::add_status(&mut p, "110");
+            out.push(p);
+        }
+        for p in out {
+            self.send(&p);
+        }
+    }
+
+    pub(super) fn local_groupchat(
+        &mut self,
+        now: Timestamp,
+        el: Element,
+        from: Jid,
+        room: String,
+    ) -> Result<Verdict, Error> {
+        let user = from.to_string();
+        let down = self.is_down(&room);
+        let queue_limit = self.config.queue_limit;
+        let Some(r) = self.rooms.get_mut(&room) else {
+            let reply = stanza::error_reply(
+                &el,
+                &room,
+                &user,
+                Condition::NotAcceptable,
+                "You are not in this room",
+            );
+            self.send(&reply);
+            return Ok(Verdict::Consumed);
+        };
+        let Some((nick, _)) = r.replica.local.get(&user).cloned() else {
+            let reply = stanza::error_reply(
+                &el,
+                &room,
+                &user,
+                Condition::NotAcceptable,
+                "You are not in this room",
+            );
+            self.send(&reply);
+            return Ok(Verdict::Consumed);
+        };
+        if el.get_child("subject", ns::JABBER_CLIENT).is_some() {
+            // A subject change needs the master's permission: it comes back as a broadcast.
+            if down {
+                let reply = stanza::error_reply(
+                    &el,
+                    &room,
+                    &user,
+                    Condition::RemoteServerTimeout,
+                    "The link to this room is down",
+                );
+                self.send(&reply);
+            } else {
+                self.send(&el);
+            }
+            return Ok(Verdict::Consumed);
+        }
+        if r.replica
+            .occupants
+            .get(&nick)
+            .is_some_and(|o| o.role() == "visitor")
+        {
+            let reply = stanza::error_reply(
+                &el,
+                &room,
+                &user,
+                Condition::Forbidden,
+                "Visitors may not speak in this room",
+            );
+            self.send(&reply);
+            return Ok(Verdict::Consumed);
+        }
+        let original = el.clone();
+        let mut el = el;
+        if origin_id(&el).is_none() {
+            // The master's de-duplication key, should this message have to be sent again.
+            self.next_id += 1;
+            let mut o = Element::builder("origin-id", ns::SID).build();
+            stanza::set_attr(&mut o, "id", format!("dmuc-{:x}-{}", now.0, self.next_id));
+            el.append_child(o);
+        }
+        let round = round_of(&self.links, &r.master);
+        let item = Queued {
+            user: user.clone(),
+            nick: nick.clone(),
+            at: now,
+            stanza: el.clone(),
+            round,
+        };
+        // While older messages still wait for the link (a resync is under way), a new one waits
+        // behind them: the master gets each sender's messages in order.
+        let hold = r.out.must_hold(down);
+        if hold {
+            if r.out.queue.len() + r.out.in_flight.len() >= queue_limit {
+                warn!(%room, "outbound queue full: message refused");
+                let reply = stanza::error_reply(
+                    &el,
+                    &room,
+                    &user,
+                    Condition::ResourceConstraint,
+                    "The link to this room is down and the queue is full",
+                );
+                self.send(&reply);
+                return Ok(Verdict::Consumed);
+            }
+            r.out.queue.push_back(item);
+        } else {
+            r.out.in_flight.push_back(item);
+        }
+        self.queue_dirty = true;
+        // Local users see the message as its sender wrote it (our origin-id is for the master).
+        let mut shown = original;
+        stanza::set_attr(&mut shown, "from", r.replica.occupant_jid(&nick));
+        stanza::remove_attr(&mut shown, "to");
+        while shown.remove_child("delay", ns::DELAY).is_some() {}
+        let text = stanza::serialize(&shown);
+        let copies = stanza::copies_to(
+            &text,
+            shown.name(),
+            r.replica.local.keys().map(String::as_str),
+        );
+        r.replica.history.push(Entry::with_text(shown, &text, now));
+        self.transmits.extend(copies);
+        if !hold {
+            self.send(&el);
+        }
+        Ok(Verdict::Consumed)
+    }
+}

@@ -1,0 +1,597 @@
+//! The mirror role: a service on the users' server that keeps a copy of each remote room that has
+//! local occupants. Local users' stanzas for a mirrored room come here; the mirror serves joins
+//! from its copy, delivers each message to its local occupants at once and sends it to the master
+//! once, fans the master's broadcasts out to its local occupants, and keeps local chat going while
+//! the link is down.
+//!
+//! # API
+//!
+//! Getters: [`Mirror::handles`], [`Mirror::rooms`], [`Mirror::local_occupants`],
+//! [`Mirror::occupants`], [`Mirror::queue_depth`], [`Mirror::link_up`].
+//!
+//! Inputs (`handle_*`, each given the current time):
+//! - [`Mirror::handle_local`]: a stanza from a local user to a mirrored service;
+//! - [`Mirror::handle_remote`]: a stanza from a mirrored service, to the mirror (or to a local user);
+//! - [`Mirror::handle_link`]: the host saw the s2s link to a master go down or come up;
+//! - [`Mirror::handle_s2s_closed`] / [`Mirror::handle_s2s_in_closed`]: the host saw an
+//!   outgoing / incoming s2s session with a master close (what was in flight goes again / the
+//!   rooms catch up);
+//! - [`Mirror::handle_timeout`]: the time asked for by [`Mirror::poll_timeout`] has come (ping
+//!   rounds, ping deadlines, join and sync deadlines);
+//! - [`Mirror::import_queue`]: at start, the outbound queue the host stored before a restart.
+//!
+//! Outputs (`poll_*`): [`Mirror::poll_transmit`] (stanzas to route: to local users, or to the
+//! master) and [`Mirror::poll_timeout`]. When [`Mirror::take_queue_dirty`] says so, the host
+//! stores [`Mirror::export_queue`].
+//!
+//! # Link loss
+//!
+//! The mirror pings each master it has rooms on (see [`crate::link`]). When a ping goes
+//! unanswered or bounces, the remote occupants are shown leaving (status 333), local chat goes on,
+//! and local users' messages queue, along with those still in flight. When a ping is answered
+//! again, the mirror asks each room for its roster, rejoins users the master lost, catches up on
+//! what the master's side said (history `since`, de-duplicated), and sends the queue in order.
+//! Each message carries an XEP-0359 origin-id, by which the master drops a second copy.
+
+//!
+//! # Shape
+//!
+//! [`Mirror`] is a thin coordinator. Each incoming stanza is classified once
+//! (`classify`), then handed to the one place that handles it:
+//! - `local`: stanzas from local users (joins, leaves, status, groupchat);
+//! - `remote`: stanzas from the master (broadcasts, sync IQs, errors, escaped addresses);
+//! - `sync`: the room's sync with the master (roster, history, catch-up, queue flush);
+//! - `health`: link health (pings, down and up);
+//! - `room`, `replica`, `outbound`: the state of one room, its copy of the room, its queue.
+
+mod classify;
+mod health;
+mod local;
+mod outbound;
+mod remote;
+mod replica;
+mod room;
+mod sync;
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use jid::Jid;
+use minidom::Element;
+use tracing::{debug, info, warn};
+
+use crate::error::Error;
+use crate::link::Link;
+use crate::ns;
+use crate::queue::Queued;
+use crate::stanza::{self, Condition};
+use crate::time::Timestamp;
+
+use classify::is_bounce;
+use room::{MirrorRoom, Sync};
+
+/// Mirror settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MirrorConfig {
+    /// The mirror service's own domain, e.g. `mirror.raleigh.localhost`.
+    pub service: String,
+    /// The MUC services this mirror mirrors, e.g. `conference.fairfax.localhost`.
+    pub masters: Vec<String>,
+    /// Groupchat messages queued per room while the link is down; past this, senders get
+    /// `resource-constraint`.
+    pub queue_limit: usize,
+    /// How long a join waits for the master before the user gets `remote-server-timeout`.
+    pub join_timeout_ms: u64,
+    /// Messages of history kept per room, and served to local joins.
+    pub history_size: usize,
+    /// How often the mirror pings each master it has rooms on.
+    pub ping_interval_ms: u64,
+    /// How long a ping may go unanswered before the link counts as down.
+    pub ping_timeout_ms: u64,
+    /// A catch-up after an outage asks for history from this long before the newest message the
+    /// mirror had (covers clock skew and second-precision stamps); duplicates are dropped.
+    pub catch_up_margin_ms: u64,
+}
+
+impl MirrorConfig {
+    /// Defaults: a queue of 1000 messages, joins time out after 30 s, 20 messages of history, a
+    /// ping every 30 s answered within 20 s, a catch-up margin of 30 s.
+    pub fn new(service: impl Into<String>, masters: Vec<String>) -> Self {
+        MirrorConfig {
+            service: service.into().to_ascii_lowercase(),
+            masters: masters
+                .into_iter()
+                .map(|m| m.to_ascii_lowercase())
+                .collect(),
+            queue_limit: 1000,
+            join_timeout_ms: 30_000,
+            history_size: 20,
+            ping_interval_ms: 30_000,
+            ping_timeout_ms: 20_000,
+            catch_up_margin_ms: 30_000,
+        }
+    }
+}
+
+/// What the host does with a stanza after [`Mirror::handle_local`] or [`Mirror::handle_remote`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The mirror took it; its consequences come from [`Mirror::poll_transmit`].
+    Consumed,
+    /// Not the mirror's business: route it as usual.
+    Pass,
+}
+
+/// The link state of one master, for an admin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkStatus {
+    /// The master MUC service.
+    pub master: String,
+    /// Is the link up, as far as the mirror knows?
+    pub up: bool,
+    /// Mirrored rooms on that master.
+    pub rooms: usize,
+    /// Messages waiting for the link.
+    pub queued: usize,
+    /// Messages sent but not yet acknowledged by a ping answer.
+    pub in_flight: usize,
+    /// Outages seen since start.
+    pub outages: u64,
+    /// When the master last answered a ping.
+    pub last_pong: Option<Timestamp>,
+    /// When the last resync after an outage started.
+    pub last_resync: Option<Timestamp>,
+    /// Since when the link is down, while it is.
+    pub down_since: Option<Timestamp>,
+}
+
+/// The ping round a message sent now to `master` belongs to.
+fn round_of(links: &BTreeMap<String, Link>, master: &str) -> u64 {
+    links.get(master).map(Link::round).unwrap_or_default()
+}
+
+/// The mirror engine for one mirror service.
+#[derive(Debug)]
+pub struct Mirror {
+    config: MirrorConfig,
+    rooms: BTreeMap<String, MirrorRoom>,
+    links: BTreeMap<String, Link>,
+    transmits: VecDeque<String>,
+    next_id: u64,
+    queue_dirty: bool,
+}
+
+fn split(jid: &Jid) -> (String, Option<String>) {
+    (
+        jid.to_bare().to_string(),
+        jid.resource().map(|r| r.to_string()),
+    )
+}
+
+impl Mirror {
+    /// A mirror with these settings.
+    pub fn new(config: MirrorConfig) -> Self {
+        Mirror {
+            config,
+            rooms: BTreeMap::new(),
+            links: BTreeMap::new(),
+            transmits: VecDeque::new(),
+            next_id: 0,
+            queue_dirty: false,
+        }
+    }
+
+    /// Is `jid` (a room or occupant JID, or a service) on a service this mirror mirrors?
+    pub fn handles(&self, jid: &str) -> bool {
+        let domain = jid.split('/').next().unwrap_or_default();
+        let domain = domain.rsplit('@').next().unwrap_or_default();
+        self.config
+            .masters
+            .iter()
+            .any(|m| m.eq_ignore_ascii_case(domain))
+    }
+
+    /// The mirrored rooms that have local occupants (or joins under way).
+    pub fn rooms(&self) -> Vec<String> {
+        self.rooms.keys().cloned().collect()
+    }
+
+    /// `(full JID, nick)` of the local occupants of `room`.
+    pub fn local_occupants(&self, room: &str) -> Vec<(String, String)> {
+        self.rooms
+            .get(room)
+            .map(|r| {
+                r.replica
+                    .local
+                    .iter()
+                    .map(|(j, (n, _))| (j.clone(), n.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Nicks of every occupant of `room` the mirror knows, local or remote.
+    pub fn occupants(&self, room: &str) -> Vec<String> {
+        self.rooms
+            .get(room)
+            .map(|r| r.replica.occupants.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Messages queued for the master in `room` (waiting for the link).
+    pub fn queue_depth(&self, room: &str) -> usize {
+        self.rooms.get(room).map(|r| r.out.queue.len()).unwrap_or(0)
+    }
+
+    /// Messages sent to the master from `room` that no ping answer has acknowledged yet.
+    pub fn in_flight(&self, room: &str) -> usize {
+        self.rooms
+            .get(room)
+            .map(|r| r.out.in_flight.len())
+            .unwrap_or(0)
+    }
+
+    /// Is the link to `master` (a MUC service domain) up, as far as the mirror knows?
+    pub fn link_up(&self, master: &str) -> bool {
+        !self
+            .links
+            .get(&master.to_ascii_lowercase())
+            .is_some_and(|l| l.down)
+    }
+
+    /// Link state, queue depth and last resync of every master this mirror has talked to.
+    pub fn status(&self) -> Vec<LinkStatus> {
+        self.links
+            .iter()
+            .map(|(master, l)| {
+                let rooms: Vec<&MirrorRoom> = self
+                    .rooms
+                    .values()
+                    .filter(|r| &r.master == master)
+                    .collect();
+                LinkStatus {
+                    master: master.clone(),
+                    up: !l.down,
+                    rooms: rooms.len(),
+                    queued: rooms.iter().map(|r| r.out.queue.len()).sum(),
+                    in_flight: rooms.iter().map(|r| r.out.in_flight.len()).sum(),
+                    outages: l.outages,
+                    last_pong: l.last_pong,
+                    last_resync: l.last_resync,
+                    down_since: l.down_since,
+                }
+            })
+            .collect()
+    }
+
+    /// Has the outbound queue changed since the last call? The host then stores
+    /// [`Mirror::export_queue`], so that a restart loses nothing.
+    pub fn take_queue_dirty(&mut self) -> bool {
+        std::mem::take(&mut self.queue_dirty)
+    }
+
+    /// Everything not yet acknowledged by the master (in flight first, then queued), in order, in
+    /// storage form (see [`crate::queue`]).
+    pub fn export_queue(&self) -> Vec<String> {
+        self.rooms
+            .values()
+            .flat_map(|r| r.out.unacknowledged().map(|q| q.to_xml(&r.replica.jid)))
+            .collect()
+    }
+
+    /// The next stanza to route.
+    pub fn poll_transmit(&mut self) -> Option<String> {
+        self.transmits.pop_front()
+    }
+
+    /// When [`Mirror::handle_timeout`] should next be called.
+    pub fn poll_timeout(&self) -> Option<Timestamp> {
+        self.rooms
+            .values()
+            .flat_map(|r| {
+                r.pending
+                    .values()
+                    .map(|p| p.deadline)
+                    .chain(r.history_iq.as_ref().map(|(_, d)| *d))
+                    .chain(r.roster_iq.as_ref().map(|(_, d)| *d))
+            })
+            .chain(self.links.values().filter_map(Link::deadline))
+            .min()
+    }
+
+    fn send(&mut self, el: &Element) {
+        self.transmits.push_back(stanza::serialize(el));
+    }
+
+    fn id(&mut self, prefix: &str) -> String {
+        self.next_id += 1;
+        format!("dmuc-{prefix}-{}", self.next_id)
+    }
+
+    /// A stanza from a local user addressed to a mirrored service.
+    pub fn handle_local(&mut self, now: Timestamp, xml: &str) -> Result<Verdict, Error> {
+        let el = stanza::parse(xml)?;
+        let from = stanza::jid_attr(&el, "stanza", "from")?;
+        let to = stanza::jid_attr(&el, "stanza", "to")?;
+        if !self.handles(to.as_str()) {
+            return Ok(Verdict::Pass);
+        }
+        let (room, nick) = split(&to);
+        match (el.name(), nick) {
+            ("presence", Some(nick)) => self.local_presence(now, el, from, room, nick),
+            ("message", None) if stanza::stanza_type(&el) == Some("groupchat") => {
+                self.local_groupchat(now, el, from, room)
+            }
+            _ => Ok(Verdict::Pass),
+        }
+    }
+
+    fn is_down(&self, room: &str) -> bool {
+        let domain = room.rsplit('@').next().unwrap_or_default();
+        self.links
+            .get(&domain.to_ascii_lowercase())
+            .is_some_and(|l| l.down)
+    }
+
+    /// Forget a room once it has no local occupants, no joins under way and nothing left to
+    /// deliver: it costs nothing. A master with no rooms left is not pinged.
+    fn close_if_empty(&mut self, room: &str) {
+        let empty = self.rooms.get(room).is_some_and(|r| {
+            r.replica.local.is_empty() && r.pending.is_empty() && r.out.is_empty()
+        });
+        if !empty {
+            return;
+        }
+        let Some(r) = self.rooms.remove(room) else {
+            return;
+        };
+        info!(%room, "last local occupant left: the mirror leaves the room");
+        if !self.rooms.values().any(|o| o.master == r.master) {
+            if let Some(l) = self.links.get_mut(&r.master) {
+                // Nothing to ping for; the next join finds out for itself.
+                l.idle();
+                l.down = false;
+                l.down_since = None;
+            }
+        }
+    }
+
+    /// A stanza from a mirrored service: to the mirror service itself, to a user's escaped JID at
+    /// the mirror, or to a local user (which the mirror only observes).
+    pub fn handle_remote(&mut self, now: Timestamp, xml: &str) -> Result<Verdict, Error> {
+        let el = stanza::parse(xml)?;
+        let from = stanza::jid_attr(&el, "stanza", "from")?;
+        let to = stanza::jid_attr(&el, "stanza", "to")?;
+        if !self.handles(from.as_str()) {
+            return Ok(Verdict::Pass);
+        }
+        if el.name() == "iq" && matches!(stanza::stanza_type(&el), Some("result") | Some("error")) {
+            let id = el.attr("id").unwrap_or_default();
+            let master = from.domain().as_str().to_ascii_lowercase();
+            if self.links.get(&master).is_some_and(|l| l.is_ours(id)) {
+                self.pong(now, &master, id, is_bounce(&el));
+                return Ok(Verdict::Consumed);
+            }
+        }
+        let to_service = to
+            .domain()
+            .as_str()
+            .eq_ignore_ascii_case(&self.config.service);
+        if !to_service {
+            return Ok(self.observe(now, &el, &from, &to));
+        }
+        if to.node().is_some() {
+            return self.escaped(now, el, &to);
+        }
+        let (room, nick) = split(&from);
+        if !self.rooms.contains_key(&room) {
+            if el.name() == "iq" && matches!(stanza::stanza_type(&el), Some("get") | Some("set")) {
+                let reply = stanza::error_reply(
+                    &el,
+                    &self.config.service.clone(),
+                    from.as_str(),
+                    Condition::ItemNotFound,
+                    "This mirror has no occupants in that room",
+                );
+                self.send(&reply);
+                return Ok(Verdict::Consumed);
+            }
+            debug!(%room, "dropped a stanza for a room with no local occupants");
+            return Ok(Verdict::Consumed);
+        }
+        match el.name() {
+            "presence" => {
+                if let Some(nick) = nick {
+                    self.remote_presence(now, el, &room, &nick);
+                }
+            }
+            "message" if stanza::stanza_type(&el) == Some("groupchat") => {
+                self.remote_groupchat(now, el, &room)
+            }
+            "iq" => self.remote_iq(now, el, &room)?,
+            _ => debug!(%room, "ignored a stanza from the master"),
+        }
+        Ok(Verdict::Consumed)
+    }
+
+    /// The host saw the s2s link to a master service go down or come up (its own s2s events).
+    /// Pings find the same by themselves; this only makes it faster.
+    pub fn handle_link(&mut self, now: Timestamp, master: &str, up: bool) {
+        let master = master.to_ascii_lowercase();
+        if !self.config.masters.contains(&master) {
+            return;
+        }
+        if up {
+            self.link_back(now, &master);
+        } else {
+            self.link_lost(now, &master);
+        }
+    }
+
+    /// The host saw an s2s session with `domain` (a master) close. That alone is no outage
+    /// (servers close idle sessions), but stanzas written into the connection may have died with
+    /// it, unbounced, and a ping answered on the next connection proves nothing about them. So
+    /// what is in flight is sent again at once, ahead of anything newer (the master drops what it
+    /// already has by origin-id), and a ping round starts.
+    pub fn handle_s2s_closed(&mut self, now: Timestamp, domain: &str) {
+        self.handle_s2s_closing(now, domain);
+        let domain = domain.to_ascii_lowercase();
+        for room in self.rooms_of(&domain) {
+            let ready = self.rooms.get(&room).is_some_and(|r| r.may_flush());
+            if ready {
+                self.flush_queue(now, &room, true);
+            }
+        }
+    }
+
+    /// The first half of [`Mirror::handle_s2s_closed`], for a host that still routes to the
+    /// closing connection for a moment (ejabberd): what was in flight goes back to the queue,
+    /// and newer messages wait behind it, until [`Mirror::handle_s2s_closed`] sends it.
+    pub fn handle_s2s_closing(&mut self, now: Timestamp, domain: &str) {
+        let domain = domain.to_ascii_lowercase();
+        let rooms = self.rooms_of(&domain);
+        if rooms.is_empty() {
+            return;
+        }
+        if let Some(link) = self.links.get_mut(&domain) {
+            link.schedule(now);
+        }
+        for room in rooms {
+            let Some(r) = self.rooms.get_mut(&room) else {
+                continue;
+            };
+            if r.out.in_flight.is_empty() {
+                continue;
+            }
+            debug!(%room, in_flight = r.out.in_flight.len(), "s2s session closed: what was in flight goes again");
+            r.out.requeue_in_flight();
+            self.queue_dirty = true;
+        }
+    }
+
+    /// The host saw an incoming s2s session from `domain` (a master) close: what the master sent
+    /// into it may be lost, unbounced. Each room in sync catches up from the room's history;
+    /// live messages wait behind the catch-up, so that each sender's messages stay in order.
+    pub fn handle_s2s_in_closed(&mut self, now: Timestamp, domain: &str) {
+        let domain = domain.to_ascii_lowercase();
+        if self.links.get(&domain).is_none_or(|l| l.down) {
+            return;
+        }
+        for room in self.rooms_of(&domain) {
+            let Some(r) = self.rooms.get_mut(&room) else {
+                continue;
+            };
+            if !r.synced || r.sync != Sync::Ready || r.replica.local.is_empty() {
+                continue;
+            }
+            debug!(%room, "s2s session from the master closed: catching up");
+            r.catching_up = true;
+            self.request_history(now, &room);
+        }
+    }
+
+    fn rooms_of(&self, master: &str) -> Vec<String> {
+        self.rooms
+            .iter()
+            .filter(|(_, r)| r.master == master)
+            .map(|(j, _)| j.clone())
+            .collect()
+    }
+
+    /// Time has come: a ping round, or a ping that was never answered (the link is down); joins
+    /// the master never answered fail with `remote-server-timeout`; a history request that was
+    /// never answered counts as an empty history; a roster request never answered means the
+    /// link is down after all.
+    pub fn handle_timeout(&mut self, now: Timestamp) {
+        let rooms: Vec<String> = self.rooms.keys().cloned().collect();
+        let mut lost = BTreeSet::new();
+        for room in rooms {
+            let Some(r) = self.rooms.get_mut(&room) else {
+                continue;
+            };
+            let expired: Vec<String> = r
+                .pending
+                .iter()
+                .filter(|(_, p)| p.deadline <= now)
+                .map(|(n, _)| n.clone())
+                .collect();
+            let mut errors = Vec::new();
+            for nick in expired {
+                if let Some(p) = r.pending.remove(&nick) {
+                    let mut e = Element::builder("presence", ns::JABBER_CLIENT).build();
+                    stanza::set_attr(&mut e, "to", r.replica.occupant_jid(&nick));
+                    errors.push(stanza::error_reply(
+                        &e,
+                        &r.replica.occupant_jid(&nick),
+                        &p.user,
+                        Condition::RemoteServerTimeout,
+                        "The room did not answer",
+                    ));
+                    // Withdraw the join, in case the master admits it late: no ghost there.
+                    let mut leave = Element::builder("presence", ns::JABBER_CLIENT).build();
+                    stanza::set_attr(&mut leave, "from", &p.user);
+                    stanza::set_attr(&mut leave, "to", r.replica.occupant_jid(&nick));
+                    stanza::set_attr(&mut leave, "type", "unavailable");
+                    errors.push(leave);
+                }
+            }
+            let history_late = r.history_iq.as_ref().is_some_and(|(_, d)| *d <= now);
+            if r.roster_iq.as_ref().is_some_and(|(_, d)| *d <= now) {
+                r.roster_iq = None;
+                lost.insert(r.master.clone());
+            }
+            for e in errors {
+                self.send(&e);
+            }
+            if history_late {
+                warn!(%room, "history request timed out");
+                self.apply_history(now, &room, Vec::new());
+            }
+            self.close_if_empty(&room);
+        }
+        for master in lost {
+            warn!(%master, "roster request after an outage timed out");
+            self.link_lost(now, &master);
+        }
+        self.ping(now);
+    }
+
+    /// At start: the queue the host stored before a restart (from [`Mirror::export_queue`]).
+    /// Nothing is sent until a ping to the master is answered; then each sender is joined for
+    /// the delivery of what they said. Items that do not parse, or name a room this mirror does
+    /// not mirror, are skipped with a warning.
+    pub fn import_queue(&mut self, now: Timestamp, items: &[String]) -> usize {
+        let mut n = 0;
+        for text in items {
+            let (room, q) = match Queued::from_xml(text) {
+                Ok(v) => v,
+                Err(e) => {
+                    warn!(error = %e, "skipped a stored queue item");
+                    continue;
+                }
+            };
+            let Ok(room_jid) = Jid::new(&room) else {
+                warn!(%room, "skipped a stored queue item for a bad room JID");
+                continue;
+            };
+            let master = room_jid.domain().as_str().to_ascii_lowercase();
+            if !self.config.masters.contains(&master) {
+                warn!(%room, "skipped a stored queue item for a room this mirror does not mirror");
+                continue;
+            }
+            let history_size = self.config.history_size;
+            let r = self
+                .rooms
+                .entry(room.clone())
+                .or_insert_with(|| MirrorRoom::new(room.clone(), master.clone(), history_size));
+            r.out.queue.push_back(q);
+            let link = self.links.entry(master).or_default();
+            link.go_down(now);
+            link.schedule(now);
+            n += 1;
+        }
+        if n > 0 {
+            info!(items = n, "restored the outbound queue");
+        }
+        n
+    }
+}

@@ -1,0 +1,111 @@
+//! What local users sent to one room that the master has not yet confirmed: the queue waiting
+//! for the link, what is in flight (sent, not yet acknowledged by a ping answer), what was
+//! acknowledged lately (a ping answer proves arrival, not acceptance), and what the master
+//! refused because it had lost the sender. The link machinery moves items between these; it
+//! knows nothing of DMUC3's elements.
+
+use std::collections::VecDeque;
+
+use crate::queue::Queued;
+
+/// Acknowledged messages kept per room, in case the master refuses them after all.
+const DELIVERED: usize = 500;
+
+#[derive(Debug, Default)]
+pub(super) struct Outbound {
+    /// Waiting for the link.
+    pub(super) queue: VecDeque<Queued>,
+    /// Sent to the master, not yet acknowledged by a ping answer.
+    pub(super) in_flight: VecDeque<Queued>,
+    /// Acknowledged lately: a master that lost the sender refuses what arrived
+    /// (`not-acceptable`).
+    pub(super) delivered: VecDeque<Queued>,
+    /// Refused by the master because it had lost the sender: sent again, in order, once the
+    /// sender's rejoin is confirmed.
+    pub(super) refused: Vec<Queued>,
+    /// The queue was just sent: newer messages wait until a ping answer acknowledges it. An s2s
+    /// connection can be replaced between two sends, and a newer message on the new connection
+    /// must not overtake older ones that die with the old one (they go again, ahead).
+    pub(super) barrier: bool,
+}
+
+impl Outbound {
+    /// Put `items` (oldest first) at the head of the queue, ahead of anything queued.
+    pub(super) fn queue_first(&mut self, items: impl IntoIterator<Item = Queued>) {
+        let mut items: Vec<Queued> = items.into_iter().collect();
+        items.extend(self.queue.drain(..));
+        self.queue = items.into();
+    }
+
+    /// Must a new message wait behind older ones (the link is down, or older messages still
+    /// wait for it)?
+    pub(super) fn must_hold(&self, down: bool) -> bool {
+        down || !self.queue.is_empty()
+            || !self.refused.is_empty()
+            || (self.barrier && !self.in_flight.is_empty())
+    }
+
+    /// Nothing left to deliver.
+    pub(super) fn is_empty(&self) -> bool {
+        self.queue.is_empty() && self.in_flight.is_empty() && self.refused.is_empty()
+    }
+
+    /// What was in flight goes back to the head of the queue (it may not have arrived).
+    pub(super) fn requeue_in_flight(&mut self) {
+        let in_flight = std::mem::take(&mut self.in_flight);
+        self.queue_first(in_flight);
+    }
+
+    /// A ping answer for `round` from `domain`: what that domain sent up to that round arrived.
+    /// Returns how many items were acknowledged.
+    pub(super) fn acknowledge(&mut self, round: u64, domain: &str) -> usize {
+        let (done, waiting): (VecDeque<Queued>, VecDeque<Queued>) =
+            std::mem::take(&mut self.in_flight)
+                .into_iter()
+                .partition(|q| q.round <= round && q.user_domain() == domain);
+        self.in_flight = waiting;
+        let n = done.len();
+        self.delivered.extend(done);
+        while self.delivered.len() > DELIVERED {
+            self.delivered.pop_front();
+        }
+        n
+    }
+
+    /// Every item from `user` with stanza id `id` that is still ours to answer for.
+    pub(super) fn is_ours(&self, user: &str, id: &str) -> bool {
+        self.in_flight
+            .iter()
+            .chain(self.queue.iter())
+            .chain(self.delivered.iter())
+            .any(|q| q.stanza.attr("id") == Some(id) && q.user == user)
+    }
+
+    /// The master refused the item from `user` with stanza id `id`: keep it for a resend.
+    pub(super) fn refuse(&mut self, user: &str, id: &str) -> bool {
+        let mine = |q: &Queued| q.stanza.attr("id") == Some(id) && q.user == user;
+        let item = match self.in_flight.iter().position(mine) {
+            Some(i) => self.in_flight.remove(i),
+            None => self
+                .delivered
+                .iter()
+                .position(mine)
+                .and_then(|i| self.delivered.remove(i)),
+        };
+        match item {
+            Some(item) => {
+                self.refused.push(item);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Everything not yet acknowledged, in order (refused, in flight, queued).
+    pub(super) fn unacknowledged(&self) -> impl Iterator<Item = &Queued> {
+        self.refused
+            .iter()
+            .chain(self.in_flight.iter())
+            .chain(self.queue.iter())
+    }
+}

@@ -1,0 +1,118 @@
+//! The mirror's replica of one remote room: its occupants (local and remote) with their
+//! presences as the room broadcasts them, the room's whois setting, its history and subject.
+//! It knows XEP-0045, not DMUC3: FMUC's joining node can keep the same replica.
+
+use std::collections::BTreeMap;
+
+use minidom::Element;
+
+use crate::elements::Whois;
+use crate::ns;
+use crate::room_history::RoomHistory;
+use crate::stanza;
+
+/// One occupant as the replica knows it.
+#[derive(Debug, Clone)]
+pub(super) struct Occupant {
+    /// The presence as the room broadcasts it (`from` = room/nick, no `to`, a muc#user item).
+    pub(super) presence: Element,
+    /// Set when the occupant is one of our local users: their full JID.
+    pub(super) local: Option<String>,
+}
+
+impl Occupant {
+    pub(super) fn role(&self) -> &str {
+        stanza::muc_item(&self.presence)
+            .and_then(|i| i.attr("role"))
+            .unwrap_or("participant")
+    }
+}
+
+/// The copy of one room.
+#[derive(Debug)]
+pub(super) struct Replica {
+    /// The room's bare JID.
+    pub(super) jid: String,
+    /// Every occupant, by nick.
+    pub(super) occupants: BTreeMap<String, Occupant>,
+    /// Local occupants: full JID -> (nick, their own last presence to the room).
+    pub(super) local: BTreeMap<String, (String, Element)>,
+    pub(super) whois: Whois,
+    pub(super) history: RoomHistory,
+    pub(super) subject: Option<Element>,
+}
+
+impl Replica {
+    pub(super) fn new(jid: String, history_size: usize) -> Self {
+        Replica {
+            jid,
+            occupants: BTreeMap::new(),
+            local: BTreeMap::new(),
+            whois: Whois::default(),
+            history: RoomHistory::new(history_size),
+            subject: None,
+        }
+    }
+
+    pub(super) fn occupant_jid(&self, nick: &str) -> String {
+        format!("{}/{}", self.jid, nick)
+    }
+
+    pub(super) fn is_moderator(&self, nick: &str) -> bool {
+        self.occupants
+            .get(nick)
+            .is_some_and(|o| o.role() == "moderator")
+    }
+
+    /// `presence` about `subject` as `recipient` (a local occupant's nick) should see it.
+    pub(super) fn presence_for(
+        &self,
+        presence: &Element,
+        subject: &str,
+        recipient: &str,
+        to: &str,
+    ) -> Element {
+        let mut p = presence.clone();
+        stanza::set_attr(&mut p, "to", to);
+        if subject == recipient {
+            stanza::add_status(&mut p, "110");
+        } else {
+            stanza::strip_self_status(&mut p);
+            if self.whois == Whois::Moderators && !self.is_moderator(recipient) {
+                stanza::strip_real_jids(&mut p);
+            }
+        }
+        p
+    }
+
+    /// An occupant's leave as XEP-0045 shows it: type unavailable, their muc#user item with role
+    /// `none`, and `extra` children (status texts, status codes).
+    pub(super) fn leave_of(&self, nick: &str, extra: impl IntoIterator<Item = Element>) -> Element {
+        let mut p = Element::builder("presence", ns::JABBER_CLIENT).build();
+        stanza::set_attr(&mut p, "from", self.occupant_jid(nick));
+        stanza::set_attr(&mut p, "type", "unavailable");
+        let mut x = Element::builder("x", ns::MUC_USER).build();
+        let mut codes = Vec::new();
+        for c in extra {
+            if c.is("status", ns::MUC_USER) {
+                codes.push(c);
+            } else {
+                p.append_child(c);
+            }
+        }
+        if let Some(item) = self
+            .occupants
+            .get(nick)
+            .and_then(|o| stanza::muc_item(&o.presence))
+        {
+            let mut item = item.clone();
+            stanza::set_attr(&mut item, "role", "none");
+            x.append_child(item);
+        }
+        for c in codes {
+            x.append_child(c);
+        }
+        p.append_child(x);
+        p
+    }
+}

@@ -1,0 +1,99 @@
+//! One mirrored room: the replica, the outbound queue, the joins under way, and where the room
+//! is in its sync with the master (roster, rejoins, history, ready).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use minidom::Element;
+
+use super::outbound::Outbound;
+use super::replica::Replica;
+use crate::recent::Recent;
+use crate::time::Timestamp;
+
+/// Fingerprints of master messages kept per room, for de-duplicating a catch-up.
+const SEEN: usize = 2000;
+
+/// A local join waiting for the master's answer.
+#[derive(Debug, Clone)]
+pub(super) struct Pending {
+    pub(super) user: String,
+    pub(super) deadline: Timestamp,
+    /// The user's join presence: kept as their own presence once the master admits them.
+    pub(super) join: Element,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Sync {
+    /// Waiting for config and roster.
+    Roster,
+    /// After an outage: waiting for the master to confirm the rejoins of our users, before the
+    /// history request (which the master only answers for a mirror with occupants).
+    Rejoin,
+    /// Waiting for the history answer (id, deadline).
+    History,
+    /// In sync.
+    Ready,
+}
+
+#[derive(Debug)]
+pub(super) struct MirrorRoom {
+    pub(super) master: String,
+    pub(super) replica: Replica,
+    pub(super) out: Outbound,
+    pub(super) pending: BTreeMap<String, Pending>,
+    /// Joins the master confirmed while we were still syncing: served once sync is done.
+    pub(super) awaiting: Vec<String>,
+    pub(super) sync: Sync,
+    pub(super) history_iq: Option<(String, Timestamp)>,
+    /// A roster request after an outage (id, deadline).
+    pub(super) roster_iq: Option<(String, Timestamp)>,
+    /// The ping round in which the pending roster or history request was sent: a later answer
+    /// to the mirror service's own ping (same s2s streams both ways) means it was lost.
+    pub(super) sync_round: u64,
+    /// When that request was sent.
+    pub(super) sync_sent: Timestamp,
+    /// The room has had its first sync: later rosters start a catch-up.
+    pub(super) synced: bool,
+    /// The pending history answer is a catch-up: deliver what local users missed.
+    pub(super) catching_up: bool,
+    /// When the first sync finished.
+    pub(super) synced_at: Option<Timestamp>,
+    /// Stamp of the newest message that came from the master (not from our own users).
+    pub(super) newest_from_master: Option<Timestamp>,
+    /// Fingerprints of the messages from the master's side already delivered here.
+    pub(super) seen: Recent<u64>,
+    /// Local occupants whose rejoin echo is expected after a resync.
+    pub(super) resync: BTreeSet<String>,
+    /// Live messages from the master that arrived during a catch-up: delivered after it, so
+    /// that each sender's messages arrive in order.
+    pub(super) held: Vec<Element>,
+}
+
+impl MirrorRoom {
+    pub(super) fn new(jid: String, master: String, history_size: usize) -> Self {
+        MirrorRoom {
+            master,
+            replica: Replica::new(jid, history_size),
+            out: Outbound::default(),
+            pending: BTreeMap::new(),
+            awaiting: Vec::new(),
+            sync: Sync::Roster,
+            history_iq: None,
+            roster_iq: None,
+            sync_round: 0,
+            sync_sent: Timestamp(0),
+            synced: false,
+            catching_up: false,
+            synced_at: None,
+            newest_from_master: None,
+            seen: Recent::new(SEEN),
+            resync: BTreeSet::new(),
+            held: Vec::new(),
+        }
+    }
+
+    /// Ready to send what waits in the queue (in sync, no rejoins or resends outstanding)?
+    pub(super) fn may_flush(&self) -> bool {
+        self.sync == Sync::Ready && self.resync.is_empty() && self.out.refused.is_empty()
+    }
+}
