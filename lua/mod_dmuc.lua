@@ -422,13 +422,18 @@ elseif host_type == "local" then
 		end
 	end
 
-	-- Local users' presences to occupant JIDs and groupchat messages go through the mirror.
+	-- Local users' stanzas for mirrored rooms go through the mirror: presences to occupant JIDs
+	-- (and leaves to the bare room), groupchat messages, self-pings. Priority 0.5: after the
+	-- modules that decorate outgoing presence (mod_vcard_legacy's avatar hash, at 1), before
+	-- mod_presence routes it (at 0), so the room gets the presence a direct user would send.
 	local function outgoing(event)
 		local m = mirror_for(event.stanza.attr.to);
 		if m and m.handle_local(event.origin, event.stanza) then return true; end
 	end
-	module:hook("pre-presence/full", outgoing, 100);
-	module:hook("pre-message/bare", outgoing, 100);
+	module:hook("pre-presence/full", outgoing, 0.5);
+	module:hook("pre-presence/bare", outgoing, 0.5);
+	module:hook("pre-message/bare", outgoing, 0.5);
+	module:hook("pre-iq/full", outgoing, 0.5);
 
 	-- A join error the master sent straight to the user ends the mirror's pending join.
 	module:hook("presence/full", function(event)

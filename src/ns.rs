@@ -24,3 +24,9 @@ pub const PING: &str = "urn:xmpp:ping";
 pub const SID: &str = "urn:xmpp:sid:0";
 /// dmuc's own storage format for the mirror's outbound queue (never sent on the wire).
 pub const QUEUE: &str = "urn:xmpp:dmuc:queue:0";
+/// XEP-0334 message processing hints (`<store/>`, `<no-store/>`): what a room keeps as history.
+pub const HINTS: &str = "urn:xmpp:hints";
+/// XEP-0380 explicit message encryption: an encrypted message counts as history.
+pub const EME: &str = "urn:xmpp:eme:0";
+/// XEP-0333 chat markers: kept as history (Prosody's rule).
+pub const CHAT_MARKERS: &str = "urn:xmpp:chat-markers:0";

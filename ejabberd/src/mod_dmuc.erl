@@ -39,6 +39,9 @@
 -define(NS_DMUC, <<"http://tridsys.com/protocol/dmuc">>).
 -define(NS_LINK, <<"urn:xmpp:dmuc:link:0">>).
 -define(MASTER_KEY, dmuc_master).
+%% Local users' stanzas are taken after mod_vcard_xupdate (50) has added the avatar hash to
+%% their presence, so that the room gets the presence a direct user would send.
+-define(SEND_PRIO, 90).
 
 %% The mirror's outbound queue, stored so that a restart loses nothing.
 -record(dmuc_queue, {service :: binary(), items = [] :: [binary()]}).
@@ -510,7 +513,7 @@ init_mirror(Host, Opts, Proc) ->
                     ?INFO_MSG("dmuc mirror ~ts for ~p (~b stored queue item(s))", [Service, Masters, length(Items)]),
                     _ = mirror_run(M, Proc, fun() -> dmuc_nif:mirror_import(M, now_ms(), Items) end),
                     ejabberd_router:register_route(Service, Host, {apply, ?MODULE, route}),
-                    ejabberd_hooks:add(user_send_packet, Host, ?MODULE, user_send_packet, 50),
+                    ejabberd_hooks:add(user_send_packet, Host, ?MODULE, user_send_packet, ?SEND_PRIO),
                     ejabberd_hooks:add(user_receive_packet, Host, ?MODULE, user_receive_packet, 50),
                     ejabberd_hooks:add(filter_packet, ?MODULE, filter_pong, 40),
                     ejabberd_hooks:add(s2s_out_closed, Host, ?MODULE, s2s_out_closed, 50),
@@ -645,7 +648,7 @@ terminate(_Reason, #{host := Host, service := Service, watched := Watched} = Sta
         undefined -> ok;
         _ ->
             persist(State),
-            ejabberd_hooks:delete(user_send_packet, Host, ?MODULE, user_send_packet, 50),
+            ejabberd_hooks:delete(user_send_packet, Host, ?MODULE, user_send_packet, ?SEND_PRIO),
             ejabberd_hooks:delete(user_receive_packet, Host, ?MODULE, user_receive_packet, 50),
             ejabberd_hooks:delete(filter_packet, ?MODULE, filter_pong, 40),
             ejabberd_hooks:delete(s2s_out_closed, Host, ?MODULE, s2s_out_closed, 50),
@@ -687,8 +690,11 @@ user_send_packet({Pkt, #{lserver := LServer} = C2S} = Acc) ->
     end;
 user_send_packet(Acc) -> Acc.
 
-is_mirror_stanza(#presence{to = #jid{lresource = R}}) when R /= <<>> -> true;
+%% A cheap filter only: the engine decides (presences to occupants, leaves to the bare room,
+%% groupchat messages, self-pings).
+is_mirror_stanza(#presence{}) -> true;
 is_mirror_stanza(#message{type = groupchat}) -> true;
+is_mirror_stanza(#iq{type = get, to = #jid{lresource = R}}) when R /= <<>> -> true;
 is_mirror_stanza(_) -> false.
 
 %% A join error the master sent straight to the user ends the mirror's pending join. A message

@@ -5,7 +5,7 @@ use jid::Jid;
 use minidom::Element;
 use tracing::{debug, warn};
 
-use super::classify::origin_id;
+use super::classify::{is_historic, origin_id};
 use super::room::{MirrorRoom, Pending};
 use super::{round_of, Mirror, Verdict};
 use crate::elements::Dmuc;
@@ -17,6 +17,65 @@ use crate::stanza::{self, Condition};
 use crate::time::Timestamp;
 
 impl Mirror {
+    /// An unavailable presence to the bare room JID: a leave of the user's current nick (or of
+    /// their join under way), as XEP-0045 servers take it. Anything else is the master's.
+    pub(super) fn local_bare_leave(
+        &mut self,
+        now: Timestamp,
+        mut el: Element,
+        from: Jid,
+        room: String,
+    ) -> Result<Verdict, Error> {
+        let user = from.to_string();
+        let nick = self.rooms.get(&room).and_then(|r| {
+            r.replica
+                .local
+                .get(&user)
+                .map(|(n, _)| n.clone())
+                .or_else(|| {
+                    r.pending
+                        .iter()
+                        .find(|(_, p)| p.user == user)
+                        .map(|(n, _)| n.clone())
+                })
+        });
+        let Some(nick) = nick else {
+            return Ok(Verdict::Pass);
+        };
+        stanza::set_attr(&mut el, "to", format!("{room}/{nick}"));
+        self.local_presence(now, el, from, room, nick)
+    }
+
+    /// An XEP-0410 self-ping. While the link is down the user is still in the mirror's room, so
+    /// the mirror answers as the room would (an empty result from the occupant JID); otherwise
+    /// the master answers.
+    pub(super) fn local_ping(
+        &mut self,
+        el: &Element,
+        from: &Jid,
+        room: &str,
+        nick: &str,
+    ) -> Verdict {
+        let user = from.to_string();
+        let joined = self
+            .rooms
+            .get(room)
+            .and_then(|r| r.replica.local.get(&user))
+            .is_some_and(|(n, _)| n == nick);
+        if !joined || !self.is_down(room) {
+            return Verdict::Pass;
+        }
+        let mut reply = Element::builder("iq", ns::JABBER_CLIENT).build();
+        stanza::set_attr(&mut reply, "from", format!("{room}/{nick}"));
+        stanza::set_attr(&mut reply, "to", user);
+        if let Some(id) = el.attr("id") {
+            stanza::set_attr(&mut reply, "id", id);
+        }
+        stanza::set_attr(&mut reply, "type", "result");
+        self.send(&reply);
+        Verdict::Consumed
+    }
+
     pub(super) fn local_presence(
         &mut self,
         now: Timestamp,
@@ -350,7 +409,9 @@ impl Mirror {
             shown.name(),
             r.replica.local.keys().map(String::as_str),
         );
-        r.replica.history.push(Entry::with_text(shown, &text, now));
+        if is_historic(&shown) {
+            r.replica.history.push(Entry::with_text(shown, &text, now));
+        }
         self.transmits.extend(copies);
         if !hold {
             self.send(&el);

@@ -66,7 +66,7 @@ use crate::queue::Queued;
 use crate::stanza::{self, Condition};
 use crate::time::Timestamp;
 
-use classify::is_bounce;
+use classify::{classify_local, classify_remote, is_bounce, FromLocal, FromMaster};
 use room::{MirrorRoom, Sync};
 
 /// Mirror settings.
@@ -316,12 +316,12 @@ impl Mirror {
             return Ok(Verdict::Pass);
         }
         let (room, nick) = split(&to);
-        match (el.name(), nick) {
-            ("presence", Some(nick)) => self.local_presence(now, el, from, room, nick),
-            ("message", None) if stanza::stanza_type(&el) == Some("groupchat") => {
-                self.local_groupchat(now, el, from, room)
-            }
-            _ => Ok(Verdict::Pass),
+        match classify_local(&el, room, nick) {
+            FromLocal::Presence { room, nick } => self.local_presence(now, el, from, room, nick),
+            FromLocal::BareLeave { room } => self.local_bare_leave(now, el, from, room),
+            FromLocal::Groupchat { room } => self.local_groupchat(now, el, from, room),
+            FromLocal::Ping { room, nick } => Ok(self.local_ping(&el, &from, &room, &nick)),
+            FromLocal::Other => Ok(Verdict::Pass),
         }
     }
 
@@ -364,25 +364,20 @@ impl Mirror {
         if !self.handles(from.as_str()) {
             return Ok(Verdict::Pass);
         }
-        if el.name() == "iq" && matches!(stanza::stanza_type(&el), Some("result") | Some("error")) {
-            let id = el.attr("id").unwrap_or_default();
-            let master = from.domain().as_str().to_ascii_lowercase();
-            if self.links.get(&master).is_some_and(|l| l.is_ours(id)) {
+        let links = &self.links;
+        let kind = classify_remote(&el, &from, &to, &self.config.service, |master, id| {
+            links.get(master).is_some_and(|l| l.is_ours(id))
+        });
+        let (room, nick) = match kind {
+            FromMaster::PingAnswer { master } => {
+                let id = el.attr("id").unwrap_or_default();
                 self.pong(now, &master, id, is_bounce(&el));
                 return Ok(Verdict::Consumed);
             }
-        }
-        let to_service = to
-            .domain()
-            .as_str()
-            .eq_ignore_ascii_case(&self.config.service);
-        if !to_service {
-            return Ok(self.observe(now, &el, &from, &to));
-        }
-        if to.node().is_some() {
-            return self.escaped(now, el, &to);
-        }
-        let (room, nick) = split(&from);
+            FromMaster::ToUser => return Ok(self.observe(now, &el, &from, &to)),
+            FromMaster::Escaped => return self.escaped(now, el, &to),
+            FromMaster::Room { room, nick } => (room, nick),
+        };
         if !self.rooms.contains_key(&room) {
             if el.name() == "iq" && matches!(stanza::stanza_type(&el), Some("get") | Some("set")) {
                 let reply = stanza::error_reply(

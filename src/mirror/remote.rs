@@ -5,7 +5,7 @@ use jid::Jid;
 use minidom::Element;
 use tracing::{debug, info, warn};
 
-use super::classify::{final_leave, fingerprint, is_bounce};
+use super::classify::{final_leave, fingerprint, is_bounce, is_historic};
 use super::replica::Occupant;
 use super::room::Sync;
 use super::{split, Mirror, Verdict};
@@ -17,7 +17,7 @@ use crate::elements::{Config, HistoryResult, Roster};
 use crate::error::Error;
 use crate::escape;
 use crate::ns;
-use crate::room_history::Entry;
+use crate::room_history::{self, Entry};
 use crate::stanza::{self, Condition};
 use crate::time::Timestamp;
 
@@ -237,7 +237,7 @@ impl Mirror {
 
     /// Serve a confirmed local join from the mirror's copy: the other occupants, the join itself
     /// to everyone (with 110 to the joiner), history, subject (XEP-0045 §7.2 order).
-    pub(super) fn serve_join(&mut self, _now: Timestamp, room: &str, nick: &str) {
+    pub(super) fn serve_join(&mut self, now: Timestamp, room: &str, nick: &str) {
         let Some(r) = self.rooms.get(room) else {
             return;
         };
@@ -253,7 +253,8 @@ impl Mirror {
         {
             out.push(r.replica.presence_for(&o.presence, other, nick, &user));
         }
-        for e in r.replica.history.iter() {
+        let limits = r.replica.history_limits(&user);
+        for e in room_history::select(r.replica.history.iter(), now, &limits) {
             let mut m = e.delayed(&r.replica.jid);
             stanza::set_attr(&mut m, "to", &user);
             out.push(m);
@@ -307,7 +308,9 @@ impl Mirror {
         } else {
             let entry = Entry::with_text(el, &text, now);
             r.newest_from_master = r.newest_from_master.max(Some(entry.stamp));
-            r.replica.history.push(entry);
+            if is_historic(&entry.message) {
+                r.replica.history.push(entry);
+            }
         }
         self.transmits.extend(copies);
     }
@@ -326,7 +329,10 @@ impl Mirror {
                     match Config::try_from(c.clone()) {
                         Ok(config) => {
                             if let Some(r) = self.rooms.get_mut(room) {
-                                r.replica.whois = config.whois();
+                                let default_history = config
+                                    .field("muc#roomconfig_defaulthistorymessages")
+                                    .and_then(|v| v.parse().ok());
+                                r.replica.apply_config(config.whois(), default_history);
                             }
                             self.send(&stanza::iq_result(&iq, &service));
                         }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use minidom::Element;
 
-use crate::elements::Whois;
+use crate::elements::{History, Whois};
 use crate::ns;
 use crate::room_history::RoomHistory;
 use crate::stanza;
@@ -38,6 +38,9 @@ pub(super) struct Replica {
     /// Local occupants: full JID -> (nick, their own last presence to the room).
     pub(super) local: BTreeMap<String, (String, Element)>,
     pub(super) whois: Whois,
+    /// History a join without `<history/>` gets (`muc#roomconfig_defaulthistorymessages`);
+    /// none: all the replica has.
+    pub(super) default_history: Option<u32>,
     pub(super) history: RoomHistory,
     pub(super) subject: Option<Element>,
 }
@@ -49,8 +52,33 @@ impl Replica {
             occupants: BTreeMap::new(),
             local: BTreeMap::new(),
             whois: Whois::default(),
+            default_history: None,
             history: RoomHistory::new(history_size),
             subject: None,
+        }
+    }
+
+    /// The room's configuration changed (or came with the first sync).
+    pub(super) fn apply_config(&mut self, whois: Whois, default_history: Option<u32>) {
+        self.whois = whois;
+        self.default_history = default_history;
+    }
+
+    /// The history limits a local user asked for in their join (XEP-0045 §7.2.15), or the
+    /// room's default.
+    pub(super) fn history_limits(&self, user: &str) -> History {
+        let asked = self
+            .local
+            .get(user)
+            .and_then(|(_, join)| join.get_child("x", ns::MUC))
+            .and_then(|x| x.get_child("history", ns::MUC))
+            .and_then(|h| History::try_from(h.clone()).ok());
+        match asked {
+            Some(h) => h,
+            None => match self.default_history {
+                Some(n) => History::new().with_maxstanzas(n),
+                None => History::new(),
+            },
         }
     }
 

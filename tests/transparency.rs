@@ -1,0 +1,186 @@
+//! A user behind a mirror cannot tell the mirror from the room: leaves to the bare room JID,
+//! self-pings while the link is down, the history a join asks for, and what counts as history.
+//! Each case drives the in-memory world of `common` with literal stanzas.
+
+mod common;
+
+use common::*;
+use minidom::Element;
+
+const MUC_USER: &str = "http://jabber.org/protocol/muc#user";
+
+fn statuses(p: &Element) -> Vec<String> {
+    p.get_child("x", MUC_USER)
+        .map(|x| {
+            x.children()
+                .filter(|c| c.name() == "status")
+                .filter_map(|c| c.attr("code").map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn bodies(v: &[Element]) -> Vec<String> {
+    v.iter()
+        .filter(|e| e.name() == "message")
+        .filter_map(|e| e.get_child("body", "jabber:client").map(|b| b.text()))
+        .collect()
+}
+
+fn leaves_of<'a>(v: &'a [Element], nick: &str) -> Vec<&'a Element> {
+    let from = format!("{ROOM}/{nick}");
+    v.iter()
+        .filter(|e| {
+            e.name() == "presence"
+                && e.attr("type") == Some("unavailable")
+                && e.attr("from") == Some(from.as_str())
+        })
+        .collect()
+}
+
+/// Prosody issue 505: an unavailable presence to the bare room JID leaves the room. Everyone
+/// sees the leave; the leaver sees it with status 110.
+#[test]
+fn leave_to_the_bare_room_jid() {
+    let mut w = World::new();
+    let scott = user(Side::Master, "scott");
+    let wayne = user(Side::A, "wayne");
+    let keith = user(Side::A, "keith");
+    w.join(&scott, "Scott");
+    w.join(&wayne, "Wayne");
+    w.join(&keith, "Keith");
+    w.clear_inboxes();
+    w.send(
+        &wayne,
+        &format!("<presence from='{wayne}' to='{ROOM}' type='unavailable'/>"),
+    );
+    for who in [&scott, &keith] {
+        assert_eq!(
+            leaves_of(w.inbox(who), "Wayne").len(),
+            1,
+            "{who}: {:?}",
+            w.inbox(who)
+        );
+    }
+    let own = leaves_of(w.inbox(&wayne), "Wayne");
+    assert_eq!(own.len(), 1, "{:?}", w.inbox(&wayne));
+    assert!(statuses(own[0]).contains(&"110".to_string()));
+    assert_eq!(
+        w.mirror(Side::A).local_occupants(ROOM).len(),
+        1,
+        "only Keith is left at the mirror"
+    );
+    assert!(!w.master.room.occupants.contains_key("Wayne"));
+}
+
+/// A bare-room unavailable from someone not in the room is not the mirror's business.
+#[test]
+fn bare_leave_from_a_non_occupant_passes() {
+    let mut w = World::new();
+    let wayne = user(Side::A, "wayne");
+    let keith = user(Side::A, "keith");
+    w.join(&wayne, "Wayne");
+    let stanza = format!("<presence from='{keith}' to='{ROOM}' type='unavailable'/>");
+    let now = w.now;
+    let m = w.mirrors.get_mut(&Side::A).unwrap();
+    assert_eq!(
+        m.handle_local(now, &stanza).unwrap(),
+        dmuc::mirror::Verdict::Pass
+    );
+    assert_eq!(m.local_occupants(ROOM).len(), 1);
+}
+
+/// XEP-0410 self-ping while the link is down: the user is still in the mirror's room, so the
+/// mirror answers as the room would. With the link up, the master answers.
+#[test]
+fn self_ping_answered_by_the_mirror_while_the_link_is_down() {
+    let mut w = World::new();
+    let wayne = user(Side::A, "wayne");
+    w.join(&wayne, "Wayne");
+    let ping = format!(
+        "<iq from='{wayne}' to='{ROOM}/Wayne' id='sp1' type='get'><ping xmlns='urn:xmpp:ping'/></iq>"
+    );
+    let now = w.now;
+    assert_eq!(
+        w.mirrors
+            .get_mut(&Side::A)
+            .unwrap()
+            .handle_local(now, &ping)
+            .unwrap(),
+        dmuc::mirror::Verdict::Pass,
+        "link up: the master answers"
+    );
+    w.cut(Side::A);
+    w.advance(60_000);
+    assert!(!w.mirror(Side::A).link_up(MUC_SERVICE));
+    w.clear_inboxes();
+    w.send(&wayne, &ping);
+    let answers: Vec<&Element> = w
+        .inbox(&wayne)
+        .iter()
+        .filter(|e| e.name() == "iq" && e.attr("id") == Some("sp1"))
+        .collect();
+    assert_eq!(answers.len(), 1, "{:?}", w.inbox(&wayne));
+    assert_eq!(answers[0].attr("type"), Some("result"));
+    assert_eq!(
+        answers[0].attr("from"),
+        Some(format!("{ROOM}/Wayne").as_str())
+    );
+}
+
+/// A join through the mirror gets the history it asks for (XEP-0045 §7.2.15), not all the
+/// mirror holds; without `<history/>`, the room's default.
+#[test]
+fn history_as_the_joiner_asked() {
+    let mut w = World::new();
+    let scott = user(Side::Master, "scott");
+    let wayne = user(Side::A, "wayne");
+    let keith = user(Side::A, "keith");
+    let ann = user(Side::A, "ann");
+    w.join(&scott, "Scott");
+    w.join(&wayne, "Wayne");
+    for i in 1..=6 {
+        w.say(&scott, &format!("m{i}"));
+    }
+    w.clear_inboxes();
+    let join = |who: &str, nick: &str, history: &str| {
+        format!(
+            "<presence from='{who}' to='{ROOM}/{nick}'><x xmlns='http://jabber.org/protocol/muc'>{history}</x></presence>"
+        )
+    };
+    w.send(&keith, &join(&keith, "Keith", "<history maxstanzas='0'/>"));
+    assert!(bodies(w.inbox(&keith)).is_empty(), "{:?}", w.inbox(&keith));
+    w.send(&ann, &join(&ann, "Ann", "<history maxstanzas='5'/>"));
+    assert_eq!(bodies(w.inbox(&ann)), ["m2", "m3", "m4", "m5", "m6"]);
+}
+
+/// Chat states alone and status notices are not history: a later joiner through the mirror
+/// does not get them replayed (the room keeps only messages with a body, per Prosody's rules).
+#[test]
+fn only_historic_messages_are_replayed() {
+    let mut w = World::new();
+    let scott = user(Side::Master, "scott");
+    let wayne = user(Side::A, "wayne");
+    let keith = user(Side::A, "keith");
+    w.join(&scott, "Scott");
+    w.join(&wayne, "Wayne");
+    w.say(&scott, "kept");
+    w.send(
+        &scott,
+        &format!("<message from='{scott}' to='{ROOM}' type='groupchat'><composing xmlns='http://jabber.org/protocol/chatstates'/></message>"),
+    );
+    w.send(
+        &wayne,
+        &format!("<message from='{wayne}' to='{ROOM}' type='groupchat'><active xmlns='http://jabber.org/protocol/chatstates'/></message>"),
+    );
+    w.say(&wayne, "also kept");
+    w.clear_inboxes();
+    w.join(&keith, "Keith");
+    let history: Vec<&Element> = w
+        .inbox(&keith)
+        .iter()
+        .filter(|e| e.name() == "message" && e.get_child("subject", "jabber:client").is_none())
+        .collect();
+    assert_eq!(history.len(), 2, "{history:?}");
+    assert_eq!(bodies(w.inbox(&keith)), ["kept", "also kept"]);
+}
