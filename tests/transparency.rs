@@ -184,3 +184,104 @@ fn only_historic_messages_are_replayed() {
     assert_eq!(history.len(), 2, "{history:?}");
     assert_eq!(bodies(w.inbox(&keith)), ["kept", "also kept"]);
 }
+
+/// Prosody issue 667: a client that re-sends its join (a presence with `<x/>` to its own nick)
+/// gets the whole join again: the other occupants, its own presence (110), history, subject.
+/// The other occupants see a presence update only.
+#[test]
+fn a_resent_join_is_answered_as_a_join() {
+    let mut w = World::new();
+    let scott = user(Side::Master, "scott");
+    let wayne = user(Side::A, "wayne");
+    let keith = user(Side::A, "keith");
+    w.join(&scott, "Scott");
+    w.join(&wayne, "Wayne");
+    w.join(&keith, "Keith");
+    w.say(&scott, "before the resync");
+    w.clear_inboxes();
+    w.join(&wayne, "Wayne");
+    let got = w.inbox(&wayne);
+    let from = |e: &Element| e.attr("from").unwrap_or_default().to_string();
+    let others: Vec<String> = got
+        .iter()
+        .filter(|e| e.name() == "presence" && !statuses(e).contains(&"110".to_string()))
+        .map(from)
+        .collect();
+    assert!(others.contains(&format!("{ROOM}/Scott")), "{got:?}");
+    assert!(others.contains(&format!("{ROOM}/Keith")), "{got:?}");
+    let own = got
+        .iter()
+        .position(|e| e.name() == "presence" && statuses(e).contains(&"110".to_string()));
+    let history = got
+        .iter()
+        .position(|e| bodies(std::slice::from_ref(e)) == ["before the resync"]);
+    let subject = got
+        .iter()
+        .position(|e| e.get_child("subject", "jabber:client").is_some());
+    assert!(
+        own.is_some() && history.is_some() && subject.is_some(),
+        "{got:?}"
+    );
+    assert!(
+        own < history && history < subject,
+        "XEP-0045 order: {got:?}"
+    );
+    let keith_got = w.inbox(&keith);
+    assert!(
+        keith_got.iter().all(|e| e.name() == "presence"),
+        "Keith sees a presence update only: {keith_got:?}"
+    );
+    assert!(bodies(keith_got).is_empty());
+}
+
+/// A presence probe to an occupant JID is answered from the replica with that occupant's
+/// presence, as the room would (no status 110, even for one's own nick); nobody else sees it.
+#[test]
+fn probes_are_answered_like_the_room() {
+    let mut w = World::new();
+    let scott = user(Side::Master, "scott");
+    let wayne = user(Side::A, "wayne");
+    let keith = user(Side::A, "keith");
+    w.join(&scott, "Scott");
+    w.join(&wayne, "Wayne");
+    w.join(&keith, "Keith");
+    w.clear_inboxes();
+    let mark = w.mark(Side::A);
+    for nick in ["Scott", "Wayne"] {
+        w.send(
+            &wayne,
+            &format!("<presence from='{wayne}' to='{ROOM}/{nick}' type='probe' id='p-{nick}'/>"),
+        );
+    }
+    let got = w.inbox(&wayne);
+    assert_eq!(got.len(), 2, "{got:?}");
+    for (e, nick) in got.iter().zip(["Scott", "Wayne"]) {
+        assert_eq!(e.attr("from"), Some(format!("{ROOM}/{nick}").as_str()));
+        assert_eq!(e.attr("type"), None);
+        assert!(!statuses(e).contains(&"110".to_string()), "{e:?}");
+    }
+    assert!(w.inbox(&keith).is_empty() && w.inbox(&scott).is_empty());
+    assert_eq!(
+        w.link(Side::A).since(mark, Dir::ToMaster).len(),
+        0,
+        "nothing crosses the link"
+    );
+}
+
+/// An occupant address the engine cannot parse is not refused by the mirror with its own
+/// error: the room refuses it, with its own condition and `by`.
+#[test]
+fn unparsable_occupant_addresses_are_the_rooms_to_refuse() {
+    let mut w = World::new();
+    let wayne = user(Side::A, "wayne");
+    let now = w.now;
+    let m = w.mirrors.get_mut(&Side::A).unwrap();
+    let join = format!(
+        "<presence from='{wayne}' to='{ROOM}/bad\u{E000}nick'><x xmlns='http://jabber.org/protocol/muc'/></presence>"
+    );
+    assert_eq!(
+        m.handle_local(now, &join).unwrap(),
+        dmuc::mirror::Verdict::Pass
+    );
+    assert!(m.poll_transmit().is_none());
+}

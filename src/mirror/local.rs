@@ -46,6 +46,33 @@ impl Mirror {
         self.local_presence(now, el, from, room, nick)
     }
 
+    /// A presence probe from an occupant to an occupant JID: the room answers with that
+    /// occupant's current presence as the prober may see it (no status 110, even for their own).
+    /// The replica has it; a nick it does not know is the master's to answer.
+    pub(super) fn local_probe(
+        &mut self,
+        el: &Element,
+        user: &str,
+        room: &str,
+        nick: &str,
+    ) -> Verdict {
+        let Some(r) = self.rooms.get(room) else {
+            return Verdict::Pass;
+        };
+        let (Some((prober, _)), Some(probed)) =
+            (r.replica.local.get(user), r.replica.occupants.get(nick))
+        else {
+            return Verdict::Pass;
+        };
+        let mut p = r.replica.presence_for(&probed.presence, nick, prober, user);
+        stanza::strip_self_status(&mut p);
+        if let Some(id) = el.attr("id") {
+            stanza::set_attr(&mut p, "id", id);
+        }
+        self.send(&p);
+        Verdict::Consumed
+    }
+
     /// An XEP-0410 self-ping. While the link is down the user is still in the mirror's room, so
     /// the mirror answers as the room would (an empty result from the occupant JID); otherwise
     /// the master answers.
@@ -124,6 +151,7 @@ impl Mirror {
                 self.close_if_empty(&room);
                 Ok(Verdict::Consumed)
             }
+            Some("probe") => Ok(self.local_probe(&el, &user, &room, &nick)),
             Some(_) => Ok(Verdict::Pass),
             None => {
                 if let Some(current) = current {
@@ -144,6 +172,13 @@ impl Mirror {
                     };
                     if let Some(entry) = r.replica.local.get_mut(&user) {
                         entry.1 = el.clone();
+                    }
+                    if el.has_child("x", ns::MUC) && !master_down {
+                        // A re-sent join (a client resyncing, Prosody issue 667): the room
+                        // answers it as a join, so the master's echo is served as one.
+                        r.resent_joins.insert(user.clone());
+                    } else {
+                        r.resent_joins.remove(&user);
                     }
                     if master_down {
                         self.local_status(&room, &nick, &el);

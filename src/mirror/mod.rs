@@ -311,10 +311,18 @@ impl Mirror {
     pub fn handle_local(&mut self, now: Timestamp, xml: &str) -> Result<Verdict, Error> {
         let el = stanza::parse(xml)?;
         let from = stanza::jid_attr(&el, "stanza", "from")?;
-        let to = stanza::jid_attr(&el, "stanza", "to")?;
-        if !self.handles(to.as_str()) {
+        let to = el.attr("to").ok_or(Error::MissingAttribute {
+            element: "stanza",
+            attribute: "to",
+        })?;
+        if !self.handles(to) {
             return Ok(Verdict::Pass);
         }
+        // An address the host accepted but the engine cannot parse (a nick failing strict
+        // validation, say) is the room's to refuse, with its own error and `by`.
+        let Ok(to) = stanza::parse_jid(to) else {
+            return Ok(Verdict::Pass);
+        };
         let (room, nick) = split(&to);
         match classify_local(&el, room, nick) {
             FromLocal::Presence { room, nick } => self.local_presence(now, el, from, room, nick),

@@ -227,10 +227,15 @@ impl Mirror {
                     nick.to_string(),
                     Occupant {
                         presence: el.clone(),
-                        local,
+                        local: local.clone(),
                     },
                 );
-                self.fan_out_presence(room, nick, &el, None);
+                if local.is_some_and(|u| r.resent_joins.remove(&u)) {
+                    // The echo of a re-sent join: the user gets the whole join again.
+                    self.serve_join(now, room, nick);
+                } else {
+                    self.fan_out_presence(room, nick, &el, None);
+                }
             }
         }
     }

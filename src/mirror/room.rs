@@ -62,6 +62,9 @@ pub(super) struct MirrorRoom {
     pub(super) newest_from_master: Option<Timestamp>,
     /// Fingerprints of the messages from the master's side already delivered here.
     pub(super) seen: Recent<u64>,
+    /// Local users who re-sent their join (Prosody issue 667): the master's echo is served to
+    /// them as a whole join (occupants, presence, history, subject).
+    pub(super) resent_joins: BTreeSet<String>,
     /// Local occupants whose rejoin echo is expected after a resync.
     pub(super) resync: BTreeSet<String>,
     /// Live messages from the master that arrived during a catch-up: delivered after it, so
@@ -87,6 +90,7 @@ impl MirrorRoom {
             synced_at: None,
             newest_from_master: None,
             seen: Recent::new(SEEN),
+            resent_joins: BTreeSet::new(),
             resync: BTreeSet::new(),
             held: Vec::new(),
         }
