@@ -285,3 +285,39 @@ fn unparsable_occupant_addresses_are_the_rooms_to_refuse() {
     );
     assert!(m.poll_transmit().is_none());
 }
+
+/// Two devices of one account may share a nick if the room allows it (Prosody does): the
+/// mirror leaves that to the master instead of refusing it with `conflict` itself. Another
+/// account asking for a taken nick is refused at once, without crossing the link.
+#[test]
+fn a_second_device_on_the_same_nick_is_the_rooms_decision() {
+    let mut w = World::new();
+    let wayne = user(Side::A, "wayne");
+    let phone = format!("wayne@{A_DOMAIN}/phone");
+    let keith = user(Side::A, "keith");
+    w.join(&wayne, "Wayne");
+    let mark = w.mark(Side::A);
+    w.join(&keith, "Wayne");
+    assert_eq!(w.link(Side::A).since(mark, Dir::ToMaster).len(), 0);
+    assert!(w
+        .inbox(&keith)
+        .iter()
+        .any(|e| e.attr("type") == Some("error")));
+    let mark = w.mark(Side::A);
+    w.join(&phone, "Wayne");
+    let up = w.link(Side::A).since(mark, Dir::ToMaster);
+    assert!(
+        up.iter()
+            .any(|e| e.name() == "presence" && e.attr("from") == Some(phone.as_str())),
+        "the second device's join goes to the master: {up:?}"
+    );
+    // This model room refuses it, as ejabberd does; the refusal reaches the phone only, and
+    // the first device stays in.
+    let errors: Vec<&Element> = w
+        .inbox(&phone)
+        .iter()
+        .filter(|e| e.attr("type") == Some("error"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{:?}", w.inbox(&phone));
+    assert_eq!(w.mirror(Side::A).local_occupants(ROOM).len(), 1);
+}

@@ -16,6 +16,12 @@ use crate::room_history::Entry;
 use crate::stanza::{self, Condition};
 use crate::time::Timestamp;
 
+/// Are these two full JIDs sessions of one account?
+fn same_account(a: &str, b: &str) -> bool {
+    let bare = |j: &str| j.split('/').next().unwrap_or_default().to_ascii_lowercase();
+    bare(a) == bare(b)
+}
+
 impl Mirror {
     /// An unavailable presence to the bare room JID: a leave of the user's current nick (or of
     /// their join under way), as XEP-0045 servers take it. Anything else is the master's.
@@ -224,12 +230,13 @@ impl Mirror {
             .rooms
             .entry(room.clone())
             .or_insert_with(|| MirrorRoom::new(room.clone(), master, history_size));
-        let taken = r
-            .replica
-            .occupants
-            .get(&nick)
-            .is_some_and(|o| o.local.as_deref() != Some(&user))
-            || r.pending.get(&nick).is_some_and(|p| p.user != user);
+        // Another device of the same account may share the nick (multi-session nicks, which
+        // Prosody allows): the master decides. Anyone else holding it is a conflict.
+        let taken = r.replica.occupants.get(&nick).is_some_and(|o| {
+            o.local
+                .as_deref()
+                .is_none_or(|u| u != user && !same_account(u, &user))
+        }) || r.pending.get(&nick).is_some_and(|p| p.user != user);
         if taken {
             let reply = stanza::error_reply(&el, &occupant_jid, &user, Condition::Conflict, "");
             self.send(&reply);
@@ -277,6 +284,22 @@ impl Mirror {
             return;
         };
         r.replica.local.remove(user);
+        if let Some(other) = r.replica.sessions_of(nick).into_iter().next() {
+            // Another session keeps the nick (multi-session): only the leaver sees a leave; the
+            // master's broadcast of the occupant's remaining presence follows for everyone.
+            if let Some(o) = r.replica.occupants.get_mut(nick) {
+                o.local = Some(other);
+            }
+            let texts = el
+                .children()
+                .filter(|c| c.is("status", ns::JABBER_CLIENT))
+                .cloned();
+            let mut gone = r.replica.leave_of(nick, texts);
+            stanza::set_attr(&mut gone, "to", user);
+            stanza::add_status(&mut gone, "110");
+            self.send(&gone);
+            return;
+        }
         // The leave as XEP-0045 shows it, with the user's status text.
         let texts = el
             .children()

@@ -153,14 +153,17 @@ impl Mirror {
                     }
                     return;
                 }
-                let Some(o) = r.replica.occupants.remove(nick) else {
+                if r.replica.occupants.remove(nick).is_none() {
                     return;
-                };
-                let kicked = o.local.clone();
-                if let Some(user) = &kicked {
-                    r.replica.local.remove(user);
                 }
-                self.fan_out_presence(room, nick, &el, kicked.as_deref());
+                // Every local session of that nick sees its own leave (110), then is out.
+                let sessions = r.replica.sessions_of(nick);
+                self.fan_out_presence(room, nick, &el, None);
+                if let Some(r) = self.rooms.get_mut(room) {
+                    for user in sessions {
+                        r.replica.local.remove(&user);
+                    }
+                }
                 self.close_if_empty(room);
             }
             Some("error") => {

@@ -82,6 +82,15 @@ impl Replica {
         }
     }
 
+    /// The local sessions (full JIDs) holding `nick`: more than one with multi-session nicks.
+    pub(super) fn sessions_of(&self, nick: &str) -> Vec<String> {
+        self.local
+            .iter()
+            .filter(|(_, (n, _))| n == nick)
+            .map(|(u, _)| u.clone())
+            .collect()
+    }
+
     pub(super) fn occupant_jid(&self, nick: &str) -> String {
         format!("{}/{}", self.jid, nick)
     }
