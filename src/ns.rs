@@ -30,3 +30,5 @@ pub const HINTS: &str = "urn:xmpp:hints";
 pub const EME: &str = "urn:xmpp:eme:0";
 /// XEP-0333 chat markers: kept as history (Prosody's rule).
 pub const CHAT_MARKERS: &str = "urn:xmpp:chat-markers:0";
+/// XEP-0421 anonymous unique occupant identifiers (`<occupant-id/>`), which the room adds.
+pub const OCCUPANT_ID: &str = "urn:xmpp:occupant-id:0";

@@ -321,3 +321,42 @@ fn a_second_device_on_the_same_nick_is_the_rooms_decision() {
     assert_eq!(errors.len(), 1, "{:?}", w.inbox(&phone));
     assert_eq!(w.mirror(Side::A).local_occupants(ROOM).len(), 1);
 }
+
+/// The sender's own echo and local peers' copies carry the XEP-0421 occupant-id the room gave
+/// the sender (from the presence the room broadcast), not one the client forged.
+#[test]
+fn local_copies_carry_the_rooms_occupant_id() {
+    let mut w = World::new();
+    let wayne = user(Side::A, "wayne");
+    let keith = user(Side::A, "keith");
+    // The model room echoes the join's payload: here it stands for the id the room stamps.
+    w.send(
+        &wayne,
+        &format!(
+            "<presence from='{wayne}' to='{ROOM}/Wayne'><x xmlns='http://jabber.org/protocol/muc'/>\
+             <occupant-id xmlns='urn:xmpp:occupant-id:0' id='given-by-room'/></presence>"
+        ),
+    );
+    w.join(&keith, "Keith");
+    w.clear_inboxes();
+    w.send(
+        &wayne,
+        &format!(
+            "<message from='{wayne}' to='{ROOM}' type='groupchat'><body>hi</body>\
+             <occupant-id xmlns='urn:xmpp:occupant-id:0' id='forged'/></message>"
+        ),
+    );
+    for who in [&wayne, &keith] {
+        let m = w
+            .inbox(who)
+            .iter()
+            .find(|e| e.name() == "message")
+            .unwrap_or_else(|| panic!("{who} got no message"));
+        let ids: Vec<&str> = m
+            .children()
+            .filter(|c| c.is("occupant-id", "urn:xmpp:occupant-id:0"))
+            .filter_map(|c| c.attr("id"))
+            .collect();
+        assert_eq!(ids, ["given-by-room"], "{who}: {m:?}");
+    }
+}

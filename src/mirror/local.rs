@@ -461,6 +461,12 @@ impl Mirror {
         stanza::set_attr(&mut shown, "from", r.replica.occupant_jid(&nick));
         stanza::remove_attr(&mut shown, "to");
         while shown.remove_child("delay", ns::DELAY).is_some() {}
+        // The room stamps each message with its sender's XEP-0421 occupant-id (and drops any the
+        // client set, against forgery); the replica has it from the occupant's presence.
+        while shown.remove_child("occupant-id", ns::OCCUPANT_ID).is_some() {}
+        if let Some(id) = r.replica.occupant_id(&nick) {
+            shown.append_child(id);
+        }
         let text = stanza::serialize(&shown);
         let copies = stanza::copies_to(
             &text,

@@ -91,6 +91,15 @@ impl Replica {
             .collect()
     }
 
+    /// The XEP-0421 `<occupant-id/>` the room gave `nick`, from the presence it broadcast.
+    pub(super) fn occupant_id(&self, nick: &str) -> Option<Element> {
+        self.occupants
+            .get(nick)?
+            .presence
+            .get_child("occupant-id", ns::OCCUPANT_ID)
+            .cloned()
+    }
+
     pub(super) fn occupant_jid(&self, nick: &str) -> String {
         format!("{}/{}", self.jid, nick)
     }
