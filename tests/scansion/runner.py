@@ -63,8 +63,10 @@ JID rewriting: the scripts are written for ``localhost`` and ``conference.localh
 `Placement` says on which server each client's account lives (domain, c2s port) and which
 domain serves the rooms; `JidRewriter` then rewrites every JID in the script (client ``jid:``
 lines, sent and expected stanzas, attribute values and text alike) accordingly: ``user@localhost``
-goes to the domain of the client whose account is ``user``, ``X@conference.localhost`` to the
-room domain. Only JIDs are rewritten (localparts, resources and nicks are kept).
+goes to the domain of the client whose account is ``user`` (other accounts: the first client's
+server), ``X@conference.localhost`` to the room domain, a bare ``conference.localhost`` or
+``localhost`` (in to/from/jid/by or as a whole text) to the room domain or the first client's
+server. Only JIDs are rewritten (localparts, resources and nicks are kept).
 
 Failures raise `ScriptFailure` (an AssertionError) naming the script line, the expected stanza,
 why the next received stanza did not match it, and what the client received instead.
@@ -261,7 +263,7 @@ def localpart(jid: str) -> str:
 # the script's domain or a subdomain of it. The resource (if any) follows and is kept as it is.
 def _jid_rx(script_domain: str) -> re.Pattern:
     return re.compile(
-        r"(?<![\w.@%+/-])"                       # not inside a longer token (or a URL)
+        r"(?<![\w.@%+/-])(?<!mailto:)"           # not inside a longer token, a URL, an e-mail address
         r"(?:(?P<local>[^\s\"'<>&@/:;=]+)@)?"
         r"(?P<domain>(?:[A-Za-z0-9-]+\.)*" + re.escape(script_domain) + r")"
         r"(?![\w.-])"
@@ -297,9 +299,15 @@ class JidRewriter:
             return self.by_local.get(local.lower(), self.default_domain)
         return domain  # another subdomain (pubsub.localhost...): not used by the MUC scripts
 
+    # A JID without a localpart (a server or service domain) is rewritten only where an address
+    # is: the start of a to/from/jid/by attribute value, or a whole text node (<value>).
+    _ADDRESS_BEFORE = re.compile(r"""(?:\b(?:to|from|jid|by)\s*=\s*["']|>\s*)$""")
+
     def rewrite(self, text: str) -> str:
         def sub(m: re.Match) -> str:
             local = m.group("local")
+            if local is None and not self._ADDRESS_BEFORE.search(text[max(0, m.start() - 40):m.start()]):
+                return m.group(0)
             dom = self.domain_for(local, m.group("domain"))
             return (local + "@" if local is not None else "") + dom
         return self.rx.sub(sub, text)
@@ -788,7 +796,9 @@ class Runner:
         if received:
             out.append(f"  received instead ({len(received)} stanza(s), in order of arrival):")
             for k, inc in enumerate(received, 1):
-                out.append(f"    #{k}:")
+                why = mismatch(expected, inc.el) if expected is not None else None
+                out.append(f"    #{k}:" + ("" if expected is None else
+                                           "  (matches)" if why is None else f"  (mismatch: {why})"))
                 out.append(_indent(pretty(inc.el), "      "))
         else:
             out.append("  received: nothing")
@@ -844,7 +854,7 @@ class Runner:
         later = [k for k, x in enumerate(got, 1) if mismatch(expected, x.el) is None]
         note = (f"the expected stanza did arrive, later, as #{later[0]} below (order differs)" if later
                 else f"the expected stanza did not arrive (waited {self.late_wait:.0f}s more)")
-        raise self._fail(action, f"{action.client} received an unexpected stanza", expected, got, reason, note,
+        raise self._fail(action, f"{action.client} received an unexpected stanza", expected, got, None, note,
                          dropped=dropped)
 
     async def _nothing(self, action: Action) -> None:
