@@ -21,7 +21,13 @@ Script format (https://matthewwild.co.uk/projects/scansion/usage/script-basics/)
 
 Variables: ``${Romeo's full JID}`` (the bound full JID) and ``${Romeo's JID}`` (bare).
 
-Matching follows scansion's documented rules (docs/character-classes/client.md in scansion):
+Sources: scansion's own source (Mercurial, code.matthewwild.co.uk/scansion) could not be read
+from here; the rules below are its documentation's (docs/character-classes/client.md, "Matching
+rules") plus what Prosody's scripts need to pass on stock Prosody 0.12.3. Where the
+documentation says nothing (text content; whether scansion:strict reaches the children), the
+choice made is stated, on the strict side.
+
+Matching follows scansion's documented rules:
 
 * Non-strict mode: every attribute of the expected element must be on the received one with the
   same value (extra received attributes are ignored); every expected child element must be
@@ -33,7 +39,8 @@ Matching follows scansion's documented rules (docs/character-classes/client.md i
 * By default an element in the default namespace (jabber:client: the stanza itself and children
   without an xmlns of their own, e.g. <body>, <error>, <subject>) is matched non-strictly, and an
   element in any other namespace (<x xmlns='...muc#user'> and everything inside it) strictly.
-  ``scansion:strict='true'|'false'`` on an expected element overrides that for the element.
+  ``scansion:strict='true'|'false'`` on an expected element overrides that for the element
+  (its children keep their own default).
 * Element name and namespace must always be equal. Namespace declarations are not attributes.
 * Text: when the expected element has text, the received text must be equal (leading and
   trailing whitespace aside); in strict mode an element without expected text must have none.
@@ -41,8 +48,8 @@ Matching follows scansion's documented rules (docs/character-classes/client.md i
 
 "receives" and unexpected stanzas, as scansion does it: scansion checks a stanza only if it
 arrives while its client has a ``receives`` pending; the first stanza to arrive then must match,
-or the script fails ("Received unexpected stanza"). A stanza that arrives while the client waits
-for nothing is not checked: it is dropped. (Prosody's scripts rely on that: e.g. the status 104
+or the script fails. A stanza that arrives while the client waits for nothing is not checked: it
+is dropped. (Prosody's scripts rely on that: e.g. the status 104
 message after a room configuration in muc_nickname_change.scs is in no ``receives``.) Scansion
 reads the clients' sockets one event loop; the order in which it sees stanzas that arrive
 together at different clients is luck that this runner cannot reproduce, so here each client
@@ -786,7 +793,7 @@ class Runner:
               dropped: Sequence[Incoming] = ()) -> ScriptFailure:
         out = [f"{self.script.name}: {headline}",
                f"  at {self._where(action)}: {action.client} {action.kind if action.kind != 'nothing' else 'receives: nothing'}"]
-        if reason:
+        if reason and not received:
             out.append(f"  mismatch: {reason}")
         if note:
             out.append(f"  {note}")
@@ -854,7 +861,7 @@ class Runner:
         later = [k for k, x in enumerate(got, 1) if mismatch(expected, x.el) is None]
         note = (f"the expected stanza did arrive, later, as #{later[0]} below (order differs)" if later
                 else f"the expected stanza did not arrive (waited {self.late_wait:.0f}s more)")
-        raise self._fail(action, f"{action.client} received an unexpected stanza", expected, got, None, note,
+        raise self._fail(action, f"{action.client} received an unexpected stanza", expected, got, reason, note,
                          dropped=dropped)
 
     async def _nothing(self, action: Action) -> None:
