@@ -21,7 +21,9 @@
 //!   (a second copy of a message a mirror sent again after an outage is dropped);
 //! - [`Master::handle_timeout`]: the time asked for by [`Master::poll_timeout`] has come (a
 //!   mirror whose pings stopped is lost);
-//! - [`Master::handle_link`]: the host saw the s2s link to a domain go down or come up.
+//! - [`Master::handle_link`]: the host saw the s2s link to a domain go down or come up;
+//! - [`Master::handle_config`]: the room's config form, answering [`MasterAction::ConfigChanged`]
+//!   (the room announced a configuration change; the mirrors get the new config first).
 //!
 //! Outputs (`poll_*`): [`Master::poll_transmit`] (stanzas to route), [`Master::poll_action`]
 //! (things only the host can do to its room, such as removing the occupants of a lost mirror)
@@ -35,6 +37,7 @@ use tracing::{debug, info, warn};
 
 use crate::elements::{
     Affiliation, Config, Dmuc, HistoryResult, Role, Room, Roster, RosterAffiliation, RosterItem,
+    Whois,
 };
 use crate::error::Error;
 use crate::escape;
@@ -189,7 +192,9 @@ pub enum Outbound {
     Send,
     /// Don't send it: it was folded into one copy per mirror, or the mirror serves it itself.
     Drop,
-    /// Send this instead (an error re-addressed to the user's escaped JID at the mirror).
+    /// Send this instead: the stanza re-addressed to the user's escaped JID at the mirror (an
+    /// error, an IQ answer, a private message: everything from the room to an occupant behind a
+    /// mirror that is not a broadcast copy), or one copy of a presence for the mirror.
     Replace(String),
 }
 
@@ -204,6 +209,14 @@ pub enum MasterAction {
         nick: String,
         /// The occupant's real JID.
         jid: String,
+    },
+    /// The room announced a change of its configuration (a groupchat message from the room with
+    /// XEP-0045 status 104, 170-174). Call [`Master::handle_config`] with the room's current
+    /// config form, before anything else happens to the room: the announcement waits, so that
+    /// every mirror has the new config before it serves anything that depends on it.
+    ConfigChanged {
+        /// The room's bare JID.
+        room: String,
     },
 }
 
@@ -230,6 +243,19 @@ struct RoomState {
     depth: u32,
     /// One candidate copy per mirror for the broadcast under way.
     captured: BTreeMap<String, Captured>,
+    /// The room's config form as last sent to the mirrors (compacted).
+    config: Option<Element>,
+    /// A config announcement waiting for [`Master::handle_config`].
+    config_wait: Option<ConfigWait>,
+}
+
+/// A broadcast announcing a configuration change, held until the host hands over the new form.
+#[derive(Debug)]
+struct ConfigWait {
+    /// The status codes it announces.
+    codes: Vec<String>,
+    /// The copies for the mirrors, addressed, in order.
+    held: Vec<Element>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -237,6 +263,9 @@ struct MirrorLink {
     down: bool,
     /// Without brackets: the presence last forwarded for each nick, as a fingerprint.
     forwarded: HashMap<String, u64>,
+    /// The room now shows real JIDs to everyone, and the mirror may lack some (it was sent only
+    /// what its occupants could see): its next join syncs the roster again.
+    stale: bool,
 }
 
 #[derive(Debug)]
@@ -500,7 +529,8 @@ impl Master {
         }
         self.hear(now, &mirror);
         let state = self.rooms.entry(room).or_default();
-        let sync = !state.mirror_has_occupants(&mirror);
+        let stale = state.mirrors.get(&mirror).is_some_and(|l| l.stale);
+        let sync = !state.mirror_has_occupants(&mirror) || stale;
         state.mirrors.entry(mirror.clone()).or_default();
         state.by_real.insert(
             from_s,
@@ -527,12 +557,12 @@ impl Master {
         config_form: &str,
         occupants: &[String],
     ) -> Result<(), Error> {
-        let form = stanza::parse(config_form)?;
-        if !form.is("x", ns::DATA_FORMS) {
-            return Err(Error::UnexpectedElement {
-                expected: "x",
-                got: form.name().to_string(),
-            });
+        let form = compact_form(&parse_form(config_form)?);
+        if let Some(state) = self.rooms.get_mut(room) {
+            state.config = Some(form.clone());
+            if let Some(link) = state.mirrors.get_mut(mirror) {
+                link.stale = false;
+            }
         }
         let mut roster = Roster::default();
         for text in occupants {
@@ -547,7 +577,7 @@ impl Master {
         } else {
             format!("{room}/{joining_nick}")
         };
-        let config = iq_set(&from, mirror, &id, Config::new(compact_form(&form)).into());
+        let config = iq_set(&from, mirror, &id, Config::new(form).into());
         self.await_sync(id);
         self.send(&config);
         let id = self.id("roster");
@@ -746,7 +776,106 @@ impl Master {
             stanza::set_attr(&mut el, "to", mirror.as_str());
             out.push(el);
         }
+        if let Some(codes) = out.iter().find_map(config_announcement) {
+            // The mirrors must apply the new config before they show the announcement (and
+            // before anything after it): the copies wait for the host's form.
+            self.settle_config(room);
+            if let Some(state) = self.rooms.get_mut(room) {
+                state.config_wait = Some(ConfigWait { codes, held: out });
+            }
+            self.actions.push_back(MasterAction::ConfigChanged {
+                room: room.to_string(),
+            });
+            return;
+        }
+        self.settle_config(room);
         for el in out {
+            self.send(&el);
+        }
+    }
+
+    /// The room's config form (`<x xmlns='jabber:x:data'/>`, as an owner would get it), after
+    /// [`MasterAction::ConfigChanged`], or whenever the host knows the config changed. The form
+    /// is compacted and sent to every mirror with occupants in the room, unless they have it
+    /// already; then the announcement goes. If the room now shows real JIDs to everyone, each
+    /// mirror's next join syncs the roster again (a mirror was sent only the real JIDs its
+    /// occupants could see).
+    ///
+    /// `None`: the host cannot read the new config yet (ejabberd announces a change before its
+    /// room applies it). The engine then derives what the mirrors need from the announcement:
+    /// status 172 makes `muc#roomconfig_whois` `anyone`, 173 and 174 `moderators`.
+    ///
+    /// A form that does not parse is an error; the announcement goes out anyway, with what the
+    /// engine could derive, so that nothing waits for ever.
+    pub fn handle_config(
+        &mut self,
+        _now: Timestamp,
+        room: &str,
+        config_form: Option<&str>,
+    ) -> Result<(), Error> {
+        let (form, error) = match config_form.map(parse_form) {
+            Some(Ok(f)) => (Some(compact_form(&f)), None),
+            Some(Err(e)) => (None, Some(e)),
+            None => (None, None),
+        };
+        self.apply_config(room, form);
+        match error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// A config announcement the host has not answered is sent now, before anything newer from
+    /// the room, with the config derived from it.
+    fn settle_config(&mut self, room: &str) {
+        if self
+            .rooms
+            .get(room)
+            .is_some_and(|s| s.config_wait.is_some())
+        {
+            warn!(%room, "the host did not hand over the config form: derived from the announcement");
+            self.apply_config(room, None);
+        }
+    }
+
+    fn apply_config(&mut self, room: &str, form: Option<Element>) {
+        let Some(state) = self.rooms.get_mut(room) else {
+            return;
+        };
+        let wait = state.config_wait.take();
+        let codes = wait
+            .as_ref()
+            .map(|w| w.codes.as_slice())
+            .unwrap_or_default();
+        let previous = state.config.take();
+        let form = form.or_else(|| derived_config(previous.as_ref(), codes));
+        let mut pushes = Vec::new();
+        if let Some(form) = &form {
+            let was_anyone = previous.as_ref().map(whois_of) == Some(Whois::Anyone);
+            if whois_of(form) == Whois::Anyone && !was_anyone {
+                for link in state.mirrors.values_mut() {
+                    link.stale = true;
+                }
+            }
+            if previous.as_ref() != Some(form) {
+                pushes = state
+                    .mirrors
+                    .iter()
+                    .filter(|(m, l)| !l.down && state.mirror_has_occupants(m))
+                    .map(|(m, _)| m.clone())
+                    .collect();
+            }
+        }
+        state.config = form.clone().or(previous);
+        if let Some(form) = form {
+            for mirror in pushes {
+                let id = self.id("config");
+                let iq = iq_set(room, &mirror, &id, Config::new(form.clone()).into());
+                self.await_sync(id);
+                self.send(&iq);
+            }
+        }
+        for el in wait.map(|w| w.held).unwrap_or_default() {
             self.send(&el);
         }
     }
@@ -766,35 +895,34 @@ impl Master {
         let Some(state) = self.rooms.get_mut(&room) else {
             return Ok(Outbound::Send);
         };
+        if !state.by_real.contains_key(&to) {
+            return Ok(Outbound::Send);
+        }
+        // An announcement still waiting for the host's config form goes first.
+        self.settle_config(&room);
+        let Some(state) = self.rooms.get_mut(&room) else {
+            return Ok(Outbound::Send);
+        };
         let Some(remote) = state.by_real.get(&to).cloned() else {
             return Ok(Outbound::Send);
         };
         let kind = stanza::stanza_type(&el);
         if kind == Some("error") {
             if !remote.confirmed && el.name() == "presence" {
-                // A join the room refused: route it through the mirror, to the escaped JID.
+                // A join the room refused: the user is no occupant.
                 state.by_real.remove(&to);
                 if !state.mirror_has_occupants(&remote.mirror) {
                     state.mirrors.remove(&remote.mirror);
                 }
-                let user = stanza::parse_jid(&to)?;
-                let addr = escape::jid_at_service(&user, &remote.mirror).map_err(|e| {
-                    Error::InvalidJid {
-                        jid: to.clone(),
-                        reason: e.to_string(),
-                    }
-                })?;
-                let mut el = el;
-                stanza::set_attr(&mut el, "to", addr.to_string());
-                return Ok(Outbound::Replace(stanza::serialize(&el)));
             }
-            return Ok(Outbound::Send);
+            return via_mirror(el, &to, &remote.mirror);
         }
         let broadcast_kind =
             el.name() == "presence" || (el.name() == "message" && kind == Some("groupchat"));
         if !broadcast_kind {
-            // Private messages, IQ answers: straight to the user, as plain MUC does.
-            return Ok(Outbound::Send);
+            // Private messages, IQ answers, the room's own messages to this occupant: through
+            // the mirror, so that they keep their place among the broadcasts.
+            return via_mirror(el, &to, &remote.mirror);
         }
         if state.depth == 0 {
             if el.name() == "presence" && self.config.unbracketed_presence {
@@ -840,6 +968,12 @@ impl Master {
         if let Some(r) = state.by_real.remove(real_jid) {
             state.announced_leave.remove(&r.nick);
             state.evicting.remove(&r.nick);
+            // Whatever comes next for this nick is new: a rejoin's presence may be the very
+            // presence forwarded before the leave (which the mirror announced, so it was not
+            // forwarded and left no fingerprint).
+            for link in state.mirrors.values_mut() {
+                link.forwarded.remove(&r.nick);
+            }
             if !state.mirror_has_occupants(&r.mirror) {
                 state.mirrors.remove(&r.mirror);
             }
@@ -1012,6 +1146,21 @@ impl Master {
     }
 }
 
+/// `el` (from the room to `user`, an occupant behind `mirror`) re-addressed to the user's escaped
+/// JID at the mirror (XEP-0106; the mirror un-escapes it and delivers it). It then travels on the
+/// mirror's s2s stream, in order with the room's broadcasts: sent straight to the user's domain,
+/// on another stream, an answer could be overtaken by the broadcast it caused. A JID that cannot
+/// be escaped is an error (the host then sends the stanza as it is, straight to the user).
+fn via_mirror(mut el: Element, user: &str, mirror: &str) -> Result<Outbound, Error> {
+    let jid = stanza::parse_jid(user)?;
+    let addr = escape::jid_at_service(&jid, mirror).map_err(|e| Error::InvalidJid {
+        jid: user.to_string(),
+        reason: e.to_string(),
+    })?;
+    stanza::set_attr(&mut el, "to", addr);
+    Ok(Outbound::Replace(stanza::serialize(&el)))
+}
+
 /// Is this an occupant's leave?
 fn is_leave(el: &Element) -> bool {
     el.name() == "presence" && stanza::stanza_type(el) == Some("unavailable")
@@ -1055,7 +1204,11 @@ fn forward_once(
         && stanza::stanza_type(&presence) == Some("unavailable")
         && state.announced_leave.contains(&nick)
     {
-        // The mirror announced this leave itself.
+        // The mirror announced this leave itself. It ends what the mirror has of this nick: a
+        // rejoin with the same presence as before must be forwarded.
+        if let Some(link) = state.mirrors.get_mut(mirror) {
+            link.forwarded.remove(&nick);
+        }
         return Outbound::Drop;
     }
     let mut normal = presence.clone();
@@ -1072,12 +1225,116 @@ fn forward_once(
     if (link.down && !eviction) || link.forwarded.get(&nick) == Some(&print) {
         return Outbound::Drop;
     }
+    let first = !link.forwarded.contains_key(&nick);
     link.forwarded.insert(nick, print);
     stanza::set_attr(&mut presence, "to", mirror);
     if ours {
         stanza::add_status(&mut presence, "110");
+        // The copy forwarded may be another occupant's, without the joiner's own status codes;
+        // 100 (the room shows real JIDs) follows from the config.
+        let anyone = state.config.as_ref().map(whois_of) == Some(Whois::Anyone);
+        if first && anyone && stanza::stanza_type(&presence).is_none() {
+            stanza::add_status(&mut presence, "100");
+        }
     }
     Outbound::Replace(stanza::serialize(&presence))
+}
+
+/// XEP-0045 status codes announcing a configuration change (§10.2.1): any change (104),
+/// logging on/off (170, 171), non-, semi-, fully anonymous (172, 173, 174).
+const CONFIG_STATUS: [&str; 6] = ["104", "170", "171", "172", "173", "174"];
+
+/// If `el` is the room announcing a configuration change (a groupchat message from the bare
+/// room with one of [`CONFIG_STATUS`]), its status codes.
+fn config_announcement(el: &Element) -> Option<Vec<String>> {
+    if el.name() != "message" || stanza::stanza_type(el) != Some("groupchat") {
+        return None;
+    }
+    let from = Jid::new(el.attr("from")?).ok()?;
+    if from.resource().is_some() {
+        return None;
+    }
+    let codes: Vec<String> = stanza::muc_user(el)?
+        .children()
+        .filter(|c| c.is("status", ns::MUC_USER))
+        .filter_map(|c| c.attr("code"))
+        .map(str::to_string)
+        .collect();
+    codes
+        .iter()
+        .any(|c| CONFIG_STATUS.contains(&c.as_str()))
+        .then_some(codes)
+}
+
+/// The whois rule of a (compacted) config form.
+fn whois_of(form: &Element) -> Whois {
+    Config::new(form.clone()).whois()
+}
+
+/// What the engine can tell of the new config from an announcement alone: the whois rule, on top
+/// of the form last sent.
+fn derived_config(previous: Option<&Element>, codes: &[String]) -> Option<Element> {
+    let has = |c: &str| codes.iter().any(|x| x == c);
+    let whois = if has("172") {
+        Some("anyone")
+    } else if has("173") || has("174") {
+        Some("moderators")
+    } else {
+        None
+    };
+    let Some(whois) = whois else {
+        return previous.cloned();
+    };
+    let form = previous.cloned().unwrap_or_else(|| {
+        let mut f = Element::builder("x", ns::DATA_FORMS).build();
+        stanza::set_attr(&mut f, "type", "form");
+        f.append_child(form_field(
+            "FORM_TYPE",
+            "hidden",
+            "http://jabber.org/protocol/muc#roomconfig",
+        ));
+        f
+    });
+    let field = form_field("muc#roomconfig_whois", "list-single", whois);
+    let mut rebuilt = Element::builder("x", ns::DATA_FORMS).build();
+    stanza::set_attr(&mut rebuilt, "type", form.attr("type").unwrap_or("form"));
+    let mut replaced = false;
+    for f in form.children() {
+        if f.is("field", ns::DATA_FORMS) && f.attr("var") == Some("muc#roomconfig_whois") {
+            rebuilt.append_child(field.clone());
+            replaced = true;
+        } else {
+            rebuilt.append_child(f.clone());
+        }
+    }
+    if !replaced {
+        rebuilt.append_child(field);
+    }
+    Some(rebuilt)
+}
+
+fn form_field(var: &str, kind: &str, value: &str) -> Element {
+    let mut f = Element::builder("field", ns::DATA_FORMS).build();
+    stanza::set_attr(&mut f, "var", var);
+    stanza::set_attr(&mut f, "type", kind);
+    f.append_child(
+        Element::builder("value", ns::DATA_FORMS)
+            .append(value)
+            .build(),
+    );
+    f
+}
+
+/// A `jabber:x:data` form from the host.
+fn parse_form(xml: &str) -> Result<Element, Error> {
+    let form = stanza::parse(xml)?;
+    if !form.is("x", ns::DATA_FORMS) {
+        return Err(Error::UnexpectedElement {
+            expected: "x",
+            got: form.name().to_string(),
+        });
+    }
+    Ok(form)
 }
 
 /// The form as the mirror needs it: each field's `var`, `type` and values. Labels, descriptions

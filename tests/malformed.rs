@@ -396,20 +396,21 @@ fn master_outbound_bad_input() {
             format!("<message from='{ROOM}/S' to='someone@else.example/x' type='groupchat'/>"),
             Outbound::Send,
         ),
-        (
-            format!("<message from='{ROOM}/S' to='{WAYNE}' type='chat'/>"),
-            Outbound::Send,
-        ),
-        (
-            format!("<iq from='{ROOM}' to='{WAYNE}' type='result' id='1'/>"),
-            Outbound::Send,
-        ),
-        (
-            format!("<message from='{ROOM}/S' to='{WAYNE}' type='error'/>"),
-            Outbound::Send,
-        ),
     ] {
         assert_eq!(m.handle_outbound(NOW, &stanza).unwrap(), want, "{stanza}");
+    }
+    // From the room to Wayne and no broadcast copy: through the mirror, to his escaped JID.
+    for stanza in [
+        format!("<message from='{ROOM}/S' to='{WAYNE}' type='chat'/>"),
+        format!("<iq from='{ROOM}' to='{WAYNE}' type='result' id='1'/>"),
+        format!("<message from='{ROOM}/S' to='{WAYNE}' type='error'/>"),
+    ] {
+        match m.handle_outbound(NOW, &stanza).unwrap() {
+            Outbound::Replace(x) => {
+                assert!(x.contains(&format!("@{A_MIRROR}'")), "{stanza} became {x}")
+            }
+            other => panic!("{stanza}: {other:?}"),
+        }
     }
     assert!(master_out(&mut m).is_empty());
     // A refused join whose user cannot be escaped: a typed error (the host sends it as it is).

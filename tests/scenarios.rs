@@ -1010,3 +1010,317 @@ fn broadcasts_lost_with_a_replaced_connection_come_from_a_catch_up() {
     }
     assert!(w.mirror_errors.is_empty(), "{:?}", w.mirror_errors);
 }
+
+/// An owner's muc#owner form setting `muc#roomconfig_whois` (the model room's only setting).
+fn whois_form(who: &str, id: &str, whois: &str) -> String {
+    format!(
+        "<iq from='{who}' to='{ROOM}' type='set' id='{id}'>\
+         <query xmlns='http://jabber.org/protocol/muc#owner'><x xmlns='jabber:x:data' type='submit'>\
+         <field var='FORM_TYPE'><value>http://jabber.org/protocol/muc#roomconfig</value></field>\
+         <field var='muc#roomconfig_whois'><value>{whois}</value></field></x></query></iq>"
+    )
+}
+
+/// The status codes of the room's config announcements among `stanzas`.
+fn announcements(stanzas: &[Element]) -> Vec<Vec<String>> {
+    stanzas
+        .iter()
+        .filter(|s| s.name() == "message" && from_nick(s).is_none())
+        .map(statuses)
+        .filter(|c| !c.is_empty())
+        .collect()
+}
+
+/// The whois value of the `<config/>` IQ among `stanzas` (one expected).
+fn pushed_whois(stanzas: &[Element]) -> Vec<String> {
+    stanzas
+        .iter()
+        .filter_map(|s| s.get_child("config", DMUC0))
+        .filter_map(|c| {
+            c.get_child("x", DATA_FORMS)?
+                .children()
+                .find(|f| f.attr("var") == Some("muc#roomconfig_whois"))?
+                .get_child("value", DATA_FORMS)
+                .map(|v| v.text())
+        })
+        .collect()
+}
+
+/// A config change reaches each mirror before the broadcast announcing it, and the mirror serves
+/// later joins by the new rule, as the room serves a direct joiner: made non-anonymous (172), a
+/// participant joining through the mirror gets status 100 and every real JID, including those of
+/// occupants whose presences the mirror was sent without them; semi-anonymous again (173), a
+/// participant joining through the mirror sees none.
+fn config_change_reaches_the_mirror_first(mut w: World) {
+    let c = cast();
+    let bob = user(Side::Master, "bob");
+    w.join(&c.scott, "Scott");
+    w.join(&c.wayne, "Wayne");
+    // Bob joins after the mirror's sync: the mirror, with only a participant, gets his presence
+    // without his real JID.
+    w.join(&bob, "Bob");
+    w.clear_inboxes();
+
+    let mark = w.mark(Side::A);
+    w.send(&c.scott, &whois_form(&c.scott, "cfg1", "anyone"));
+    let down = w.link(Side::A).since(mark, Dir::ToMirror);
+    assert_eq!(
+        names(&down),
+        ["iq", "message"],
+        "{:?}",
+        down.iter().map(xml).collect::<Vec<_>>()
+    );
+    assert_eq!(pushed_whois(&down), ["anyone"]);
+    assert_eq!(announcements(&down), [["172"]]);
+    assert_eq!(announcements(&w.take(&c.wayne)), [["172"]]);
+    let scott_got = w.take(&c.scott);
+    assert_eq!(scott_got[0].attr("type"), Some("result"));
+    assert_eq!(announcements(&scott_got), [["172"]]);
+
+    // A direct joiner is the oracle.
+    w.join(&c.kevin, "Kevin");
+    let direct = presences(&w.take(&c.kevin));
+    w.join(&c.keith, "Keith");
+    let mirrored = presences(&w.take(&c.keith));
+    for (who, seen, own) in [("direct", &direct, "Kevin"), ("mirror", &mirrored, "Keith")] {
+        let me = seen.iter().find(|p| p.nick == own).expect("own presence");
+        assert!(me.statuses.contains(&"100".to_string()), "{who}: {me:?}");
+        assert!(me.statuses.contains(&"110".to_string()), "{who}: {me:?}");
+        let scott = seen.iter().find(|p| p.nick == "Scott").expect("Scott");
+        assert_eq!(
+            scott.jid.as_deref(),
+            Some(c.scott.as_str()),
+            "{who}: {seen:?}"
+        );
+        let wayne = seen.iter().find(|p| p.nick == "Wayne").expect("Wayne");
+        assert_eq!(
+            wayne.jid.as_deref(),
+            Some(c.wayne.as_str()),
+            "{who}: {seen:?}"
+        );
+        let bob_seen = seen.iter().find(|p| p.nick == "Bob").expect("Bob");
+        assert_eq!(
+            bob_seen.jid.as_deref(),
+            Some(bob.as_str()),
+            "{who}: {seen:?}"
+        );
+    }
+    let keith_seen_by_wayne = presences(&w.take(&c.wayne));
+    assert_eq!(
+        keith_seen_by_wayne.len(),
+        2,
+        "Kevin and Keith: {keith_seen_by_wayne:?}"
+    );
+    for p in &keith_seen_by_wayne {
+        assert!(!p.statuses.contains(&"100".to_string()), "{p:?}");
+        assert!(!p.statuses.contains(&"110".to_string()), "{p:?}");
+    }
+
+    let mark = w.mark(Side::A);
+    w.send(&c.scott, &whois_form(&c.scott, "cfg2", "moderators"));
+    let down = w.link(Side::A).since(mark, Dir::ToMirror);
+    assert_eq!(names(&down), ["iq", "message"]);
+    assert_eq!(pushed_whois(&down), ["moderators"]);
+    assert_eq!(announcements(&down), [["173"]]);
+    w.clear_inboxes();
+
+    let ann = user(Side::Master, "ann");
+    let jack = user(Side::A, "jack");
+    w.join(&ann, "Ann");
+    let direct = presences(&w.take(&ann));
+    w.join(&jack, "Jack");
+    let mirrored = presences(&w.take(&jack));
+    for (who, seen, own) in [("direct", &direct, "Ann"), ("mirror", &mirrored, "Jack")] {
+        for p in seen.iter().filter(|p| p.nick != own) {
+            assert_eq!(p.jid, None, "{who} sees a real JID: {p:?}");
+        }
+        let me = seen.iter().find(|p| p.nick == own).expect("own presence");
+        assert!(!me.statuses.contains(&"100".to_string()), "{who}: {me:?}");
+    }
+    assert!(w.mirror_errors.is_empty(), "{:?}", w.mirror_errors);
+    assert!(w.master.errors.is_empty(), "{:?}", w.master.errors);
+}
+
+#[test]
+fn config_change_reaches_the_mirror_first_prosody() {
+    config_change_reaches_the_mirror_first(World::new());
+}
+
+/// Without brackets and without the form (ejabberd announces before it applies the change): the
+/// engine derives the whois rule from the announcement.
+#[test]
+fn config_change_reaches_the_mirror_first_unbracketed() {
+    config_change_reaches_the_mirror_first(World::unbracketed());
+}
+
+/// A config change with no effect the mirror can see (the same form again) sends no config.
+#[test]
+fn unchanged_config_is_not_sent_again() {
+    let mut w = World::new();
+    let c = cast();
+    w.join(&c.scott, "Scott");
+    w.join(&c.wayne, "Wayne");
+    let form = w.master.room.form();
+    w.at_master(|m, now| {
+        m.engine.handle_config(now, ROOM, Some(&form)).unwrap();
+    });
+    let mark = w.mark(Side::A);
+    w.at_master(|m, now| {
+        m.engine.handle_config(now, ROOM, Some(&form)).unwrap();
+        m.room.members_only = true;
+        let changed = m.room.form();
+        m.engine.handle_config(now, ROOM, Some(&changed)).unwrap();
+        m.drain_actions(now);
+    });
+    let down = w.link(Side::A).since(mark, Dir::ToMirror);
+    assert_eq!(names(&down), ["iq"], "only the changed form crosses");
+    assert!(w
+        .master
+        .engine
+        .handle_config(w.now, ROOM, Some("<x/>"))
+        .is_err());
+}
+
+/// Everything the room sends a user behind a mirror that is not a broadcast copy goes through
+/// the mirror (to the user's escaped JID), on the stream of the broadcasts: an owner behind the
+/// mirror gets the result of the config form before the announcement it caused, as a direct owner
+/// does; private messages and the room's errors arrive through the mirror too.
+#[test]
+fn answers_from_the_room_go_through_the_mirror() {
+    let mut w = World::new();
+    let c = cast();
+    w.master
+        .room
+        .affiliations
+        .insert(format!("wayne@{A_DOMAIN}"), "owner".into());
+    w.join(&c.scott, "Scott");
+    w.join(&c.wayne, "Wayne");
+    w.clear_inboxes();
+
+    let mark = w.mark(Side::A);
+    w.send(&c.wayne, &whois_form(&c.wayne, "cfg1", "anyone"));
+    let down = w.link(Side::A).since(mark, Dir::ToMirror);
+    assert_eq!(names(&down), ["iq", "iq", "message"]);
+    assert_eq!(down[0].attr("type"), Some("result"));
+    assert_eq!(
+        down[0].attr("to"),
+        Some(format!("wayne\\40{A_DOMAIN}\\2fpc@{A_MIRROR}").as_str())
+    );
+    assert!(down[1].get_child("config", DMUC0).is_some());
+    let got = w.take(&c.wayne);
+    assert_eq!(names(&got), ["iq", "message"]);
+    assert_eq!(got[0].attr("type"), Some("result"));
+    assert_eq!(got[0].attr("id"), Some("cfg1"));
+    assert_eq!(got[0].attr("to"), Some(c.wayne.as_str()));
+    assert_eq!(announcements(&got), [["172"]]);
+    // The direct owner's order, for comparison.
+    w.clear_inboxes();
+    let mark_s = w.mark(Side::A);
+    w.send(&c.scott, &whois_form(&c.scott, "cfg2", "moderators"));
+    let scott_got = w.take(&c.scott);
+    assert_eq!(names(&scott_got), ["iq", "message"]);
+    assert_eq!(
+        names(&w.link(Side::A).since(mark_s, Dir::ToMirror)),
+        ["iq", "message"]
+    );
+    w.clear_inboxes();
+
+    // A private message from the room, and an error from it.
+    let mark = w.mark(Side::A);
+    w.send(
+        &c.scott,
+        &format!(
+            "<message from='{}' to='{ROOM}/Wayne' type='chat' id='pm1'><body>psst</body></message>",
+            c.scott
+        ),
+    );
+    w.send(
+        &c.wayne,
+        &format!("<message from='{}' to='{ROOM}/Nobody' type='chat' id='pm2'><body>hello?</body></message>", c.wayne),
+    );
+    let down = w.link(Side::A).since(mark, Dir::ToMirror);
+    assert_eq!(names(&down), ["message", "message"]);
+    for s in &down {
+        assert!(
+            s.attr("to")
+                .is_some_and(|t| t.ends_with(&format!("@{A_MIRROR}"))),
+            "{}",
+            xml(s)
+        );
+    }
+    let got = w.take(&c.wayne);
+    assert_eq!(
+        got.len(),
+        2,
+        "{:?}",
+        got.iter().map(xml).collect::<Vec<_>>()
+    );
+    assert_eq!(got[0].attr("from"), Some(format!("{ROOM}/Scott").as_str()));
+    assert_eq!(body(&got[0]).as_deref(), Some("psst"));
+    assert_eq!(
+        errors(&got[1..]),
+        [("message".to_string(), "item-not-found".to_string())]
+    );
+    assert!(w.mirror_errors.is_empty(), "{:?}", w.mirror_errors);
+}
+
+/// Stanzas that are not from the room (the MUC service itself) keep their way.
+#[test]
+fn stanzas_not_from_the_room_are_not_rerouted() {
+    let (mut w, c) = full_room();
+    for s in [
+        format!(
+            "<iq from='{MUC_SERVICE}' to='{}' type='result' id='p'/>",
+            c.wayne
+        ),
+        format!(
+            "<message from='other@{MUC_SERVICE}/X' to='{}' type='chat'/>",
+            c.wayne
+        ),
+    ] {
+        assert_eq!(
+            w.master.engine.handle_outbound(w.now, &s).unwrap(),
+            dmuc::master::Outbound::Send,
+            "{s}"
+        );
+    }
+}
+
+/// Without brackets (ejabberd), a user behind a mirror leaves and joins again while another user
+/// keeps the mirror in the room: the master forwards the new join (its presence is the very one
+/// forwarded before the leave, which the mirror announced itself and was not echoed).
+#[test]
+fn unbracketed_leave_then_rejoin_through_the_mirror() {
+    let mut w = World::unbracketed();
+    let c = cast();
+    w.join(&c.scott, "Scott");
+    w.join(&c.wayne, "Wayne");
+    w.join(&c.keith, "Keith");
+    w.leave(&c.wayne, "Wayne");
+    w.clear_inboxes();
+
+    let mark = w.mark(Side::A);
+    w.join(&c.wayne, "Wayne");
+    let down = w.link(Side::A).since(mark, Dir::ToMirror);
+    assert_eq!(names(&down), ["presence"], "the join's one copy");
+    let got = presences(&w.take(&c.wayne));
+    let me = got
+        .iter()
+        .find(|p| p.nick == "Wayne")
+        .expect("Wayne's own presence");
+    assert!(me.statuses.contains(&"110".to_string()), "{got:?}");
+    assert_eq!(joined_nicks(w.inbox(&c.keith)), ["Wayne"]);
+    assert_eq!(joined_nicks(w.inbox(&c.scott)), ["Wayne"]);
+    assert!(w
+        .mirror(Side::A)
+        .occupants(ROOM)
+        .contains(&"Wayne".to_string()));
+
+    // And once more, leaving and rejoining twice in a row.
+    w.leave(&c.wayne, "Wayne");
+    w.clear_inboxes();
+    w.join(&c.wayne, "Wayne");
+    assert!(presences(&w.take(&c.wayne))
+        .iter()
+        .any(|p| p.nick == "Wayne" && p.statuses.contains(&"110".to_string())));
+}

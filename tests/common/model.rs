@@ -13,7 +13,12 @@
 //!   through [`Master::handle_outbound`] (Send, Drop, Replace);
 //! - `muc-occupant-left` → [`Master::handle_left`];
 //! - IQs to the room → [`Master::handle_iq`], history answers → [`Master::handle_history`];
-//! - [`MasterAction::Evict`] → the occupant leaves with status 333.
+//! - [`MasterAction::Evict`] → the occupant leaves with status 333;
+//! - [`MasterAction::ConfigChanged`] → [`Master::handle_config`] with the room's form (Prosody),
+//!   or with none (`answers_config == false`: ejabberd announces a change before applying it);
+//! - an owner's muc#owner form (whois only) → the IQ result to the owner, then the status 172 or
+//!   173 announcement to everyone, as Prosody's `process_form` does;
+//! - a private message to `room/nick` → to that occupant, from the sender's occupant JID.
 //!
 //! Everything the host would route is pushed to `out` as XML text, in order.
 
@@ -26,6 +31,8 @@ use dmuc::Timestamp;
 use minidom::Element;
 
 use super::xml::{set_attr, xml, CLIENT, DATA_FORMS, DELAY, DMUC, DMUC0, MUC, MUC_USER, STANZAS};
+
+const MUC_OWNER: &str = "http://jabber.org/protocol/muc#owner";
 
 /// Where the room's own access checks (members-only, bans) run relative to DMUC's pre-join hook.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +70,9 @@ pub struct ModelRoom {
     pub history: Vec<Element>,
     /// `(from, text)` of the subject.
     pub subject: Option<(String, String)>,
+    /// The nick whose join is being broadcast (its self-presence gets 100 in a room that shows
+    /// real JIDs, as Prosody sends it).
+    joining: Option<String>,
 }
 
 impl ModelRoom {
@@ -76,6 +86,7 @@ impl ModelRoom {
             occupants: BTreeMap::new(),
             history: Vec::new(),
             subject: None,
+            joining: None,
         }
     }
 
@@ -145,6 +156,12 @@ impl ModelRoom {
             set_attr(&mut s, "code", code);
             x.append_child(s);
         }
+        let initial = self.joining.as_deref() == Some(subject.nick.as_str());
+        if is_self && initial && self.whois_anyone {
+            let mut s = Element::builder("status", MUC_USER).build();
+            set_attr(&mut s, "code", "100");
+            x.append_child(s);
+        }
         if is_self {
             let mut s = Element::builder("status", MUC_USER).build();
             set_attr(&mut s, "code", "110");
@@ -191,6 +208,8 @@ pub struct MasterHost {
     pub bracket_presence: bool,
     /// Pings from mirrors the engine answered.
     pub pings: usize,
+    /// Does the host answer [`MasterAction::ConfigChanged`] with the room's form?
+    pub answers_config: bool,
     /// `out` position when the current broadcast began.
     mark: usize,
 }
@@ -214,6 +233,7 @@ impl MasterHost {
             local_domain: local_domain.to_string(),
             bracket_presence,
             pings: 0,
+            answers_config: bracket_presence,
             mark: 0,
         }
     }
@@ -295,6 +315,7 @@ impl MasterHost {
         match el.name() {
             "presence" => self.presence(now, &el, text),
             "message" if el.attr("type") == Some("groupchat") => self.groupchat(now, &el),
+            "message" => self.private(now, &el),
             "iq" => self.iq(now, &el, text),
             _ => {}
         }
@@ -310,6 +331,13 @@ impl MasterHost {
                 MasterAction::Evict { room, nick, jid } => {
                     assert_eq!(room, self.room.jid, "eviction from an unknown room");
                     self.evict(now, &nick, &jid);
+                }
+                MasterAction::ConfigChanged { room } => {
+                    assert_eq!(room, self.room.jid, "config of an unknown room");
+                    let form = self.answers_config.then(|| self.room.form());
+                    if let Err(e) = self.engine.handle_config(now, &room, form.as_deref()) {
+                        self.errors.push(e);
+                    }
                 }
             }
         }
@@ -409,7 +437,9 @@ impl MasterHost {
         }
         self.room.occupants.insert(nick.clone(), occ.clone());
         // ...then the join to everyone (publicise_occupant_status)...
+        self.room.joining = Some(nick.clone());
         self.publicise(now, &occ, None, &[], false);
+        self.room.joining = None;
         // ...then history and subject to the joiner.
         for m in self.room.history.clone() {
             let mut m = m;
@@ -597,9 +627,93 @@ impl MasterHost {
         self.end(true);
     }
 
+    /// A private message to `room/nick` (XEP-0045 §7.5): to that occupant, from the sender's
+    /// occupant JID; a sender who is no occupant, or no such nick, gets an error.
+    fn private(&mut self, now: Timestamp, el: &Element) {
+        let real = el.attr("from").unwrap_or_default().to_string();
+        let to = el.attr("to").unwrap_or_default();
+        let Some((_, nick)) = to.split_once('/') else {
+            return;
+        };
+        let Some(sender) = self.room.by_real(&real).cloned() else {
+            return self.error_to(now, el, "cancel", "not-acceptable");
+        };
+        let Some(target) = self.room.occupants.get(nick).cloned() else {
+            return self.error_to(now, el, "cancel", "item-not-found");
+        };
+        let mut m = el.clone();
+        set_attr(
+            &mut m,
+            "from",
+            &format!("{}/{}", self.room.jid, sender.nick),
+        );
+        set_attr(&mut m, "to", &target.real);
+        self.emit(now, m);
+    }
+
+    /// An owner submits the room's config form (only `muc#roomconfig_whois` is modelled): the
+    /// result first, then the announcement to every occupant, as Prosody's `process_form`.
+    fn configure(&mut self, now: Timestamp, el: &Element) {
+        let real = el.attr("from").unwrap_or_default().to_string();
+        if self.room.affiliation_of(&real) != "owner" {
+            return self.error_to(now, el, "auth", "forbidden");
+        }
+        let whois = el
+            .get_child("query", MUC_OWNER)
+            .and_then(|q| q.get_child("x", DATA_FORMS))
+            .and_then(|x| {
+                x.children()
+                    .find(|f| f.attr("var") == Some("muc#roomconfig_whois"))
+                    .and_then(|f| f.get_child("value", DATA_FORMS))
+                    .map(|v| v.text())
+            });
+        let mut result = Element::builder("iq", CLIENT).build();
+        set_attr(&mut result, "from", &self.room.jid);
+        set_attr(&mut result, "to", &real);
+        set_attr(&mut result, "type", "result");
+        if let Some(id) = el.attr("id") {
+            set_attr(&mut result, "id", id);
+        }
+        let anyone = match whois.as_deref() {
+            Some("anyone") => true,
+            Some(_) => false,
+            None => self.room.whois_anyone,
+        };
+        let changed = anyone != self.room.whois_anyone;
+        self.room.whois_anyone = anyone;
+        self.emit(now, result);
+        if !changed {
+            return;
+        }
+        let mut m = Element::builder("message", CLIENT).build();
+        set_attr(&mut m, "from", &self.room.jid);
+        set_attr(&mut m, "type", "groupchat");
+        let mut x = Element::builder("x", MUC_USER).build();
+        let mut status = Element::builder("status", MUC_USER).build();
+        set_attr(&mut status, "code", if anyone { "172" } else { "173" });
+        x.append_child(status);
+        m.append_child(x);
+        self.begin(true);
+        let recipients: Vec<String> = self
+            .room
+            .occupants
+            .values()
+            .map(|o| o.real.clone())
+            .collect();
+        for to in recipients {
+            let mut copy = m.clone();
+            set_attr(&mut copy, "to", &to);
+            self.emit(now, copy);
+        }
+        self.end(true);
+    }
+
     fn iq(&mut self, now: Timestamp, el: &Element, text: &str) {
         let kind = el.attr("type");
         if kind == Some("set") {
+            if el.get_child("query", MUC_OWNER).is_some() {
+                self.configure(now, el);
+            }
             return;
         }
         if kind == Some("get") && el.attr("to").is_some_and(|t| !t.contains('@')) {

@@ -11,7 +11,7 @@ use rustler::{Encoder, Env, ResourceArc, Term};
 
 use crate::error::NifError;
 
-rustler::atoms! { pass, refused, join, consumed, history, snapshot, send, drop, replace, evict }
+rustler::atoms! { pass, refused, join, consumed, history, snapshot, send, drop, replace, evict, config }
 
 pub struct MasterRes(Mutex<Master>);
 
@@ -187,6 +187,18 @@ fn master_left(
     Ok(with(&r, |m| m.handle_left(&room, &jid))?.1)
 }
 
+/// The engine's pending actions: `{evict, Room, Nick, Jid}`, `{config, Room}`.
+fn take_actions<'a>(env: Env<'a>, m: &mut Master) -> Vec<Term<'a>> {
+    let mut actions = Vec::new();
+    while let Some(a) = m.poll_action() {
+        actions.push(match a {
+            MasterAction::Evict { room, nick, jid } => (evict(), room, nick, jid).encode(env),
+            MasterAction::ConfigChanged { room } => (config(), room).encode(env),
+        });
+    }
+    actions
+}
+
 #[rustler::nif]
 fn master_link<'a>(
     env: Env<'a>,
@@ -197,9 +209,28 @@ fn master_link<'a>(
 ) -> Result<Term<'a>, NifError> {
     let mut m = r.0.lock().map_err(|_| NifError::Poisoned)?;
     m.handle_link(Timestamp(now), &domain, up);
-    let mut actions = Vec::new();
-    while let Some(MasterAction::Evict { room, nick, jid }) = m.poll_action() {
-        actions.push((evict(), room, nick, jid));
-    }
-    Ok(actions.encode(env))
+    Ok(take_actions(env, &mut m).encode(env))
+}
+
+/// The engine's pending actions (see `take_actions`).
+#[rustler::nif]
+fn master_actions<'a>(env: Env<'a>, r: ResourceArc<MasterRes>) -> Result<Term<'a>, NifError> {
+    let mut m = r.0.lock().map_err(|_| NifError::Poisoned)?;
+    Ok(take_actions(env, &mut m).encode(env))
+}
+
+/// The room's config form after a `{config, Room}` action; `<<>>` when the host has none.
+#[rustler::nif]
+fn master_config(
+    r: ResourceArc<MasterRes>,
+    now: u64,
+    room: String,
+    form: String,
+) -> Result<Vec<String>, NifError> {
+    let form = (!form.is_empty()).then_some(form);
+    let (v, sent) = with(&r, |m| {
+        m.handle_config(Timestamp(now), &room, form.as_deref())
+    })?;
+    v?;
+    Ok(sent)
 }

@@ -146,6 +146,15 @@ impl LuaUserData for LuaMaster {
                 Ok(())
             },
         );
+        methods.add_method_mut(
+            "handle_config",
+            |lua, this, (t, room, form): (f64, String, Option<String>)| {
+                let r = this.0.handle_config(now(t), &room, form.as_deref());
+                log::flush(lua);
+                r.map_err(ShimError::from)?;
+                Ok(())
+            },
+        );
         methods.add_method_mut("begin_broadcast", |_, this, room: String| {
             this.0.begin_broadcast(&room);
             Ok(())
@@ -219,6 +228,12 @@ impl LuaUserData for LuaMaster {
                     t.set("room", room)?;
                     t.set("nick", nick)?;
                     t.set("jid", jid)?;
+                    Some(t)
+                }
+                Some(MasterAction::ConfigChanged { room }) => {
+                    let t = lua.create_table()?;
+                    t.set("kind", "config")?;
+                    t.set("room", room)?;
                     Some(t)
                 }
             })
