@@ -24,15 +24,31 @@ end
 local native = open();
 native.set_logger(function(level, message) module:log(level, "%s", message) end);
 
--- Engine output is XML text; Prosody routes stanza objects. Our stanzas belong to the stream's
--- default namespace, which Prosody leaves implicit.
+-- util.xml gives every element its namespace as an explicit xmlns attribute. Prosody leaves the
+-- stream's default namespace implicit (no xmlns), and writes an explicit one as it is: a
+-- <body xmlns='jabber:client'/> inside a jabber:server s2s stream is no body to the receiver (no
+-- history, no subject checks). So an element in the stanza's namespace, under a parent in it too,
+-- loses the attribute; inside a foreign wrapper (<forwarded/>, <history/>, a roster item) a
+-- jabber:client element keeps it, as it must.
+local function drop_default_ns(el, ns)
+	for _, child in ipairs(el.tags) do
+		if child.attr.xmlns == ns then
+			child.attr.xmlns = nil;
+			drop_default_ns(child, ns);
+		end
+	end
+end
+
+-- Engine output is XML text; Prosody routes stanza objects, in the stream's default namespace.
 local function to_stanza(text)
 	local stanza, err = xml.parse(text);
 	if not stanza then
 		module:log("error", "engine produced unparsable XML (%s): %s", err, text);
 		return nil;
 	end
+	local ns = stanza.attr.xmlns;
 	stanza.attr.xmlns = nil;
+	if ns then drop_default_ns(stanza, ns); end
 	return stanza;
 end
 
@@ -136,13 +152,28 @@ if host_type == "component" and component_module == "muc" then
 		module:fire_event("muc-occupant-left", { room = room; nick = occupant.nick; occupant = occupant });
 	end
 
+	-- The room's config form as an owner gets it. The actor `true` is no JID, so no server admin:
+	-- fields shown only to admins (restrict_room_persistence...) are left out, and none of them
+	-- matters to a mirror. :form(nil, "form") writes each field's current value (a list-single's
+	-- from its default option; a boolean that is unset gets none).
+	local function config_form(room)
+		return tostring(room:get_form_layout(true):form(nil, "form"));
+	end
+
+	-- The room announced a config change: the engine holds the announcement until it has the form.
+	local function config_changed(action)
+		local room = mod_muc.get_room_from_jid(action.room);
+		call(master, "handle_config", time_now(), action.room, room and config_form(room) or nil);
+	end
+
 	local schedule;
 	local function drain_master()
-		drain(master);
 		while true do
+			drain(master);
 			local action = master:poll_action();
 			if not action then break end
-			if action.kind == "evict" then evict(action); end
+			if action.kind == "evict" then evict(action);
+			elseif action.kind == "config" then config_changed(action); end
 		end
 		schedule();
 	end
@@ -193,8 +224,7 @@ if host_type == "component" and component_module == "muc" then
 			pres:add_child(x);
 			table.insert(occupants, tostring(pres));
 		end
-		local form = room:get_form_layout(true):form(nil, "form");
-		call(master, "handle_snapshot", time_now(), room.jid, mirror, nick, tostring(form), occupants);
+		call(master, "handle_snapshot", time_now(), room.jid, mirror, nick, config_form(room), occupants);
 	end
 
 	-- Joins, leaves and status changes of users behind a mirror. This runs before the room's own
@@ -290,6 +320,9 @@ if host_type == "component" and component_module == "muc" then
 		local stanza = event.stanza;
 		if not master:routes_via_mirror(stanza.attr.to or "") then return end
 		local verdict, replacement = call(master, "handle_outbound", time_now(), tostring(stanza));
+		-- What the engine queued meanwhile (an announcement it held) goes first. Only stanzas:
+		-- this may run inside a broadcast, where the room must not be acted on.
+		drain(master);
 		if verdict == "drop" then return true; end
 		if verdict == "replace" then
 			local s = to_stanza(replacement);

@@ -376,6 +376,7 @@ multicast_route({From, Domain, Dests, Packet, Wrapped} = Acc) ->
                                    true ->
                                        Copy = xmpp:set_from_to(Packet, From, To),
                                        case call(fun() -> dmuc_nif:master_outbound(M, now_ms(), enc(Copy)) end) of
+                                           {error, _} -> true;
                                            {drop, Out} -> route_out(Out), false;
                                            {{replace, Xml}, Out} -> route_out(Out ++ [Xml]), false;
                                            {_, Out} -> route_out(Out), true
@@ -384,7 +385,26 @@ multicast_route({From, Domain, Dests, Packet, Wrapped} = Acc) ->
                        end, Dests),
             End = call(fun() -> dmuc_nif:master_end(M, Room) end),
             [route_out(Out) || Out <- [Begin, End], is_list(Out)],
+            master_actions(M),
             {From, Domain, Direct, Packet, Wrapped}
+    end.
+
+%% What the engine asks of the room after a broadcast. A config announcement (status 104,
+%% 170-174) waits in the engine for the room's config form, but ejabberd's room sends it before
+%% it applies the new config (change_config), and this hook cannot see the room's state: the
+%% engine is told there is no form and reads the change from the announcement itself.
+master_actions(M) ->
+    case call(fun() -> dmuc_nif:master_actions(M) end) of
+        Actions when is_list(Actions) ->
+            lists:foreach(
+              fun({config, Room}) ->
+                      case call(fun() -> dmuc_nif:master_config(M, now_ms(), Room, <<>>) end) of
+                          Out when is_list(Out) -> route_out(Out);
+                          _ -> ok
+                      end;
+                 (Evict) -> evict(Evict)
+              end, Actions);
+        _ -> ok
     end.
 
 %% Everything a room routes one stanza at a time: presences, history, subject, errors. Runs in
@@ -434,6 +454,7 @@ filter_packet(Pkt) ->
                         false -> Pkt;
                         true ->
                             case call(fun() -> dmuc_nif:master_outbound(M, now_ms(), enc(Pkt)) end) of
+                                {error, _} -> Pkt;
                                 {drop, Out} -> route_out(Out), drop;
                                 {{replace, Xml}, Out} -> route_out(Out ++ [Xml]), drop;
                                 {_, Out} -> route_out(Out), Pkt
