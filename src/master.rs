@@ -272,6 +272,9 @@ struct MirrorLink {
 struct Captured {
     rank: u8,
     stanza: Element,
+    /// Self-only status codes (100, 201, 210) of the subject's own copy, when a richer copy was
+    /// chosen: the mirror shows them to its occupant.
+    self_codes: Vec<String>,
 }
 
 impl RoomState {
@@ -740,6 +743,11 @@ impl Master {
         let mut out = Vec::new();
         for (mirror, c) in captured {
             let mut el = c.stanza;
+            if !stanza::has_status(&el, "110") {
+                for code in &c.self_codes {
+                    stanza::add_status(&mut el, code);
+                }
+            }
             let nick = el
                 .attr("from")
                 .and_then(|f| Jid::new(f).ok())
@@ -939,22 +947,45 @@ impl Master {
                 r.confirmed = true;
             }
         }
-        let rank = if stanza::has_status(&el, "110") {
-            2
-        } else if stanza::muc_item(&el).and_then(|i| i.attr("jid")).is_some() {
-            1
-        } else {
-            0
+        // The mirror gets the richest copy and applies whois itself per recipient: a copy with
+        // every real JID (the actor's too, which the subject's own copy lacks) first, then the
+        // subject's own copy, then one with the subject's JID, then the anonymous one.
+        let item = stanza::muc_item(&el);
+        let real = item.and_then(|i| i.attr("jid")).is_some();
+        let actor_hidden = item
+            .and_then(|i| i.get_child("actor", ns::MUC_USER))
+            .is_some_and(|a| a.attr("jid").is_none());
+        let own = stanza::has_status(&el, "110");
+        let rank = match (real, own, actor_hidden) {
+            (true, false, false) => 3,
+            (_, true, _) => 2,
+            (true, false, true) => 1,
+            _ => 0,
         };
-        let slot = state.captured.entry(remote.mirror.clone());
-        match slot {
-            std::collections::btree_map::Entry::Vacant(v) => {
-                v.insert(Captured { rank, stanza: el });
-            }
-            std::collections::btree_map::Entry::Occupied(mut o) => {
-                if rank > o.get().rank {
-                    o.insert(Captured { rank, stanza: el });
-                }
+        let codes: Vec<String> = if own {
+            stanza::SELF_ONLY_STATUS
+                .iter()
+                .filter(|c| **c != "110" && stanza::has_status(&el, c))
+                .map(|c| c.to_string())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let slot = state
+            .captured
+            .entry(remote.mirror.clone())
+            .or_insert_with(|| Captured {
+                rank,
+                stanza: el.clone(),
+                self_codes: Vec::new(),
+            });
+        if rank > slot.rank {
+            slot.rank = rank;
+            slot.stanza = el;
+        }
+        for c in codes {
+            if !slot.self_codes.contains(&c) {
+                slot.self_codes.push(c);
             }
         }
         Ok(Outbound::Drop)

@@ -278,6 +278,19 @@ pub fn strip_real_jids(el: &mut Element) {
     }
 }
 
+/// Remove the actor's real JID (`item/actor/@jid`), for the subject of a kick or affiliation
+/// change who may not see real JIDs: they see their own, not the actor's.
+pub fn strip_actor_jid(el: &mut Element) {
+    let Some(x) = el.get_child_mut("x", ns::MUC_USER) else {
+        return;
+    };
+    for item in x.children_mut() {
+        if let Some(actor) = item.get_child_mut("actor", ns::MUC_USER) {
+            remove_attr(actor, "jid");
+        }
+    }
+}
+
 /// The first `<item/>` of the presence's muc#user element.
 pub fn muc_item(el: &Element) -> Option<&Element> {
     muc_user(el)?.get_child("item", ns::MUC_USER)

@@ -360,3 +360,90 @@ fn local_copies_carry_the_rooms_occupant_id() {
         assert_eq!(ids, ["given-by-room"], "{who}: {m:?}");
     }
 }
+
+/// An affiliation change by a moderator behind the mirror, of a participant behind the same
+/// mirror (Prosody's issue1224 script): the room's copy for the moderator names the actor's
+/// real JID, the subject's own copy does not. The master sends the mirror the richer copy, with
+/// the subject's self-only codes, so the mirror can give each local user what the room would.
+#[test]
+fn the_mirror_gets_the_copy_with_the_actors_jid() {
+    use dmuc::master::{Master, MasterConfig, Outbound, TrustedMirror};
+    let now = dmuc::Timestamp(1_295_424_000_000);
+    let mut m = Master::new(MasterConfig {
+        trusted_mirrors: vec![TrustedMirror::new(A_MIRROR)],
+        ..MasterConfig::default()
+    });
+    let romeo = format!("romeo@{A_DOMAIN}/pc");
+    let juliet = format!("juliet@{A_DOMAIN}/pc");
+    for (who, nick) in [(&romeo, "Romeo"), (&juliet, "Juliet")] {
+        m.handle_presence(
+            now,
+            &format!(
+                "<presence from='{who}' to='{ROOM}/{nick}'><x xmlns='http://jabber.org/protocol/muc'/>\
+                 <dmuc xmlns='http://tridsys.com/protocol/dmuc' from='{A_MIRROR}'/></presence>"
+            ),
+            Some(nick),
+        )
+        .unwrap();
+    }
+    while m.poll_transmit().is_some() {}
+    let copy = |to: &str, actor: &str, codes: &str| {
+        format!(
+            "<presence from='{ROOM}/Juliet' to='{to}'><x xmlns='http://jabber.org/protocol/muc#user'>\
+             <item affiliation='member' role='participant' jid='{juliet}'>{actor}</item>{codes}</x></presence>"
+        )
+    };
+    m.begin_broadcast(ROOM);
+    let own = copy(&juliet, "<actor nick='Romeo'/>", "<status code='110'/>");
+    let full = copy(&romeo, &format!("<actor nick='Romeo' jid='{romeo}'/>"), "");
+    assert_eq!(m.handle_outbound(now, &own).unwrap(), Outbound::Drop);
+    assert_eq!(m.handle_outbound(now, &full).unwrap(), Outbound::Drop);
+    m.end_broadcast(ROOM);
+    let sent: Vec<Element> = std::iter::from_fn(|| m.poll_transmit())
+        .map(|x| dmuc::stanza::parse(&x).unwrap())
+        .collect();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    let item = sent[0]
+        .get_child("x", MUC_USER)
+        .and_then(|x| x.get_child("item", MUC_USER))
+        .unwrap();
+    let actor = item.get_child("actor", MUC_USER).unwrap();
+    assert_eq!(actor.attr("jid"), Some(romeo.as_str()), "{:?}", sent[0]);
+}
+
+/// The mirror gives the subject of an affiliation change their own real JID but not the
+/// actor's, unless they may see real JIDs; a moderator sees both.
+#[test]
+fn the_subject_does_not_see_the_actors_jid() {
+    let mut w = World::new();
+    let scott = user(Side::Master, "scott");
+    let wayne = user(Side::A, "wayne");
+    w.join(&scott, "Scott");
+    w.join(&wayne, "Wayne");
+    w.clear_inboxes();
+    // The master's one copy for the mirror: the richest, with the actor's real JID.
+    let now = w.now;
+    let copy = format!(
+        "<presence from='{ROOM}/Wayne' to='{A_MIRROR}'><x xmlns='http://jabber.org/protocol/muc#user'>\
+         <item affiliation='member' role='participant' jid='{wayne}'><actor nick='Scott' jid='{scott}'/></item>\
+         </x></presence>"
+    );
+    let m = w.mirrors.get_mut(&Side::A).unwrap();
+    m.handle_remote(now, &copy).unwrap();
+    let got: Vec<Element> = std::iter::from_fn(|| m.poll_transmit())
+        .map(|x| dmuc::stanza::parse(&x).unwrap())
+        .collect();
+    assert_eq!(got.len(), 1, "{got:?}");
+    let item = got[0]
+        .get_child("x", MUC_USER)
+        .and_then(|x| x.get_child("item", MUC_USER))
+        .unwrap();
+    assert_eq!(item.attr("jid"), Some(wayne.as_str()), "own JID kept");
+    assert_eq!(
+        item.get_child("actor", MUC_USER).unwrap().attr("jid"),
+        None,
+        "the actor's JID hidden: {:?}",
+        got[0]
+    );
+    assert!(statuses(&got[0]).contains(&"110".to_string()));
+}

@@ -120,11 +120,16 @@ impl Replica {
     ) -> Element {
         let mut p = presence.clone();
         stanza::set_attr(&mut p, "to", to);
+        let hidden = self.whois == Whois::Moderators && !self.is_moderator(recipient);
         if subject == recipient {
             stanza::add_status(&mut p, "110");
+            if hidden {
+                // One's own real JID, yes; the actor's, no (as the room shows it).
+                stanza::strip_actor_jid(&mut p);
+            }
         } else {
             stanza::strip_self_status(&mut p);
-            if self.whois == Whois::Moderators && !self.is_moderator(recipient) {
+            if hidden {
                 stanza::strip_real_jids(&mut p);
             }
         }
