@@ -13,7 +13,8 @@ mod common;
 
 use common::xml::{assert_xml_eq, assert_xml_set_eq, parse, set_attr, xml};
 use dmuc::master::{
-    HistoryRequest, IqVerdict, Master, MasterConfig, Outbound, PresenceVerdict, TrustedMirror,
+    HistoryRequest, IqVerdict, Master, MasterAction, MasterConfig, Outbound, PresenceVerdict,
+    TrustedMirror,
 };
 use dmuc::mirror::{Mirror, MirrorConfig, Verdict};
 use dmuc::Timestamp;
@@ -1059,4 +1060,95 @@ fn comparison_is_strict() {
         let r = std::panic::catch_unwind(|| assert_xml_eq(a, b));
         assert!(r.is_err(), "compared equal:\n{a}\n{b}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Beyond the draft (docs/protocol.md, "Master side: config changes and one ordered path").
+
+/// The room announces that it is now non-anonymous (XEP-0045 §10.2.1, status 172), as ejabberd
+/// does before it applies the change: the host has no form (`None`), the engine derives the
+/// whois rule from the announcement, and the mirror gets the new config before the announcement.
+#[test]
+fn config_change_pushed_before_its_announcement() {
+    let mut m = master_with_wayne_and_keith();
+    let roster = [occupant(
+        "Scott",
+        "owner",
+        "moderator",
+        "scott@fairfax.tridsys.com/pda",
+    )];
+    m.handle_snapshot(NOW, ROOM, MIRROR, "Wayne", FORM, &roster)
+        .unwrap();
+    drain_master(&mut m);
+    m.begin_broadcast(ROOM);
+    for user in [WAYNE, KEITH] {
+        let copy = format!(
+            "<message from='{ROOM}' to='{user}' type='groupchat'>\
+             <x xmlns='http://jabber.org/protocol/muc#user'><status code='172'/></x></message>"
+        );
+        assert_eq!(m.handle_outbound(NOW, &copy).unwrap(), Outbound::Drop);
+    }
+    m.end_broadcast(ROOM);
+    assert!(drain_master(&mut m).is_empty(), "the announcement waits");
+    assert_eq!(
+        m.poll_action(),
+        Some(MasterAction::ConfigChanged { room: ROOM.into() })
+    );
+    m.handle_config(NOW, ROOM, None).unwrap();
+    let out = drain_master(&mut m);
+    assert_eq!(out.len(), 2, "{out:?}");
+    assert_xml_eq(
+        &with_spec_id(&out[0], "c2"),
+        "<iq from='chatroom@conference.fairfax.tridsys.com' to='mirror.raleigh.tridsys.com' \
+         id='c2' type='set'><config xmlns='urn:xmpp:dmuc:0'><x xmlns='jabber:x:data' type='form'>\
+         <field var='FORM_TYPE' type='hidden'><value>http://jabber.org/protocol/muc#roomconfig</value></field>\
+         <field var='muc#roomconfig_whois' type='list-single'><value>anyone</value></field>\
+         </x></config></iq>",
+    );
+    assert_xml_eq(
+        &out[1],
+        "<message from='chatroom@conference.fairfax.tridsys.com' to='mirror.raleigh.tridsys.com' \
+         type='groupchat'><x xmlns='http://jabber.org/protocol/muc#user'><status code='172'/></x></message>",
+    );
+    // The mirror's next join syncs again: the roster brings the real JIDs it was not sent.
+    let join = format!(
+        "<presence from='jack@raleigh.tridsys.com/pc' to='{ROOM}/Jack'><x xmlns='http://jabber.org/protocol/muc'/>\
+         <dmuc xmlns='http://tridsys.com/protocol/dmuc' from='{MIRROR}'/></presence>"
+    );
+    assert_eq!(
+        m.handle_presence(NOW, &join, Some("Jack")).unwrap(),
+        PresenceVerdict::MirrorJoin {
+            mirror: MIRROR.into(),
+            sync: true
+        }
+    );
+}
+
+/// The room's answer to a user behind the mirror (here the result of Wayne's config form, from
+/// the bare room) goes to his escaped JID at the mirror, on the stream of the broadcasts.
+#[test]
+fn the_rooms_answer_goes_through_the_mirror() {
+    let mut m = master_with_wayne_and_keith();
+    let result = format!("<iq from='{ROOM}' to='{WAYNE}' type='result' id='form1'/>");
+    let Outbound::Replace(x) = m.handle_outbound(NOW, &result).unwrap() else {
+        panic!("sent straight to Wayne");
+    };
+    assert_xml_eq(
+        &x,
+        "<iq from='chatroom@conference.fairfax.tridsys.com' \
+         to='wayne\\40raleigh.tridsys.com\\2fTransVerse@mirror.raleigh.tridsys.com' \
+         type='result' id='form1'/>",
+    );
+    let pm = format!(
+        "<message from='{ROOM}/Scott' to='{WAYNE}' type='chat'><body>psst</body></message>"
+    );
+    let Outbound::Replace(x) = m.handle_outbound(NOW, &pm).unwrap() else {
+        panic!("sent straight to Wayne");
+    };
+    assert_xml_eq(
+        &x,
+        "<message from='chatroom@conference.fairfax.tridsys.com/Scott' \
+         to='wayne\\40raleigh.tridsys.com\\2fTransVerse@mirror.raleigh.tridsys.com' \
+         type='chat'><body>psst</body></message>",
+    );
 }
