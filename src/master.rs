@@ -447,7 +447,13 @@ impl Master {
             });
         }
         let from = stanza::jid_attr(&p, "presence", "from")?;
-        let to = stanza::jid_attr(&p, "presence", "to")?;
+        // An occupant address the engine cannot parse (a nick failing strict validation, say)
+        // is the room's to refuse, with its own error and `by`.
+        let to = match stanza::jid_attr(&p, "presence", "to") {
+            Ok(to) => to,
+            Err(Error::InvalidJid { .. }) => return Ok(PresenceVerdict::Pass),
+            Err(e) => return Err(e),
+        };
         let (room, Some(nick)) = split_occupant(&to) else {
             return Ok(PresenceVerdict::Pass);
         };

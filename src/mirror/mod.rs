@@ -367,7 +367,18 @@ impl Mirror {
     /// the mirror, or to a local user (which the mirror only observes).
     pub fn handle_remote(&mut self, now: Timestamp, xml: &str) -> Result<Verdict, Error> {
         let el = stanza::parse(xml)?;
-        let from = stanza::jid_attr(&el, "stanza", "from")?;
+        let from = el.attr("from").ok_or(Error::MissingAttribute {
+            element: "stanza",
+            attribute: "from",
+        })?;
+        if !self.handles(from) {
+            return Ok(Verdict::Pass);
+        }
+        // An occupant address the engine cannot parse (the room's refusal of a nick that fails
+        // strict validation, say) is delivered as the host would, untouched.
+        let Ok(from) = stanza::parse_jid(from) else {
+            return Ok(Verdict::Pass);
+        };
         let to = stanza::jid_attr(&el, "stanza", "to")?;
         if !self.handles(from.as_str()) {
             return Ok(Verdict::Pass);
