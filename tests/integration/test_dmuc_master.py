@@ -195,6 +195,9 @@ def test_leave_then_rejoin_through_the_mirror(make_mixed_servers, master, mirror
                 alice = await hub.connect(f"alice@{FAIRFAX}", PASSWORD, env.fairfax.c2s_port)
                 await alice.join(ROOM, "Alice")
                 wayne = await hub.connect(f"wayne@{RALEIGH}", PASSWORD, env.raleigh.c2s_port)
+                # Presences without ids (ids are optional; many clients send none): the rejoin
+                # is then the very presence of the first join.
+                wayne.xmpp.use_presence_ids = False
                 await wayne.join(ROOM, "Wayne", history=None, timeout=20)
                 keith = await hub.connect(f"keith@{RALEIGH}", PASSWORD, env.raleigh.c2s_port)
                 await keith.join(ROOM, "Keith", history=None, timeout=20)
