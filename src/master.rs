@@ -87,6 +87,10 @@ fn parent_domain(domain: &str) -> Option<&str> {
         .filter(|p| p.contains('.') || !p.is_empty())
 }
 
+/// Occupants behind mirrors who left lately, whose stanzas from the room still go through the
+/// mirror.
+const RECENTLY_LEFT: usize = 1000;
+
 /// Origin-ids remembered per room, for dropping messages a mirror sends twice.
 const ORIGIN_IDS: usize = 2000;
 
@@ -302,6 +306,10 @@ pub struct Master {
     /// Ids of our config/roster IQs awaiting an answer. Bounded: some hosts (ejabberd) never
     /// hand a room the answers, and an unanswered sync IQ needs no follow-up.
     sync_iqs: VecDeque<String>,
+    /// Occupants behind a mirror who left lately, with their mirror: what the room still sends
+    /// them (the answer to the request that made them leave, say) goes through the mirror too,
+    /// behind the broadcast of their leave.
+    recently_left: VecDeque<(String, String)>,
     next_id: u64,
 }
 
@@ -324,6 +332,7 @@ impl Master {
             transmits: VecDeque::new(),
             actions: VecDeque::new(),
             sync_iqs: VecDeque::new(),
+            recently_left: VecDeque::new(),
             next_id: 0,
         }
     }
@@ -333,7 +342,17 @@ impl Master {
     /// Does a stanza to `to` need [`Master::handle_outbound`]? True for occupants that joined
     /// through a mirror. Cheap: the host can skip serialising everything else.
     pub fn routes_via_mirror(&self, to: &str) -> bool {
-        !self.rooms.is_empty() && self.rooms.values().any(|r| r.by_real.contains_key(to))
+        (!self.rooms.is_empty() && self.rooms.values().any(|r| r.by_real.contains_key(to)))
+            || self.left_via(to).is_some()
+    }
+
+    /// The mirror of an occupant who left lately.
+    fn left_via(&self, real_jid: &str) -> Option<&str> {
+        self.recently_left
+            .iter()
+            .rev()
+            .find(|(j, _)| j == real_jid)
+            .map(|(_, m)| m.as_str())
     }
 
     /// The mirrors with occupants in `room`.
@@ -906,11 +925,19 @@ impl Master {
             return Ok(Outbound::Send);
         };
         let room = from.to_bare().to_string();
-        let Some(state) = self.rooms.get_mut(&room) else {
-            return Ok(Outbound::Send);
-        };
-        if !state.by_real.contains_key(&to) {
-            return Ok(Outbound::Send);
+        let occupant = self
+            .rooms
+            .get(&room)
+            .is_some_and(|s| s.by_real.contains_key(&to));
+        if !occupant {
+            // Not (or no longer) an occupant: an answer or message the room still sends a user
+            // who just left through a mirror follows their leave through that mirror.
+            let broadcast_kind = el.name() == "presence"
+                || (el.name() == "message" && stanza::stanza_type(&el) == Some("groupchat"));
+            return match self.left_via(&to) {
+                Some(mirror) if !broadcast_kind => via_mirror(el, &to, &mirror.to_string()),
+                _ => Ok(Outbound::Send),
+            };
         }
         // An announcement still waiting for the host's config form goes first.
         self.settle_config(&room);
@@ -1003,6 +1030,11 @@ impl Master {
             return;
         };
         if let Some(r) = state.by_real.remove(real_jid) {
+            self.recently_left
+                .push_back((real_jid.to_string(), r.mirror.clone()));
+            while self.recently_left.len() > RECENTLY_LEFT {
+                self.recently_left.pop_front();
+            }
             state.announced_leave.remove(&r.nick);
             state.evicting.remove(&r.nick);
             // Whatever comes next for this nick is new: a rejoin's presence may be the very

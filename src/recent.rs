@@ -42,6 +42,11 @@ impl<K: Hash + Eq + Clone> Recent<K> {
         true
     }
 
+    /// The keys held, oldest first.
+    pub fn iter(&self) -> impl Iterator<Item = &K> {
+        self.order.iter()
+    }
+
     /// Number of keys held.
     pub fn len(&self) -> usize {
         self.order.len()

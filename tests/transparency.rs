@@ -447,3 +447,54 @@ fn the_subject_does_not_see_the_actors_jid() {
     );
     assert!(statuses(&got[0]).contains(&"110".to_string()));
 }
+
+/// What the room sends a user after their leave (the answer to the request that made them
+/// leave, such as unregistering from a members-only room) keeps its place behind the leave: the
+/// master still routes it through the mirror, and the mirror still delivers it.
+#[test]
+fn answers_after_a_leave_follow_it_through_the_mirror() {
+    use dmuc::master::{Master, MasterConfig, Outbound, TrustedMirror};
+    let now = dmuc::Timestamp(1_295_424_000_000);
+    let mut m = Master::new(MasterConfig {
+        trusted_mirrors: vec![TrustedMirror::new(A_MIRROR)],
+        ..MasterConfig::default()
+    });
+    let juliet = format!("juliet@{A_DOMAIN}/pc");
+    m.handle_presence(
+        now,
+        &format!(
+            "<presence from='{juliet}' to='{ROOM}/Juliet'><x xmlns='http://jabber.org/protocol/muc'/>\
+             <dmuc xmlns='http://tridsys.com/protocol/dmuc' from='{A_MIRROR}'/></presence>"
+        ),
+        Some("Juliet"),
+    )
+    .unwrap();
+    m.handle_left(ROOM, &juliet);
+    assert!(m.routes_via_mirror(&juliet));
+    let answer = format!("<iq from='{ROOM}' to='{juliet}' id='unreg1' type='result'/>");
+    let escaped = dmuc::escape::jid_at_service(&juliet.parse().unwrap(), A_MIRROR)
+        .unwrap()
+        .to_string();
+    match m.handle_outbound(now, &answer).unwrap() {
+        Outbound::Replace(x) => assert!(x.contains(&escaped), "{x}"),
+        other => panic!("{other:?}"),
+    }
+
+    let mut w = World::new();
+    let wayne = user(Side::A, "wayne");
+    w.join(&wayne, "Wayne");
+    w.leave(&wayne, "Wayne");
+    w.clear_inboxes();
+    let to = dmuc::escape::jid_at_service(&wayne.parse().unwrap(), A_MIRROR).unwrap();
+    let now = w.now;
+    let mirror = w.mirrors.get_mut(&Side::A).unwrap();
+    mirror
+        .handle_remote(
+            now,
+            &format!("<iq from='{ROOM}' to='{to}' id='unreg1' type='result'/>"),
+        )
+        .unwrap();
+    let out: Vec<String> = std::iter::from_fn(|| mirror.poll_transmit()).collect();
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert!(out[0].contains(&format!("to='{wayne}'")), "{out:?}");
+}

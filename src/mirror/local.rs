@@ -284,6 +284,7 @@ impl Mirror {
             return;
         };
         r.replica.local.remove(user);
+        self.recently_left.insert(user.to_string());
         if let Some(other) = r.replica.sessions_of(nick).into_iter().next() {
             // Another session keeps the nick (multi-session): only the leaver sees a leave; the
             // master's broadcast of the occupant's remaining presence follows for everyone.

@@ -63,6 +63,10 @@ use crate::error::Error;
 use crate::link::Link;
 use crate::ns;
 use crate::queue::Queued;
+use crate::recent::Recent;
+
+/// Local users who left lately, still served stanzas from the room through the mirror.
+const RECENTLY_LEFT: usize = 1000;
 use crate::stanza::{self, Condition};
 use crate::time::Timestamp;
 
@@ -158,6 +162,9 @@ pub struct Mirror {
     transmits: VecDeque<String>,
     next_id: u64,
     queue_dirty: bool,
+    /// Local users who left a room lately: what the room still sends them through the mirror
+    /// (the answer to the request that made them leave, say) is delivered, not dropped.
+    recently_left: Recent<String>,
 }
 
 fn split(jid: &Jid) -> (String, Option<String>) {
@@ -177,6 +184,7 @@ impl Mirror {
             transmits: VecDeque::new(),
             next_id: 0,
             queue_dirty: false,
+            recently_left: Recent::new(RECENTLY_LEFT),
         }
     }
 

@@ -103,6 +103,7 @@ impl Mirror {
                     .map(|p| p.user.clone())
                     .chain(r.replica.local.keys().cloned())
             })
+            .chain(self.recently_left.iter().cloned())
             .find(|u| escape::matches_address(to, u));
         let Some(user) = known else {
             // Only users with a join under way or in a room here: the mirror is no open relay.
@@ -162,6 +163,7 @@ impl Mirror {
                 if let Some(r) = self.rooms.get_mut(room) {
                     for user in sessions {
                         r.replica.local.remove(&user);
+                        self.recently_left.insert(user);
                     }
                 }
                 self.close_if_empty(room);
