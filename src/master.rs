@@ -969,6 +969,11 @@ impl Master {
             if el.name() == "presence" && self.config.unbracketed_presence {
                 return Ok(forward_once(state, &to, &remote, el));
             }
+            if is_leave(&el) {
+                // No occupant list holds a leave: this is the room answering one user (a probe
+                // of a nick that is not in the room), which the mirror cannot answer itself.
+                return via_mirror(el, &to, &remote.mirror);
+            }
             // Outside a broadcast, presences and groupchat messages to one occupant are the
             // occupant list, history and subject of a join: the mirror serves those itself.
             return Ok(Outbound::Drop);

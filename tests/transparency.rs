@@ -498,3 +498,41 @@ fn answers_after_a_leave_follow_it_through_the_mirror() {
     assert_eq!(out.len(), 1, "{out:?}");
     assert!(out[0].contains(&format!("to='{wayne}'")), "{out:?}");
 }
+
+/// A probe of a nick that is not in the room is answered by the room with that nick's
+/// unavailable presence (Prosody's muc_presence_probe script): outside a broadcast, it is no
+/// occupant list, so the master sends it through the mirror instead of dropping it.
+#[test]
+fn the_rooms_answer_to_a_probe_of_an_absent_nick_reaches_the_prober() {
+    use dmuc::master::{Master, MasterConfig, Outbound, TrustedMirror};
+    let now = dmuc::Timestamp(1_295_424_000_000);
+    let mut m = Master::new(MasterConfig {
+        trusted_mirrors: vec![TrustedMirror::new(A_MIRROR)],
+        ..MasterConfig::default()
+    });
+    let romeo = format!("romeo@{A_DOMAIN}/pc");
+    m.handle_presence(
+        now,
+        &format!(
+            "<presence from='{romeo}' to='{ROOM}/Romeo'><x xmlns='http://jabber.org/protocol/muc'/>\
+             <dmuc xmlns='http://tridsys.com/protocol/dmuc' from='{A_MIRROR}'/></presence>"
+        ),
+        Some("Romeo"),
+    )
+    .unwrap();
+    let answer = format!(
+        "<presence from='{ROOM}/Mercutio' to='{romeo}' type='unavailable'><x xmlns='{MUC_USER}'>\
+         <item nick='Mercutio' affiliation='member' role='none'/></x></presence>"
+    );
+    match m.handle_outbound(now, &answer).unwrap() {
+        Outbound::Replace(x) => assert!(x.contains(A_MIRROR) && x.contains("Mercutio"), "{x}"),
+        other => panic!("{other:?}"),
+    }
+    // An occupant's presence outside a broadcast is the joiner's occupant list: the mirror
+    // serves that itself.
+    let listed = format!(
+        "<presence from='{ROOM}/Scott' to='{romeo}'><x xmlns='{MUC_USER}'>\
+         <item affiliation='owner' role='moderator'/></x></presence>"
+    );
+    assert_eq!(m.handle_outbound(now, &listed).unwrap(), Outbound::Drop);
+}
