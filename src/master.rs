@@ -806,6 +806,12 @@ impl Master {
                     }
                 }
             }
+            if from_this_mirror && is_leave(&el) {
+                if let Some(n) = nick.as_deref().filter(|n| state.evicting.contains(*n)) {
+                    debug!(nick = %n, "eviction notice marked for the mirror");
+                    el.append_child(evicted_marker());
+                }
+            }
             stanza::set_attr(&mut el, "to", mirror.as_str());
             out.push(el);
         }
@@ -1235,6 +1241,14 @@ fn via_mirror(mut el: Element, user: &str, mirror: &str) -> Result<Outbound, Err
     Ok(Outbound::Replace(stanza::serialize(&el)))
 }
 
+/// `<evicted xmlns='urn:xmpp:dmuc:0'/>`: added to the mirror's copy of the leave of one of its
+/// occupants that the master evicted because it lost the mirror's link. Should the link be alive
+/// after all, the mirror rejoins them; any other leave (a kick, an error the room kicked them
+/// for) ends their stay, and the mirror shows it.
+fn evicted_marker() -> Element {
+    Element::builder("evicted", ns::DMUC0).build()
+}
+
 /// Is this an occupant's leave?
 fn is_leave(el: &Element) -> bool {
     el.name() == "presence" && stanza::stanza_type(el) == Some("unavailable")
@@ -1300,6 +1314,9 @@ fn forward_once(
         return Outbound::Drop;
     }
     let first = !link.forwarded.contains_key(&nick);
+    if eviction && state.evicting.contains(&nick) {
+        presence.append_child(evicted_marker());
+    }
     link.forwarded.insert(nick, print);
     stanza::set_attr(&mut presence, "to", mirror);
     if ours {

@@ -536,3 +536,40 @@ fn the_rooms_answer_to_a_probe_of_an_absent_nick_reaches_the_prober() {
     );
     assert_eq!(m.handle_outbound(now, &listed).unwrap(), Outbound::Drop);
 }
+
+/// The room kicks an occupant whose client sent it an error (Prosody issue 978: status 333 and
+/// a reason). Unlike the master's own eviction for a lost link, which it marks, this ends the
+/// stay: the mirror shows the leave instead of rejoining the user behind their back.
+#[test]
+fn a_kick_for_an_error_is_shown_not_undone() {
+    let mut w = World::new();
+    let wayne = user(Side::A, "wayne");
+    let keith = user(Side::A, "keith");
+    w.join(&wayne, "Wayne");
+    w.join(&keith, "Keith");
+    w.clear_inboxes();
+    let mark = w.mark(Side::A);
+    let now = w.now;
+    let kick = format!(
+        "<presence from='{ROOM}/Wayne' to='{A_MIRROR}' type='unavailable'>\
+         <status>Kicked: service unavailable: Test error</status>\
+         <x xmlns='{MUC_USER}'><item affiliation='none' role='none'/><status code='333'/></x></presence>"
+    );
+    let m = w.mirrors.get_mut(&Side::A).unwrap();
+    m.handle_remote(now, &kick).unwrap();
+    let out: Vec<Element> = std::iter::from_fn(|| m.poll_transmit())
+        .map(|x| dmuc::stanza::parse(&x).unwrap())
+        .collect();
+    assert!(
+        out.iter().all(|e| e.attr("type") == Some("unavailable")),
+        "no rejoin: {out:?}"
+    );
+    for who in [&wayne, &keith] {
+        assert!(
+            out.iter().any(|e| e.attr("to") == Some(who.as_str())),
+            "{who} sees the leave: {out:?}"
+        );
+    }
+    assert_eq!(w.mirror(Side::A).local_occupants(ROOM).len(), 1);
+    assert_eq!(w.link(Side::A).since(mark, Dir::ToMaster).len(), 0);
+}

@@ -112,8 +112,22 @@ impl Mirror {
         };
         let user = stanza::parse_jid(&user)?;
         stanza::set_attr(&mut el, "to", user.to_string());
-        if let Some(from) = el.attr("from").and_then(|f| Jid::new(f).ok()) {
-            self.observe(now, &el, &from, &user);
+        let from = el.attr("from").and_then(|f| Jid::new(f).ok());
+        if let Some(from) = &from {
+            // The room's occupant list for a join under way can hold what the replica has not:
+            // affiliated users who are offline (Prosody's presence broadcast for role `none`).
+            // It is served in its place, after the occupants, when the join is.
+            let room = from.to_bare().to_string();
+            let listed = el.name() == "presence"
+                && stanza::stanza_type(&el) == Some("unavailable")
+                && from.resource().is_some();
+            if let Some(r) = self.rooms.get_mut(&room).filter(|_| listed) {
+                if r.pending.values().any(|p| p.user == user.as_str()) {
+                    r.listed.entry(user.to_string()).or_default().push(el);
+                    return Ok(Verdict::Consumed);
+                }
+            }
+            self.observe(now, &el, from, &user);
         }
         self.send(&el);
         Ok(Verdict::Consumed)
@@ -132,12 +146,16 @@ impl Mirror {
         };
         match stanza::stanza_type(&el) {
             Some("unavailable") => {
+                // Only a leave the master marks as its eviction for link loss means it lost
+                // track of one of ours; any other leave (a kick, an error the room kicked them
+                // for) ends their stay, as the room shows it.
+                let evicted = el.remove_child("evicted", ns::DMUC0).is_some();
                 let lost_ours = r
                     .replica
                     .occupants
                     .get(nick)
                     .and_then(|o| o.local.clone())
-                    .filter(|_| !final_leave(&el));
+                    .filter(|_| evicted && !final_leave(&el));
                 let link_down = self.links.get(&r.master).is_some_and(|l| l.down);
                 if lost_ours.is_some() && link_down {
                     // The resync after the outage rejoins them.
@@ -248,26 +266,28 @@ impl Mirror {
     /// Serve a confirmed local join from the mirror's copy: the other occupants, the join itself
     /// to everyone (with 110 to the joiner), history, subject (XEP-0045 §7.2 order).
     pub(super) fn serve_join(&mut self, now: Timestamp, room: &str, nick: &str) {
-        let Some(r) = self.rooms.get(room) else {
+        let Some(r) = self.rooms.get_mut(room) else {
             return;
         };
         let Some(user) = r.replica.occupants.get(nick).and_then(|o| o.local.clone()) else {
             return;
         };
-        let mut out = Vec::new();
-        for (other, o) in r
+        // The occupant list: the other occupants, then what only the room's own list held.
+        let listed = r.listed.remove(&user).unwrap_or_default();
+        let mut occupants: Vec<Element> = r
             .replica
             .occupants
             .iter()
             .filter(|(n, _)| n.as_str() != nick)
-        {
-            out.push(r.replica.presence_for(&o.presence, other, nick, &user));
-        }
+            .map(|(other, o)| r.replica.presence_for(&o.presence, other, nick, &user))
+            .collect();
+        occupants.extend(listed);
         let limits = r.replica.history_limits(&user);
+        let mut history = Vec::new();
         for e in room_history::select(r.replica.history.iter(), now, &limits) {
             let mut m = e.delayed(&r.replica.jid);
             stanza::set_attr(&mut m, "to", &user);
-            out.push(m);
+            history.push(m);
         }
         let mut subject = r.replica.subject.clone().unwrap_or_else(|| {
             let mut s = Element::builder("message", ns::JABBER_CLIENT).build();
@@ -278,16 +298,13 @@ impl Mirror {
         });
         stanza::set_attr(&mut subject, "to", &user);
         let presence = r.replica.occupants.get(nick).map(|o| o.presence.clone());
-        let split_at = r.replica.occupants.len().saturating_sub(1);
-        let (before, after) = out.split_at(split_at);
-        let (before, after) = (before.to_vec(), after.to_vec());
-        for p in before {
+        for p in occupants {
             self.send(&p);
         }
         if let Some(p) = presence {
             self.fan_out_presence(room, nick, &p, None);
         }
-        for m in after {
+        for m in history {
             self.send(&m);
         }
         self.send(&subject);

@@ -62,6 +62,9 @@ pub(super) struct MirrorRoom {
     pub(super) newest_from_master: Option<Timestamp>,
     /// Fingerprints of the messages from the master's side already delivered here.
     pub(super) seen: Recent<u64>,
+    /// What the room's occupant list for a join under way held beyond the replica (offline
+    /// affiliated users), per joining user: served in its place when the join is.
+    pub(super) listed: BTreeMap<String, Vec<Element>>,
     /// Local users who re-sent their join (Prosody issue 667): the master's echo is served to
     /// them as a whole join (occupants, presence, history, subject).
     pub(super) resent_joins: BTreeSet<String>,
@@ -90,6 +93,7 @@ impl MirrorRoom {
             synced_at: None,
             newest_from_master: None,
             seen: Recent::new(SEEN),
+            listed: BTreeMap::new(),
             resent_joins: BTreeSet::new(),
             resync: BTreeSet::new(),
             held: Vec::new(),
