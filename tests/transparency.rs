@@ -573,3 +573,36 @@ fn a_kick_for_an_error_is_shown_not_undone() {
     assert_eq!(w.mirror(Side::A).local_occupants(ROOM).len(), 1);
     assert_eq!(w.link(Side::A).since(mark, Dir::ToMaster).len(), 0);
 }
+
+/// When the room is destroyed, each occupant is shown only their own leave (with the
+/// `<destroy/>`), as Prosody's room does: not their neighbours'.
+#[test]
+fn a_destroyed_room_shows_each_only_their_own_leave() {
+    let mut w = World::new();
+    let wayne = user(Side::A, "wayne");
+    let keith = user(Side::A, "keith");
+    w.join(&wayne, "Wayne");
+    w.join(&keith, "Keith");
+    w.clear_inboxes();
+    let now = w.now;
+    let m = w.mirrors.get_mut(&Side::A).unwrap();
+    let mut out = Vec::new();
+    for nick in ["Wayne", "Keith"] {
+        let leave = format!(
+            "<presence from='{ROOM}/{nick}' to='{A_MIRROR}' type='unavailable'>\
+             <x xmlns='{MUC_USER}'><item affiliation='none' role='none'/><destroy/>\
+             <status code='110'/></x></presence>"
+        );
+        m.handle_remote(now, &leave).unwrap();
+        out.extend(
+            std::iter::from_fn(|| m.poll_transmit()).map(|x| dmuc::stanza::parse(&x).unwrap()),
+        );
+    }
+    assert_eq!(out.len(), 2, "{out:?}");
+    for (e, (who, nick)) in out.iter().zip([(&wayne, "Wayne"), (&keith, "Keith")]) {
+        assert_eq!(e.attr("to"), Some(who.as_str()));
+        assert_eq!(e.attr("from"), Some(format!("{ROOM}/{nick}").as_str()));
+        assert!(statuses(e).contains(&"110".to_string()));
+    }
+    assert!(w.mirror(Side::A).rooms().is_empty());
+}

@@ -175,9 +175,21 @@ impl Mirror {
                 if r.replica.occupants.remove(nick).is_none() {
                     return;
                 }
-                // Every local session of that nick sees its own leave (110), then is out.
+                // Every local session of that nick sees its own leave (110), then is out. When the
+                // room is destroyed, each occupant is shown only their own leave.
                 let sessions = r.replica.sessions_of(nick);
-                self.fan_out_presence(room, nick, &el, None);
+                let destroyed =
+                    stanza::muc_user(&el).is_some_and(|x| x.has_child("destroy", ns::MUC_USER));
+                if destroyed {
+                    for user in &sessions {
+                        let mut own = el.clone();
+                        stanza::set_attr(&mut own, "to", user);
+                        stanza::add_status(&mut own, "110");
+                        self.send(&own);
+                    }
+                } else {
+                    self.fan_out_presence(room, nick, &el, None);
+                }
                 if let Some(r) = self.rooms.get_mut(room) {
                     for user in sessions {
                         r.replica.local.remove(&user);
