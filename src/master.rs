@@ -484,7 +484,11 @@ impl Master {
             .cloned();
         match stanza::stanza_type(&p) {
             Some("unavailable") => {
-                if let (Some(r), Some(state)) = (&known, self.rooms.get_mut(&room)) {
+                // A leave that carries the marker is one the mirror has not shown (a leave to
+                // the bare room JID): the room's broadcast of it goes to the mirror as usual.
+                let unshown = p.has_child("dmuc", ns::DMUC);
+                if let (Some(r), Some(state), false) = (&known, self.rooms.get_mut(&room), unshown)
+                {
                     if !state.evicting.contains(&r.nick) {
                         state.announced_leave.insert(r.nick.clone());
                     }

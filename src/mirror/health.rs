@@ -121,14 +121,12 @@ impl Mirror {
         }
         let pending: Vec<(String, Pending)> = std::mem::take(&mut r.pending).into_iter().collect();
         // Every remote occupant leaves for a technical reason (XEP-0045 status 333).
-        let mut status = Element::builder("status", ns::MUC_USER).build();
-        stanza::set_attr(&mut status, "code", "333");
         let remote: Vec<(String, Element)> = r
             .replica
             .occupants
             .iter()
             .filter(|(_, o)| o.local.is_none())
-            .map(|(n, _)| (n.clone(), r.replica.leave_of(n, [status.clone()])))
+            .map(|(n, _)| (n.clone(), r.replica.leave_of(n, None, &["333"])))
             .collect();
         for (n, _) in &remote {
             r.replica.occupants.remove(n);

@@ -48,6 +48,19 @@ impl Mirror {
         let Some(nick) = nick else {
             return Ok(Verdict::Pass);
         };
+        if !self.is_down(&room) {
+            // The rooms differ in what they answer (ejabberd also sends an unavailable from the
+            // bare room first): the room's own answer is the one to show. The marker asks the
+            // master to echo the leave, which the mirror has not shown.
+            let mut fwd = el;
+            while fwd.remove_child("dmuc", ns::DMUC).is_some() {}
+            if let Ok(service) = Jid::new(&self.config.service) {
+                fwd.append_child(Dmuc { from: service }.into());
+            }
+            self.send(&fwd);
+            return Ok(Verdict::Consumed);
+        }
+        // While the link is down the mirror is the room: a leave of the current nick.
         stanza::set_attr(&mut el, "to", format!("{room}/{nick}"));
         self.local_presence(now, el, from, room, nick)
     }
@@ -291,22 +304,13 @@ impl Mirror {
             if let Some(o) = r.replica.occupants.get_mut(nick) {
                 o.local = Some(other);
             }
-            let texts = el
-                .children()
-                .filter(|c| c.is("status", ns::JABBER_CLIENT))
-                .cloned();
-            let mut gone = r.replica.leave_of(nick, texts);
+            let mut gone = r.replica.leave_of(nick, Some(el), &[]);
             stanza::set_attr(&mut gone, "to", user);
             stanza::add_status(&mut gone, "110");
             self.send(&gone);
             return;
         }
-        // The leave as XEP-0045 shows it, with the user's status text.
-        let texts = el
-            .children()
-            .filter(|c| c.is("status", ns::JABBER_CLIENT))
-            .cloned();
-        let gone = r.replica.leave_of(nick, texts);
+        let gone = r.replica.leave_of(nick, Some(el), &[]);
         r.replica.occupants.remove(nick);
         self.fan_out_presence(room, nick, &gone, Some(user));
     }

@@ -136,21 +136,30 @@ impl Replica {
         p
     }
 
-    /// An occupant's leave as XEP-0045 shows it: type unavailable, their muc#user item with role
-    /// `none`, and `extra` children (status texts, status codes).
-    pub(super) fn leave_of(&self, nick: &str, extra: impl IntoIterator<Item = Element>) -> Element {
-        let mut p = Element::builder("presence", ns::JABBER_CLIENT).build();
+    /// An occupant's leave as the room shows it: the user's own unavailable presence as the
+    /// template (its id, status text and other children, as Prosody's room keeps them), from the
+    /// occupant JID, with the occupant-id the room gave them, and a muc#user item with role
+    /// `none` and `codes`.
+    pub(super) fn leave_of(
+        &self,
+        nick: &str,
+        template: Option<&Element>,
+        codes: &[&str],
+    ) -> Element {
+        let mut p = template
+            .cloned()
+            .unwrap_or_else(|| Element::builder("presence", ns::JABBER_CLIENT).build());
         stanza::set_attr(&mut p, "from", self.occupant_jid(nick));
+        stanza::remove_attr(&mut p, "to");
         stanza::set_attr(&mut p, "type", "unavailable");
-        let mut x = Element::builder("x", ns::MUC_USER).build();
-        let mut codes = Vec::new();
-        for c in extra {
-            if c.is("status", ns::MUC_USER) {
-                codes.push(c);
-            } else {
-                p.append_child(c);
-            }
+        while p.remove_child("x", ns::MUC).is_some() {}
+        while p.remove_child("x", ns::MUC_USER).is_some() {}
+        while p.remove_child("dmuc", ns::DMUC).is_some() {}
+        while p.remove_child("occupant-id", ns::OCCUPANT_ID).is_some() {}
+        if let Some(id) = self.occupant_id(nick) {
+            p.append_child(id);
         }
+        let mut x = Element::builder("x", ns::MUC_USER).build();
         if let Some(item) = self
             .occupants
             .get(nick)
@@ -160,8 +169,10 @@ impl Replica {
             stanza::set_attr(&mut item, "role", "none");
             x.append_child(item);
         }
-        for c in codes {
-            x.append_child(c);
+        for code in codes {
+            let mut s = Element::builder("status", ns::MUC_USER).build();
+            stanza::set_attr(&mut s, "code", *code);
+            x.append_child(s);
         }
         p.append_child(x);
         p

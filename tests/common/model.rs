@@ -377,7 +377,15 @@ impl MasterHost {
             return;
         };
         let Some((_, nick)) = to.split_once('/') else {
-            return;
+            // To the bare room: Prosody handles it as a presence to the sender's current nick
+            // (issue 505), and its hooks see that address.
+            let Some(occ) = self.room.by_real(from).cloned() else {
+                return;
+            };
+            let mut el = el.clone();
+            set_attr(&mut el, "to", &format!("{}/{}", self.room.jid, occ.nick));
+            let text = dmuc::stanza::serialize(&el);
+            return self.presence(now, &el, &text);
         };
         let (real, nick) = (from.to_string(), nick.to_string());
         match el.attr("type") {
