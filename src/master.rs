@@ -975,6 +975,11 @@ impl Master {
             // the mirror, so that they keep their place among the broadcasts.
             return via_mirror(el, &to, &remote.mirror);
         }
+        if state.depth == 0 && from.resource().is_none() && is_leave(&el) {
+            // The room's own unavailable to one user (ejabberd's answer to a presence to the
+            // bare room): no occupant's presence, the room answering that user.
+            return via_mirror(el, &to, &remote.mirror);
+        }
         if state.depth == 0 {
             if el.name() == "presence" && self.config.unbracketed_presence {
                 return Ok(forward_once(state, &to, &remote, el));
