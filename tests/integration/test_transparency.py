@@ -33,8 +33,10 @@ from servers import CONFERENCE, RALEIGH
 MIRROR = f"mirror.{RALEIGH}"
 PASSWORD = "secret"
 TOP = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-PROSODY_DIST = os.path.join(TOP, "dist", "prosody")
-EJABBERD_DIST = os.path.join(TOP, "dist", "ejabberd", "mod_dmuc")
+# DMUC_DIST: a copy of dist/ to test (a snapshot, while others rebuild dist/ under the same tree).
+DIST = os.environ.get("DMUC_DIST") or os.path.join(TOP, "dist")
+PROSODY_DIST = os.path.join(DIST, "prosody")
+EJABBERD_DIST = os.path.join(DIST, "ejabberd", "mod_dmuc")
 
 PAIRINGS = [
     pytest.param("prosody", "prosody", id="P-P"),
@@ -562,6 +564,7 @@ def test_e_leave_and_rejoin(make_mixed_servers, master, mirror):
 
         # carol leaves; then bob, the last one on his side, leaves and comes back.
         await t.leave(carol, "carol")
+        await t.wait(lambda: "carol" not in alice.occupants(t.room), "alice sees carol leave")
         await t.barrier(alice, [alice, bob])
         t.mark(alice, bob)
         await t.leave(bob, "bob")
