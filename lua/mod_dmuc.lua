@@ -212,6 +212,8 @@ if host_type == "component" and component_module == "muc" then
 		if not master:routes_via_mirror(stanza.attr.from or "") then return end
 		local duplicate = call(master, "handle_groupchat", time_now(), tostring(stanza));
 		if duplicate then return true; end
+		-- The mirror's own elements (its de-duplication key) are for the master only.
+		stanza:remove_children(nil, "urn:xmpp:dmuc:0");
 	end, 100);
 
 	local function snapshot(room, mirror, nick)

@@ -1136,7 +1136,7 @@ impl Master {
             return Ok(false);
         };
         self.hear(now, &mirror);
-        let Some(id) = m.get_child("origin-id", ns::SID).and_then(|o| o.attr("id")) else {
+        let Some(id) = stanza::dedup_key(&m) else {
             return Ok(false);
         };
         let bare = from.split('/').next().unwrap_or_default();
@@ -1493,7 +1493,12 @@ fn roster_item(xml: &str) -> Result<RosterItem, Error> {
         .map_err(|e: xso::error::Error| Error::invalid("item", e))?;
     let jid = item.attr("jid").and_then(|j| Jid::new(j).ok());
     let mut presence = Element::builder("presence", ns::JABBER_CLIENT).build();
+    // The room's copies keep the occupant's own stanza id (Prosody's do): so must the mirror's.
     let mut any = false;
+    if let Some(id) = p.attr("id") {
+        stanza::set_attr(&mut presence, "id", id);
+        any = true;
+    }
     for child in p.children().filter(|c| !c.is("x", ns::MUC_USER)) {
         presence.append_child(child.clone());
         any = true;

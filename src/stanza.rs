@@ -278,6 +278,15 @@ pub fn strip_real_jids(el: &mut Element) {
     }
 }
 
+/// The key by which a master recognises a second copy of a message a mirror sent: the client's
+/// XEP-0359 origin-id, or the mirror's `<dedup xmlns='urn:xmpp:dmuc:0' id='…'/>` when the client
+/// set none.
+pub fn dedup_key(m: &Element) -> Option<&str> {
+    m.get_child("origin-id", ns::SID)
+        .or_else(|| m.get_child("dedup", ns::DMUC0))
+        .and_then(|o| o.attr("id"))
+}
+
 /// Remove the actor's real JID (`item/actor/@jid`), for the subject of a kick or affiliation
 /// change who may not see real JIDs: they see their own, not the actor's.
 pub fn strip_actor_jid(el: &mut Element) {

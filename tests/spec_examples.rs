@@ -1014,12 +1014,12 @@ fn ex25_ex26_ex27_mirror_delivers_locally_and_sends_once() {
     assert_eq!(sent.len(), 3);
     let locals: Vec<String> = [to(&sent, WAYNE), to(&sent, KEITH)].concat();
     assert_xml_set_eq(&locals, &EX26);
-    // Deviation: the copy for the master carries an XEP-0359 origin-id (the master's
-    // de-duplication key after an outage, docs/protocol.md); otherwise it is Example 27.
+    // Deviation: the copy for the master carries dmuc's de-duplication key (used after an
+    // outage; the master strips it, docs/protocol.md); otherwise it is Example 27.
     let mut upstream = parse(&to(&sent, ROOM)[0]);
     let origin = upstream
-        .remove_child("origin-id", "urn:xmpp:sid:0")
-        .expect("an origin-id");
+        .remove_child("dedup", "urn:xmpp:dmuc:0")
+        .expect("a de-duplication key");
     assert!(origin.attr("id").is_some_and(|id| !id.is_empty()));
     assert_xml_eq(&xml(&upstream), EX27);
 

@@ -204,10 +204,13 @@ call(F) ->
         Other -> Other
     end.
 
+%% The mirror's elements (the join marker, a message's de-duplication key) are for the master
+%% only: the room must not show them to occupants.
 strip_marker(Pkt) ->
     xmpp:set_els(Pkt, [El || El <- xmpp:get_els(Pkt),
                             not (is_record(El, xmlel) andalso
-                                 fxml:get_tag_attr_s(<<"xmlns">>, El) == ?NS_DMUC)]).
+                                 lists:member(fxml:get_tag_attr_s(<<"xmlns">>, El),
+                                              [?NS_DMUC, <<"urn:xmpp:dmuc:0">>]))]).
 
 %%%===================================================================
 %%% Master
@@ -343,7 +346,7 @@ muc_filter_message(#message{} = Pkt, #state{server_host = SH}, _FromNick) ->
                 true ->
                     case call(fun() -> dmuc_nif:master_groupchat(master(SH), now_ms(), enc(Pkt)) end) of
                         {true, Out} -> route_out(Out), drop;
-                        {false, Out} -> route_out(Out), Pkt;
+                        {false, Out} -> route_out(Out), strip_marker(Pkt);
                         _ -> Pkt
                     end
             end

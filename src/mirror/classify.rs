@@ -19,9 +19,10 @@ pub(super) fn fingerprint(m: &Element) -> u64 {
     h.finish()
 }
 
-/// The XEP-0359 origin-id of a message.
+/// The key by which the master recognises a second copy of a message: the client's XEP-0359
+/// origin-id, or the mirror's own `<dedup xmlns='urn:xmpp:dmuc:0'/>`.
 pub(super) fn origin_id(m: &Element) -> Option<&str> {
-    m.get_child("origin-id", ns::SID).and_then(|o| o.attr("id"))
+    crate::stanza::dedup_key(m)
 }
 
 /// Is this the error an s2s layer sends back when it cannot deliver (a bounce)?

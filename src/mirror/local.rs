@@ -426,9 +426,11 @@ impl Mirror {
         let original = el.clone();
         let mut el = el;
         if origin_id(&el).is_none() {
-            // The master's de-duplication key, should this message have to be sent again.
+            // The master's de-duplication key, should this message have to be sent again. In
+            // dmuc's namespace, not an XEP-0359 origin-id: the master strips it, and the room's
+            // occupants get the message as the client wrote it.
             self.next_id += 1;
-            let mut o = Element::builder("origin-id", ns::SID).build();
+            let mut o = Element::builder("dedup", ns::DMUC0).build();
             stanza::set_attr(&mut o, "id", format!("dmuc-{:x}-{}", now.0, self.next_id));
             el.append_child(o);
         }
