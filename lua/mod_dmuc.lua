@@ -285,7 +285,14 @@ if host_type == "component" and component_module == "muc" then
 			local subject;
 			if room then
 				local from, text = room:get_subject();
-				subject = tostring(st.message({ from = from; type = "groupchat" }):tag("subject"):text(text or ""):up());
+				local msg = st.message({ from = from; type = "groupchat" }):tag("subject"):text(text or ""):up();
+				-- As the room sends it to a joiner: with the time it was set.
+				local time = room._data and room._data.subject_time;
+				if time then
+					msg:tag("delay", { xmlns = "urn:xmpp:delay", from = room.jid,
+						stamp = require "util.datetime".datetime(time) }):up();
+				end
+				subject = tostring(msg);
 			end
 			call(master, "handle_history", time_now(), request, messages, subject);
 		elseif verdict == "snapshot" then

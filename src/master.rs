@@ -980,6 +980,11 @@ impl Master {
             // bare room): no occupant's presence, the room answering that user.
             return via_mirror(el, &to, &remote.mirror);
         }
+        if state.depth == 0 && from.resource().is_none() && el.name() == "presence" {
+            // The room's own presence (ejabberd sends its entity caps to each joiner): the
+            // mirror keeps it and shows it to its joiners, so it crosses once per change.
+            return Ok(forward_room_presence(state, &remote.mirror, el));
+        }
         if state.depth == 0 {
             if el.name() == "presence" && self.config.unbracketed_presence {
                 return Ok(forward_once(state, &to, &remote, el));
@@ -1248,6 +1253,27 @@ fn via_mirror(mut el: Element, user: &str, mirror: &str) -> Result<Outbound, Err
     })?;
     stanza::set_attr(&mut el, "to", addr);
     Ok(Outbound::Replace(stanza::serialize(&el)))
+}
+
+/// The room's own presence (from its bare JID) for a mirror, unless the mirror has this very one.
+fn forward_room_presence(state: &mut RoomState, mirror: &str, mut presence: Element) -> Outbound {
+    use std::hash::{Hash, Hasher};
+    let mut normal = presence.clone();
+    stanza::remove_attr(&mut normal, "to");
+    stanza::remove_attr(&mut normal, "id");
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    stanza::serialize(&normal).hash(&mut hasher);
+    let print = hasher.finish();
+    let Some(link) = state.mirrors.get_mut(mirror) else {
+        return Outbound::Drop;
+    };
+    // The room's presence has no nick: "" cannot be one.
+    if link.down || link.forwarded.get("") == Some(&print) {
+        return Outbound::Drop;
+    }
+    link.forwarded.insert(String::new(), print);
+    stanza::set_attr(&mut presence, "to", mirror);
+    Outbound::Replace(stanza::serialize(&presence))
 }
 
 /// `<evicted xmlns='urn:xmpp:dmuc:0'/>`: added to the mirror's copy of the leave of one of its

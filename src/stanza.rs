@@ -276,6 +276,19 @@ pub fn strip_real_jids(el: &mut Element) {
             }
         }
     }
+    // An occupant with several sessions has one item per session JID; without the JIDs the
+    // room shows one item (Prosody's anonymous item list).
+    let mut seen: Vec<Element> = Vec::new();
+    filter_muc_user(el, |c| {
+        if !c.is("item", ns::MUC_USER) {
+            return true;
+        }
+        if seen.contains(c) {
+            return false;
+        }
+        seen.push(c.clone());
+        true
+    });
 }
 
 /// The key by which a master recognises a second copy of a message a mirror sent: the client's

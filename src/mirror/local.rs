@@ -68,13 +68,7 @@ impl Mirror {
     /// A presence probe from an occupant to an occupant JID: the room answers with that
     /// occupant's current presence as the prober may see it (no status 110, even for their own).
     /// The replica has it; a nick it does not know is the master's to answer.
-    pub(super) fn local_probe(
-        &mut self,
-        el: &Element,
-        user: &str,
-        room: &str,
-        nick: &str,
-    ) -> Verdict {
+    pub(super) fn local_probe(&mut self, user: &str, room: &str, nick: &str) -> Verdict {
         let Some(r) = self.rooms.get(room) else {
             return Verdict::Pass;
         };
@@ -83,11 +77,9 @@ impl Mirror {
         else {
             return Verdict::Pass;
         };
+        // The room answers with the stored presence as it is, its id included.
         let mut p = r.replica.presence_for(&probed.presence, nick, prober, user);
         stanza::strip_self_status(&mut p);
-        if let Some(id) = el.attr("id") {
-            stanza::set_attr(&mut p, "id", id);
-        }
         self.send(&p);
         Verdict::Consumed
     }
@@ -170,7 +162,7 @@ impl Mirror {
                 self.close_if_empty(&room);
                 Ok(Verdict::Consumed)
             }
-            Some("probe") => Ok(self.local_probe(&el, &user, &room, &nick)),
+            Some("probe") => Ok(self.local_probe(&user, &room, &nick)),
             Some(_) => Ok(Verdict::Pass),
             None => {
                 if let Some(current) = current {
@@ -298,6 +290,19 @@ impl Mirror {
         };
         r.replica.local.remove(user);
         self.recently_left.insert(user.to_string());
+        if r.replica.room_presence.is_some() {
+            // A room with a presence of its own withdraws it from the leaver first (ejabberd).
+            let mut p = Element::builder("presence", ns::JABBER_CLIENT).build();
+            stanza::set_attr(&mut p, "from", &r.replica.jid);
+            stanza::set_attr(&mut p, "to", user);
+            stanza::set_attr(&mut p, "type", "unavailable");
+            self.next_id += 1;
+            stanza::set_attr(&mut p, "id", format!("dmuc-leave-{}", self.next_id));
+            self.send(&p);
+        }
+        let Some(r) = self.rooms.get_mut(room) else {
+            return;
+        };
         if let Some(other) = r.replica.sessions_of(nick).into_iter().next() {
             // Another session keeps the nick (multi-session): only the leaver sees a leave; the
             // master's broadcast of the occupant's remaining presence follows for everyone.

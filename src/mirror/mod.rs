@@ -421,11 +421,18 @@ impl Mirror {
             return Ok(Verdict::Consumed);
         }
         match el.name() {
-            "presence" => {
-                if let Some(nick) = nick {
-                    self.remote_presence(now, el, &room, &nick);
+            "presence" => match nick {
+                Some(nick) => self.remote_presence(now, el, &room, &nick),
+                None => {
+                    // The room's own presence (ejabberd's entity caps): shown to each joiner.
+                    if let Some(r) = self.rooms.get_mut(&room) {
+                        let mut p = el;
+                        stanza::remove_attr(&mut p, "to");
+                        r.replica.room_presence =
+                            (stanza::stanza_type(&p) != Some("unavailable")).then_some(p);
+                    }
                 }
-            }
+            },
             "message" if stanza::stanza_type(&el) == Some("groupchat") => {
                 self.remote_groupchat(now, el, &room)
             }

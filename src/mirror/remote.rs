@@ -6,7 +6,7 @@ use minidom::Element;
 use tracing::{debug, info, warn};
 
 use super::classify::{final_leave, fingerprint, is_bounce, is_historic};
-use super::replica::Occupant;
+use super::replica::{current_presence, Occupant};
 use super::room::Sync;
 use super::{split, Mirror, Verdict};
 
@@ -223,7 +223,7 @@ impl Mirror {
                     r.replica.occupants.insert(
                         nick.to_string(),
                         Occupant {
-                            presence: el,
+                            presence: current_presence(&el),
                             local: Some(p.user),
                         },
                     );
@@ -244,7 +244,7 @@ impl Mirror {
                 if r.resync.remove(nick) {
                     // The echo of our own rejoin after a link loss: nothing changed for anyone here.
                     if let Some(o) = r.replica.occupants.get_mut(nick) {
-                        o.presence = el;
+                        o.presence = current_presence(&el);
                     }
                     if r.resync.is_empty() {
                         // What the master refused while it had lost our users goes first.
@@ -261,7 +261,7 @@ impl Mirror {
                 r.replica.occupants.insert(
                     nick.to_string(),
                     Occupant {
-                        presence: el.clone(),
+                        presence: current_presence(&el),
                         local: local.clone(),
                     },
                 );
@@ -310,6 +310,10 @@ impl Mirror {
         });
         stanza::set_attr(&mut subject, "to", &user);
         let presence = r.replica.occupants.get(nick).map(|o| o.presence.clone());
+        if let Some(mut p) = r.replica.room_presence.clone() {
+            stanza::set_attr(&mut p, "to", &user);
+            self.send(&p);
+        }
         for p in occupants {
             self.send(&p);
         }
@@ -343,7 +347,7 @@ impl Mirror {
         let copies =
             stanza::copies_to(&text, el.name(), r.replica.local.keys().map(String::as_str));
         if is_subject {
-            r.replica.subject = Some(el);
+            r.replica.set_subject(&el, now);
         } else {
             let entry = Entry::with_text(el, &text, now);
             r.newest_from_master = r.newest_from_master.max(Some(entry.stamp));

@@ -10,6 +10,21 @@ use crate::elements::{History, Whois};
 use crate::ns;
 use crate::room_history::RoomHistory;
 use crate::stanza;
+use crate::time::Timestamp;
+
+/// An occupant's presence as the replica keeps it: their current state, as the room lists it to
+/// later joiners. What described the change that brought it (an `<actor/>`, a `<reason/>`) is
+/// the news of that broadcast only.
+pub(super) fn current_presence(el: &Element) -> Element {
+    let mut p = el.clone();
+    if let Some(x) = p.get_child_mut("x", ns::MUC_USER) {
+        for item in x.children_mut().filter(|c| c.is("item", ns::MUC_USER)) {
+            while item.remove_child("actor", ns::MUC_USER).is_some() {}
+            while item.remove_child("reason", ns::MUC_USER).is_some() {}
+        }
+    }
+    p
+}
 
 /// One occupant as the replica knows it.
 #[derive(Debug, Clone)]
@@ -43,6 +58,12 @@ pub(super) struct Replica {
     pub(super) default_history: Option<u32>,
     pub(super) history: RoomHistory,
     pub(super) subject: Option<Element>,
+    /// The room stamps the subject it sends a joiner with the time it was set (Prosody does,
+    /// ejabberd does not), as learnt from the master's own subject message at the sync.
+    pub(super) subject_stamped: bool,
+    /// The room's own presence from its bare JID, where the room has one (ejabberd's entity
+    /// caps): a joiner gets it first, a leaver its unavailable.
+    pub(super) room_presence: Option<Element>,
 }
 
 impl Replica {
@@ -55,7 +76,33 @@ impl Replica {
             default_history: None,
             history: RoomHistory::new(history_size),
             subject: None,
+            subject_stamped: false,
+            room_presence: None,
         }
+    }
+
+    /// The room's subject changed (a broadcast, or the sync's subject message): kept as the room
+    /// sends it to a joiner, a message from the setter with the subject only (no id, no other
+    /// payload), stamped with when it was set where the room stamps it.
+    pub(super) fn set_subject(&mut self, m: &Element, now: Timestamp) {
+        let mut s = Element::builder("message", ns::JABBER_CLIENT).build();
+        if let Some(from) = m.attr("from") {
+            stanza::set_attr(&mut s, "from", from);
+        }
+        stanza::set_attr(&mut s, "type", "groupchat");
+        if let Some(subject) = m.get_child("subject", ns::JABBER_CLIENT) {
+            s.append_child(subject.clone());
+        }
+        if self.subject_stamped {
+            let delay = m.get_child("delay", ns::DELAY).cloned().unwrap_or_else(|| {
+                let mut d = Element::builder("delay", ns::DELAY).build();
+                stanza::set_attr(&mut d, "from", &self.jid);
+                stanza::set_attr(&mut d, "stamp", now.to_xep0082());
+                d
+            });
+            s.append_child(delay);
+        }
+        self.subject = Some(s);
     }
 
     /// The room's configuration changed (or came with the first sync).
@@ -123,6 +170,14 @@ impl Replica {
         let hidden = self.whois == Whois::Moderators && !self.is_moderator(recipient);
         if subject == recipient {
             stanza::add_status(&mut p, "110");
+            // One can always see one's own real JID, even in a copy that was anonymous.
+            if let Some(item) = p
+                .get_child_mut("x", ns::MUC_USER)
+                .and_then(|x| x.get_child_mut("item", ns::MUC_USER))
+                .filter(|i| i.attr("jid").is_none())
+            {
+                stanza::set_attr(item, "jid", to);
+            }
             if hidden {
                 // One's own real JID, yes; the actor's, no (as the room shows it).
                 stanza::strip_actor_jid(&mut p);

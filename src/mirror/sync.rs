@@ -224,7 +224,8 @@ impl Mirror {
             if m.get_child("subject", ns::JABBER_CLIENT).is_some()
                 && m.get_child("body", ns::JABBER_CLIENT).is_none()
             {
-                r.replica.subject = Some(m);
+                r.replica.subject_stamped = m.has_child("delay", ns::DELAY);
+                r.replica.set_subject(&m, now);
                 continue;
             }
             let entry = Entry::new(m, now);
