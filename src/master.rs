@@ -1475,7 +1475,13 @@ fn compact_form(form: &Element) -> Element {
                 stanza::set_attr(&mut f, attr, v);
             }
         }
-        for value in field.children().filter(|v| v.is("value", ns::DATA_FORMS)) {
+        // Secrets stay home: the room password (`text-private`) is checked by the master, and
+        // the mirror has no use for it.
+        let secret = field.attr("type") == Some("text-private");
+        for value in field
+            .children()
+            .filter(|v| v.is("value", ns::DATA_FORMS) && !secret)
+        {
             f.append_child(value.clone());
         }
         out.append_child(f);

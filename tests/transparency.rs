@@ -606,3 +606,37 @@ fn a_destroyed_room_shows_each_only_their_own_leave() {
     }
     assert!(w.mirror(Side::A).rooms().is_empty());
 }
+
+/// The room password never crosses to a mirror: the config form the master sends keeps the
+/// field, not its value (joins are checked by the master).
+#[test]
+fn the_room_password_stays_at_the_master() {
+    use dmuc::master::{Master, MasterConfig, TrustedMirror};
+    let now = dmuc::Timestamp(1_295_424_000_000);
+    let mut m = Master::new(MasterConfig {
+        trusted_mirrors: vec![TrustedMirror::new(A_MIRROR)],
+        ..MasterConfig::default()
+    });
+    let wayne = user(Side::A, "wayne");
+    m.handle_presence(
+        now,
+        &format!(
+            "<presence from='{wayne}' to='{ROOM}/Wayne'><x xmlns='http://jabber.org/protocol/muc'/>\
+             <dmuc xmlns='http://tridsys.com/protocol/dmuc' from='{A_MIRROR}'/></presence>"
+        ),
+        Some("Wayne"),
+    )
+    .unwrap();
+    let form = "<x xmlns='jabber:x:data' type='form'>\
+        <field var='FORM_TYPE' type='hidden'><value>http://jabber.org/protocol/muc#roomconfig</value></field>\
+        <field var='muc#roomconfig_roomsecret' type='text-private'><value>s3cret</value></field>\
+        <field var='muc#roomconfig_whois' type='list-single'><value>moderators</value></field></x>";
+    m.handle_snapshot(now, ROOM, A_MIRROR, "Wayne", form, &[])
+        .unwrap();
+    let sent: Vec<String> = std::iter::from_fn(|| m.poll_transmit()).collect();
+    assert!(
+        sent.iter().any(|s| s.contains("muc#roomconfig_whois")),
+        "{sent:?}"
+    );
+    assert!(sent.iter().all(|s| !s.contains("s3cret")), "{sent:?}");
+}
