@@ -640,3 +640,42 @@ fn the_room_password_stays_at_the_master() {
     );
     assert!(sent.iter().all(|s| !s.contains("s3cret")), "{sent:?}");
 }
+
+/// The room's refusal of a message because it had lost the sender now comes through the
+/// mirror, to the user's escaped address: the mirror rejoins the user and sends the message
+/// again, and the user does not see the refusal.
+#[test]
+fn a_refusal_the_mirror_repairs_is_not_shown() {
+    let mut w = World::new();
+    let wayne = user(Side::A, "wayne");
+    w.join(&wayne, "Wayne");
+    w.send(
+        &wayne,
+        &format!("<message from='{wayne}' to='{ROOM}' type='groupchat' id='m1'><body>lost?</body></message>"),
+    );
+    w.clear_inboxes();
+    let to = dmuc::escape::jid_at_service(&wayne.parse().unwrap(), A_MIRROR).unwrap();
+    let now = w.now;
+    let m = w.mirrors.get_mut(&Side::A).unwrap();
+    m.handle_remote(
+        now,
+        &format!(
+            "<message from='{ROOM}' to='{to}' type='error' id='m1'><error type='cancel'>\
+             <not-acceptable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>"
+        ),
+    )
+    .unwrap();
+    let out: Vec<Element> = std::iter::from_fn(|| m.poll_transmit())
+        .map(|x| dmuc::stanza::parse(&x).unwrap())
+        .collect();
+    assert!(
+        out.iter().all(|e| e.attr("type") != Some("error")),
+        "the user sees no refusal: {out:?}"
+    );
+    assert!(
+        out.iter()
+            .any(|e| e.name() == "presence"
+                && e.attr("to") == Some(format!("{ROOM}/Wayne").as_str())),
+        "the mirror rejoins the user: {out:?}"
+    );
+}

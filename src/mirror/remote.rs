@@ -127,7 +127,11 @@ impl Mirror {
                     return Ok(Verdict::Consumed);
                 }
             }
-            self.observe(now, &el, from, &user);
+            if self.observe(now, &el, from, &user) == Verdict::Consumed {
+                // A refusal the mirror acts on itself (it rejoins the user and sends the message
+                // again): the user must not see it.
+                return Ok(Verdict::Consumed);
+            }
         }
         self.send(&el);
         Ok(Verdict::Consumed)
