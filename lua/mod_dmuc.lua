@@ -286,12 +286,14 @@ if host_type == "component" and component_module == "muc" then
 			if room then
 				local from, text = room:get_subject();
 				local msg = st.message({ from = from; type = "groupchat" }):tag("subject"):text(text or ""):up();
-				-- As the room sends it to a joiner: with the time it was set.
+				-- As the room sends it to a joiner: with the time it was set. The marker tells
+				-- the mirror that this room stamps the subject (it does so for later changes).
 				local time = room._data and room._data.subject_time;
 				if time then
 					msg:tag("delay", { xmlns = "urn:xmpp:delay", from = room.jid,
 						stamp = require "util.datetime".datetime(time) }):up();
 				end
+				msg:tag("subject-stamped", { xmlns = "urn:xmpp:dmuc:0" }):up();
 				subject = tostring(msg);
 			end
 			call(master, "handle_history", time_now(), request, messages, subject);

@@ -942,7 +942,8 @@ impl Master {
         if !occupant {
             // Not (or no longer) an occupant: an answer or message the room still sends a user
             // who just left through a mirror follows their leave through that mirror.
-            let broadcast_kind = el.name() == "presence"
+            let from_room = from.resource().is_none();
+            let broadcast_kind = (el.name() == "presence" && !from_room)
                 || (el.name() == "message" && stanza::stanza_type(&el) == Some("groupchat"));
             return match self.left_via(&to) {
                 Some(mirror) if !broadcast_kind => via_mirror(el, &to, &mirror.to_string()),

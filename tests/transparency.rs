@@ -679,3 +679,57 @@ fn a_refusal_the_mirror_repairs_is_not_shown() {
         "the mirror rejoins the user: {out:?}"
     );
 }
+
+/// A room with a presence of its own (ejabberd sends its entity caps from the bare room to each
+/// joiner, and to everyone when its configuration changes, and withdraws it from a leaver): the
+/// mirror keeps it, shows it to its joiners first, passes a change to its occupants, withdraws it
+/// from a leaver before the leave, and does not show the room's own withdrawal twice.
+#[test]
+fn the_rooms_own_presence_is_served_like_the_room() {
+    let mut w = World::new();
+    let wayne = user(Side::A, "wayne");
+    let keith = user(Side::A, "keith");
+    w.join(&wayne, "Wayne");
+    let caps = |ver: &str| {
+        format!(
+            "<presence from='{ROOM}' to='{A_MIRROR}' id='c-{ver}'>\
+             <c xmlns='http://jabber.org/protocol/caps' hash='sha-1' node='n' ver='{ver}'/></presence>"
+        )
+    };
+    let now = w.now;
+    let m = w.mirrors.get_mut(&Side::A).unwrap();
+    m.handle_remote(now, &caps("v1")).unwrap();
+    assert!(
+        m.poll_transmit().is_none(),
+        "stored, not shown: the joiner got it from the room"
+    );
+    w.clear_inboxes();
+    w.join(&keith, "Keith");
+    let first = &w.inbox(&keith)[0];
+    assert_eq!(first.attr("from"), Some(ROOM), "{:?}", w.inbox(&keith));
+    assert!(first.has_child("c", "http://jabber.org/protocol/caps"));
+    w.clear_inboxes();
+    let now = w.now;
+    let m = w.mirrors.get_mut(&Side::A).unwrap();
+    m.handle_remote(now, &caps("v2")).unwrap();
+    let out: Vec<String> = std::iter::from_fn(|| m.poll_transmit()).collect();
+    assert_eq!(
+        out.len(),
+        2,
+        "a change reaches every local occupant: {out:?}"
+    );
+    w.leave(&keith, "Keith");
+    let got = w.inbox(&keith);
+    assert_eq!(got[0].attr("from"), Some(ROOM), "{got:?}");
+    assert_eq!(got[0].attr("type"), Some("unavailable"));
+    assert_eq!(got[1].attr("from"), Some(format!("{ROOM}/Keith").as_str()));
+    let to = dmuc::escape::jid_at_service(&keith.parse().unwrap(), A_MIRROR).unwrap();
+    let now = w.now;
+    let m = w.mirrors.get_mut(&Side::A).unwrap();
+    m.handle_remote(
+        now,
+        &format!("<presence from='{ROOM}' to='{to}' type='unavailable' id='x'/>"),
+    )
+    .unwrap();
+    assert!(m.poll_transmit().is_none(), "not shown twice");
+}

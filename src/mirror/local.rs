@@ -16,6 +16,9 @@ use crate::room_history::Entry;
 use crate::stanza::{self, Condition};
 use crate::time::Timestamp;
 
+/// Leavers remembered for matching the room's own withdrawal of its presence.
+const WITHDRAWN: usize = 1000;
+
 /// Are these two full JIDs sessions of one account?
 fn same_account(a: &str, b: &str) -> bool {
     let bare = |j: &str| j.split('/').next().unwrap_or_default().to_ascii_lowercase();
@@ -82,6 +85,31 @@ impl Mirror {
         stanza::strip_self_status(&mut p);
         self.send(&p);
         Verdict::Consumed
+    }
+
+    /// A room with a presence of its own (ejabberd) withdraws it from a leaver, before their
+    /// leave. The room's own withdrawal, should it come through the mirror later, is not shown
+    /// twice.
+    pub(super) fn withdraw_room_presence(&mut self, room: &str, user: &str) {
+        let Some(r) = self
+            .rooms
+            .get(room)
+            .filter(|r| r.replica.room_presence.is_some())
+        else {
+            return;
+        };
+        let mut p = Element::builder("presence", ns::JABBER_CLIENT).build();
+        stanza::set_attr(&mut p, "from", &r.replica.jid);
+        stanza::set_attr(&mut p, "to", user);
+        stanza::set_attr(&mut p, "type", "unavailable");
+        self.next_id += 1;
+        stanza::set_attr(&mut p, "id", format!("dmuc-leave-{}", self.next_id));
+        if self.withdrawn.len() >= WITHDRAWN {
+            // The room did not send its own withdrawal through the mirror: nothing to match.
+            self.withdrawn.clear();
+        }
+        self.withdrawn.insert(user.to_string());
+        self.send(&p);
     }
 
     /// An XEP-0410 self-ping. While the link is down the user is still in the mirror's room, so
@@ -290,16 +318,7 @@ impl Mirror {
         };
         r.replica.local.remove(user);
         self.recently_left.insert(user.to_string());
-        if r.replica.room_presence.is_some() {
-            // A room with a presence of its own withdraws it from the leaver first (ejabberd).
-            let mut p = Element::builder("presence", ns::JABBER_CLIENT).build();
-            stanza::set_attr(&mut p, "from", &r.replica.jid);
-            stanza::set_attr(&mut p, "to", user);
-            stanza::set_attr(&mut p, "type", "unavailable");
-            self.next_id += 1;
-            stanza::set_attr(&mut p, "id", format!("dmuc-leave-{}", self.next_id));
-            self.send(&p);
-        }
+        self.withdraw_room_presence(room, user);
         let Some(r) = self.rooms.get_mut(room) else {
             return;
         };

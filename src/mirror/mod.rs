@@ -165,6 +165,9 @@ pub struct Mirror {
     /// Local users who left a room lately: what the room still sends them through the mirror
     /// (the answer to the request that made them leave, say) is delivered, not dropped.
     recently_left: Recent<String>,
+    /// Leavers the mirror showed the room's own presence withdrawn (see
+    /// `withdraw_room_presence`): the room's own withdrawal is then not delivered again.
+    withdrawn: BTreeSet<String>,
 }
 
 fn split(jid: &Jid) -> (String, Option<String>) {
@@ -185,6 +188,7 @@ impl Mirror {
             next_id: 0,
             queue_dirty: false,
             recently_left: Recent::new(RECENTLY_LEFT),
+            withdrawn: BTreeSet::new(),
         }
     }
 
@@ -383,8 +387,18 @@ impl Mirror {
             return Ok(Verdict::Pass);
         }
         // An occupant address the engine cannot parse (the room's refusal of a nick that fails
-        // strict validation, say) is delivered as the host would, untouched.
+        // strict validation, say): to a user's escaped address here it is delivered to the
+        // user; anything else is the host's to route, untouched.
         let Ok(from) = stanza::parse_jid(from) else {
+            let to = stanza::jid_attr(&el, "stanza", "to")?;
+            let escaped = to.node().is_some()
+                && to
+                    .domain()
+                    .as_str()
+                    .eq_ignore_ascii_case(&self.config.service);
+            if escaped {
+                return self.escaped(now, el, &to);
+            }
             return Ok(Verdict::Pass);
         };
         let to = stanza::jid_attr(&el, "stanza", "to")?;
@@ -424,12 +438,24 @@ impl Mirror {
             "presence" => match nick {
                 Some(nick) => self.remote_presence(now, el, &room, &nick),
                 None => {
-                    // The room's own presence (ejabberd's entity caps): shown to each joiner.
+                    // The room's own presence (ejabberd's entity caps): shown to each joiner; a
+                    // change of it (a config change) goes to every local occupant, as the room
+                    // sends it to every occupant.
                     if let Some(r) = self.rooms.get_mut(&room) {
                         let mut p = el;
                         stanza::remove_attr(&mut p, "to");
+                        let changed = r.replica.room_presence.is_some();
+                        let users: Vec<String> = r.replica.local.keys().cloned().collect();
                         r.replica.room_presence =
-                            (stanza::stanza_type(&p) != Some("unavailable")).then_some(p);
+                            (stanza::stanza_type(&p) != Some("unavailable")).then_some(p.clone());
+                        if changed {
+                            let text = stanza::serialize(&p);
+                            self.transmits.extend(stanza::copies_to(
+                                &text,
+                                "presence",
+                                users.iter().map(String::as_str),
+                            ));
+                        }
                     }
                 }
             },

@@ -111,6 +111,13 @@ impl Mirror {
             return Ok(Verdict::Consumed);
         };
         let user = stanza::parse_jid(&user)?;
+        let room_withdrawal = el.name() == "presence"
+            && stanza::stanza_type(&el) == Some("unavailable")
+            && el.attr("from").is_some_and(|f| !f.contains('/'));
+        if room_withdrawal && self.withdrawn.remove(user.as_str()) {
+            debug!(%user, "the room's withdrawal of its presence was shown already");
+            return Ok(Verdict::Consumed);
+        }
         stanza::set_attr(&mut el, "to", user.to_string());
         let from = el.attr("from").and_then(|f| Jid::new(f).ok());
         if let Some(from) = &from {
@@ -182,6 +189,9 @@ impl Mirror {
                 // Every local session of that nick sees its own leave (110), then is out. When the
                 // room is destroyed, each occupant is shown only their own leave.
                 let sessions = r.replica.sessions_of(nick);
+                for user in &sessions {
+                    self.withdraw_room_presence(room, user);
+                }
                 let destroyed =
                     stanza::muc_user(&el).is_some_and(|x| x.has_child("destroy", ns::MUC_USER));
                 if destroyed {

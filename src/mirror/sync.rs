@@ -224,7 +224,9 @@ impl Mirror {
             if m.get_child("subject", ns::JABBER_CLIENT).is_some()
                 && m.get_child("body", ns::JABBER_CLIENT).is_none()
             {
-                r.replica.subject_stamped = m.has_child("delay", ns::DELAY);
+                // The master's host says whether its room stamps the subject it sends joiners.
+                r.replica.subject_stamped = m.remove_child("subject-stamped", ns::DMUC0).is_some()
+                    || m.has_child("delay", ns::DELAY);
                 r.replica.set_subject(&m, now);
                 continue;
             }
