@@ -947,6 +947,9 @@ impl Master {
                 || (el.name() == "message" && stanza::stanza_type(&el) == Some("groupchat"));
             return match self.left_via(&to) {
                 Some(mirror) if !broadcast_kind => via_mirror(el, &to, &mirror.to_string()),
+                // A room's leave copies to the leaver after the leave (ejabberd routes the
+                // kicked user's own on its own): the mirror showed them that leave already.
+                Some(_) if is_leave(&el) => Ok(Outbound::Drop),
                 _ => Ok(Outbound::Send),
             };
         }

@@ -733,3 +733,18 @@ fn the_rooms_own_presence_is_served_like_the_room() {
     .unwrap();
     assert!(m.poll_transmit().is_none(), "not shown twice");
 }
+
+/// A nick the engine's JID rules refuse but the host let through (`ȡ`, U+0221, fails strict
+/// resourceprep) is the room's to refuse, whichever side parses it.
+#[test]
+fn an_unassigned_code_point_in_a_nick_is_the_rooms_to_refuse() {
+    let mut w = World::new();
+    let wayne = user(Side::A, "wayne");
+    let now = w.now;
+    let m = w.mirrors.get_mut(&Side::A).unwrap();
+    let join = format!(
+        "<presence from='{wayne}' to='{ROOM}/\u{0221}' id='t-k-strict'><x xmlns='http://jabber.org/protocol/muc'><history maxstanzas='0'/></x></presence>"
+    );
+    let v = m.handle_local(now, &join);
+    assert!(matches!(v, Ok(_)), "{v:?}");
+}

@@ -98,6 +98,10 @@ impl Mirror {
         else {
             return;
         };
+        if self.room_withdrew.remove(user) {
+            // The room sent its own withdrawal first (a leave to the bare room JID).
+            return;
+        }
         let mut p = Element::builder("presence", ns::JABBER_CLIENT).build();
         stanza::set_attr(&mut p, "from", &r.replica.jid);
         stanza::set_attr(&mut p, "to", user);

@@ -168,6 +168,8 @@ pub struct Mirror {
     /// Leavers the mirror showed the room's own presence withdrawn (see
     /// `withdraw_room_presence`): the room's own withdrawal is then not delivered again.
     withdrawn: BTreeSet<String>,
+    /// Local users the room itself sent its withdrawal (before their leave): none is made up.
+    room_withdrew: BTreeSet<String>,
 }
 
 fn split(jid: &Jid) -> (String, Option<String>) {
@@ -189,6 +191,7 @@ impl Mirror {
             queue_dirty: false,
             recently_left: Recent::new(RECENTLY_LEFT),
             withdrawn: BTreeSet::new(),
+            room_withdrew: BTreeSet::new(),
         }
     }
 

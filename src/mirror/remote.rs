@@ -118,6 +118,12 @@ impl Mirror {
             debug!(%user, "the room's withdrawal of its presence was shown already");
             return Ok(Verdict::Consumed);
         }
+        if room_withdrawal {
+            if self.room_withdrew.len() >= 1000 {
+                self.room_withdrew.clear();
+            }
+            self.room_withdrew.insert(user.to_string());
+        }
         stanza::set_attr(&mut el, "to", user.to_string());
         let from = el.attr("from").and_then(|f| Jid::new(f).ok());
         if let Some(from) = &from {
@@ -361,7 +367,7 @@ impl Mirror {
         let copies =
             stanza::copies_to(&text, el.name(), r.replica.local.keys().map(String::as_str));
         if is_subject {
-            r.replica.set_subject(&el, now);
+            r.replica.set_subject(&el, now, true);
         } else {
             let entry = Entry::with_text(el, &text, now);
             r.newest_from_master = r.newest_from_master.max(Some(entry.stamp));

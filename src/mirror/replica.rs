@@ -84,7 +84,9 @@ impl Replica {
     /// The room's subject changed (a broadcast, or the sync's subject message): kept as the room
     /// sends it to a joiner, a message from the setter with the subject only (no id, no other
     /// payload), stamped with when it was set where the room stamps it.
-    pub(super) fn set_subject(&mut self, m: &Element, now: Timestamp) {
+    /// `live`: a change broadcast now (stamped now, where the room stamps); else the sync's
+    /// subject message, stamped as the room stamped it (not at all if no subject was ever set).
+    pub(super) fn set_subject(&mut self, m: &Element, now: Timestamp, live: bool) {
         let mut s = Element::builder("message", ns::JABBER_CLIENT).build();
         if let Some(from) = m.attr("from") {
             stanza::set_attr(&mut s, "from", from);
@@ -93,14 +95,13 @@ impl Replica {
         if let Some(subject) = m.get_child("subject", ns::JABBER_CLIENT) {
             s.append_child(subject.clone());
         }
-        if self.subject_stamped {
-            let delay = m.get_child("delay", ns::DELAY).cloned().unwrap_or_else(|| {
-                let mut d = Element::builder("delay", ns::DELAY).build();
-                stanza::set_attr(&mut d, "from", &self.jid);
-                stanza::set_attr(&mut d, "stamp", now.to_xep0082());
-                d
-            });
-            s.append_child(delay);
+        if let Some(d) = m.get_child("delay", ns::DELAY).filter(|_| !live) {
+            s.append_child(d.clone());
+        } else if live && self.subject_stamped {
+            let mut d = Element::builder("delay", ns::DELAY).build();
+            stanza::set_attr(&mut d, "from", &self.jid);
+            stanza::set_attr(&mut d, "stamp", now.to_xep0082());
+            s.append_child(d);
         }
         self.subject = Some(s);
     }

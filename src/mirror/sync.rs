@@ -227,7 +227,7 @@ impl Mirror {
                 // The master's host says whether its room stamps the subject it sends joiners.
                 r.replica.subject_stamped = m.remove_child("subject-stamped", ns::DMUC0).is_some()
                     || m.has_child("delay", ns::DELAY);
-                r.replica.set_subject(&m, now);
+                r.replica.set_subject(&m, now, false);
                 continue;
             }
             let entry = Entry::new(m, now);
