@@ -171,6 +171,13 @@ impl Replica {
         let hidden = self.whois == Whois::Moderators && !self.is_moderator(recipient);
         if subject == recipient {
             stanza::add_status(&mut p, "110");
+            // Each session's own copy is built on that session's own presence (its id).
+            if let Some((_, own)) = self.local.get(to) {
+                match own.attr("id") {
+                    Some(id) => stanza::set_attr(&mut p, "id", id),
+                    None => stanza::remove_attr(&mut p, "id"),
+                }
+            }
             // One can always see one's own real JID, even in a copy that was anonymous.
             if let Some(item) = p
                 .get_child_mut("x", ns::MUC_USER)
