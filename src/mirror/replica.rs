@@ -171,8 +171,10 @@ impl Replica {
         let hidden = self.whois == Whois::Moderators && !self.is_moderator(recipient);
         if subject == recipient {
             stanza::add_status(&mut p, "110");
-            // Each session's own copy is built on that session's own presence (its id).
-            if let Some((_, own)) = self.local.get(to) {
+            // Each session's own copy of an occupant's presence is built on that session's own
+            // presence (its id); a leave is the leave as it came.
+            let leave = stanza::stanza_type(&p) == Some("unavailable");
+            if let Some((_, own)) = self.local.get(to).filter(|_| !leave) {
                 match own.attr("id") {
                     Some(id) => stanza::set_attr(&mut p, "id", id),
                     None => stanza::remove_attr(&mut p, "id"),
