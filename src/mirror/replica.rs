@@ -10,6 +10,7 @@ use crate::elements::{History, Whois};
 use crate::ns;
 use crate::room_history::RoomHistory;
 use crate::stanza;
+use crate::stanza_ids::Stamping;
 
 /// One occupant as the replica knows it.
 #[derive(Debug, Clone)]
@@ -43,6 +44,9 @@ pub(super) struct Replica {
     pub(super) default_history: Option<u32>,
     pub(super) history: RoomHistory,
     pub(super) subject: Option<Element>,
+    /// Which local messages get a stanza-id of ours, as the master's config says (none: the
+    /// room archives nothing, or the master adopts no proposals).
+    pub(super) stamping: Option<Stamping>,
 }
 
 impl Replica {
@@ -55,13 +59,20 @@ impl Replica {
             default_history: None,
             history: RoomHistory::new(history_size),
             subject: None,
+            stamping: None,
         }
     }
 
     /// The room's configuration changed (or came with the first sync).
-    pub(super) fn apply_config(&mut self, whois: Whois, default_history: Option<u32>) {
+    pub(super) fn apply_config(
+        &mut self,
+        whois: Whois,
+        default_history: Option<u32>,
+        stamping: Option<Stamping>,
+    ) {
         self.whois = whois;
         self.default_history = default_history;
+        self.stamping = stamping;
     }
 
     /// The history limits a local user asked for in their join (XEP-0045 §7.2.15), or the
