@@ -112,6 +112,9 @@ pub struct MasterConfig {
     /// Can the host's archive take the stanza-id a mirror proposes for its user's message (see
     /// [`crate::stanza_ids`])? Also decides what the mirrors are told in the room's config.
     pub stanza_ids: Adoption,
+    /// Does the host's archive also put XEP-0313 v0.2's `<archived xmlns='urn:xmpp:mam:tmp'/>`
+    /// on each message it archives (ejabberd's mod_mam)? Mirrors then add it to their copies.
+    pub archived_element: bool,
 }
 
 impl Default for MasterConfig {
@@ -122,6 +125,7 @@ impl Default for MasterConfig {
             unbracketed_presence: false,
             link_timeout_ms: 120_000,
             stanza_ids: Adoption::Never,
+            archived_element: false,
         }
     }
 }
@@ -615,6 +619,7 @@ impl Master {
         let form = stanza_ids::with_signal(
             &compact_form(&parse_form(config_form)?),
             self.config.stanza_ids,
+            self.config.archived_element,
         );
         if let Some(state) = self.rooms.get_mut(room) {
             state.config = Some(form.clone());
@@ -887,6 +892,7 @@ impl Master {
                 Some(stanza_ids::with_signal(
                     &compact_form(&f),
                     self.config.stanza_ids,
+                    self.config.archived_element,
                 )),
                 None,
             ),

@@ -15,8 +15,9 @@
 //!
 //! The master tells each mirror, in the config it sends, whether the room adopts proposals: a
 //! hidden field `urn:xmpp:dmuc:0#stanza-ids` with value `any` (any proposal) or `fresh` (only a
-//! message sent at once, not one that waited in the queue). A mirror stamps nothing otherwise
-//! (the room archives nothing, or an older master ignores proposals).
+//! message sent at once, not one that waited in the queue), and a second value `archived` when
+//! the room also adds the legacy `<archived xmlns='urn:xmpp:mam:tmp'/>`. A mirror stamps nothing
+//! otherwise (the room archives nothing, or an older master ignores proposals).
 
 use minidom::Element;
 
@@ -48,14 +49,15 @@ pub enum Adoption {
     },
 }
 
-/// Which of its users' messages a mirror stamps, as the master told it.
+/// How a mirror stamps its users' messages, as the master told it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stamping {
-    /// Every historic message.
-    Any,
+pub struct Stamping {
     /// Only a message sent to the master at once: one that waits in the queue arrives too late
     /// to be adopted (a master with [`Adoption::Within`]).
-    Fresh,
+    pub fresh_only: bool,
+    /// The room also puts XEP-0313 v0.2's `<archived xmlns='urn:xmpp:mam:tmp' by='room'/>`, with
+    /// the same id, on what it archives (ejabberd's mod_mam): so do the mirror's copies.
+    pub archived: bool,
 }
 
 /// The mirror's source of proposals: strictly increasing, about `now` in microseconds. The low
@@ -112,6 +114,14 @@ pub fn proposal_element(id: &str) -> Element {
     el
 }
 
+/// XEP-0313 v0.2's `<archived xmlns='urn:xmpp:mam:tmp' by='room' id='…'/>`.
+pub fn archived_element(room: &str, id: &str) -> Element {
+    let mut el = Element::builder("archived", ns::MAM_TMP).build();
+    stanza::set_attr(&mut el, "by", room);
+    stanza::set_attr(&mut el, "id", id);
+    el
+}
+
 /// The room's XEP-0359 `<stanza-id by='room' id='…'/>`.
 pub fn stanza_id_element(room: &str, id: &str) -> Element {
     let mut el = Element::builder("stanza-id", ns::SID).build();
@@ -120,11 +130,14 @@ pub fn stanza_id_element(room: &str, id: &str) -> Element {
     el
 }
 
-/// Does `m` carry a `urn:xmpp:sid:0` stanza-id claiming to be the room's?
+fn is_room_id(c: &Element, room: &str) -> bool {
+    (c.is("stanza-id", ns::SID) || c.is("archived", ns::MAM_TMP))
+        && c.attr("by").is_some_and(|b| b.eq_ignore_ascii_case(room))
+}
+
+/// Does `m` carry a stanza-id (or a legacy `<archived/>`) claiming to be the room's?
 pub fn claims_room_id(m: &Element, room: &str) -> bool {
-    m.children().any(|c| {
-        c.is("stanza-id", ns::SID) && c.attr("by").is_some_and(|b| b.eq_ignore_ascii_case(room))
-    })
+    m.children().any(|c| is_room_id(c, room))
 }
 
 /// Remove what a client may not set on a message to `room`: stanza-ids claiming to be the
@@ -134,11 +147,9 @@ pub fn strip_forged(m: &mut Element, room: &str) {
         return;
     }
     for node in m.take_nodes() {
-        let forged = node.as_element().is_some_and(|c| {
-            c.is("stanza-id", ns::DMUC0)
-                || (c.is("stanza-id", ns::SID)
-                    && c.attr("by").is_some_and(|b| b.eq_ignore_ascii_case(room)))
-        });
+        let forged = node
+            .as_element()
+            .is_some_and(|c| c.is("stanza-id", ns::DMUC0) || is_room_id(c, room));
         if !forged {
             m.append_node(node);
         }
@@ -161,8 +172,9 @@ pub fn form_archives(form: &Element) -> bool {
 }
 
 /// The form as the master sends it to mirrors: any signal field removed (it is the engine's to
-/// set), then added when the room archives and the host adopts proposals.
-pub fn with_signal(form: &Element, adoption: Adoption) -> Element {
+/// set), then added when the room archives and the host adopts proposals; `archived`: the host
+/// also adds the legacy `<archived/>`.
+pub fn with_signal(form: &Element, adoption: Adoption, archived: bool) -> Element {
     let mut out = form.clone();
     for node in out.take_nodes() {
         let signal = node
@@ -181,9 +193,16 @@ pub fn with_signal(form: &Element, adoption: Adoption) -> Element {
         let mut f = Element::builder("field", ns::DATA_FORMS).build();
         stanza::set_attr(&mut f, "var", SIGNAL_FIELD);
         stanza::set_attr(&mut f, "type", "hidden");
-        let mut v = Element::builder("value", ns::DATA_FORMS).build();
-        v.append_text_node(value);
-        f.append_child(v);
+        let values: &[&str] = if archived {
+            &[value, "archived"]
+        } else {
+            &[value]
+        };
+        for value in values {
+            let mut v = Element::builder("value", ns::DATA_FORMS).build();
+            v.append_text_node(*value);
+            f.append_child(v);
+        }
         out.append_child(f);
     }
     out
@@ -191,10 +210,15 @@ pub fn with_signal(form: &Element, adoption: Adoption) -> Element {
 
 /// What the master's config says about stamping (the mirror side).
 pub fn signal(form: &Element) -> Option<Stamping> {
-    field_values(form, SIGNAL_FIELD).find_map(|v| match v.as_str() {
-        "any" => Some(Stamping::Any),
-        "fresh" => Some(Stamping::Fresh),
-        _ => None,
+    let values: Vec<String> = field_values(form, SIGNAL_FIELD).collect();
+    let fresh_only = match values.first().map(String::as_str) {
+        Some("any") => false,
+        Some("fresh") => true,
+        _ => return None,
+    };
+    Some(Stamping {
+        fresh_only,
+        archived: values.iter().any(|v| v == "archived"),
     })
 }
 
@@ -235,6 +259,7 @@ mod tests {
             "<message><body>x</body>\
              <stanza-id xmlns='urn:xmpp:sid:0' by='Room@muc.example' id='forged'/>\
              <stanza-id xmlns='urn:xmpp:sid:0' by='someone@else.example' id='theirs'/>\
+             <archived xmlns='urn:xmpp:mam:tmp' by='room@muc.example' id='forged'/>\
              <stanza-id xmlns='urn:xmpp:dmuc:0' id='123'/></message>",
         )
         .unwrap();
@@ -259,18 +284,25 @@ mod tests {
             ))
             .unwrap()
         };
+        let stamping = |fresh_only, archived| {
+            Some(Stamping {
+                fresh_only,
+                archived,
+            })
+        };
         assert_eq!(
-            signal(&with_signal(&form("1"), Adoption::Any)),
-            Some(Stamping::Any)
+            signal(&with_signal(&form("1"), Adoption::Any, false)),
+            stamping(false, false)
         );
+        let within = Adoption::Within { max_skew_ms: 1 };
         assert_eq!(
-            signal(&with_signal(
-                &form("true"),
-                Adoption::Within { max_skew_ms: 1 }
-            )),
-            Some(Stamping::Fresh)
+            signal(&with_signal(&form("true"), within, true)),
+            stamping(true, true)
         );
-        assert_eq!(signal(&with_signal(&form("0"), Adoption::Any)), None);
-        assert_eq!(signal(&with_signal(&form("1"), Adoption::Never)), None);
+        assert_eq!(signal(&with_signal(&form("0"), Adoption::Any, true)), None);
+        assert_eq!(
+            signal(&with_signal(&form("1"), Adoption::Never, true)),
+            None
+        );
     }
 }

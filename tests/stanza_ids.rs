@@ -56,9 +56,14 @@ const WAYNE: &str = "wayne@raleigh.tridsys.com/pc";
 const NOW: Timestamp = Timestamp(1_700_000_000_000);
 
 fn master_with_wayne(adoption: Adoption) -> Master {
+    master_with(adoption, false)
+}
+
+fn master_with(adoption: Adoption, archived_element: bool) -> Master {
     let mut m = Master::new(MasterConfig {
         trusted_mirrors: vec![TrustedMirror::new(A_MIRROR)],
         stanza_ids: adoption,
+        archived_element,
         ..MasterConfig::default()
     });
     let join = format!(
@@ -195,7 +200,9 @@ fn config_carries_the_signal_only_when_the_room_archives() {
         )
     };
     let signal_of = |adoption: Adoption, archiving: &str| {
-        let mut m = master_with_wayne(adoption);
+        // ejabberd's settings: timestamps, and the legacy <archived/>.
+        let ejabberd = matches!(adoption, Adoption::Within { .. });
+        let mut m = master_with(adoption, ejabberd);
         m.handle_snapshot(NOW, ROOM, A_MIRROR, "Wayne", &form(archiving), &[])
             .unwrap();
         let config = m
@@ -209,12 +216,12 @@ fn config_carries_the_signal_only_when_the_room_archives() {
             .clone();
         x.children()
             .find(|f| f.attr("var") == Some(SIGNAL))
-            .map(|f| f.get_child("value", "jabber:x:data").unwrap().text())
+            .map(|f| f.children().map(|v| v.text()).collect::<Vec<_>>().join(" "))
     };
     assert_eq!(signal_of(Adoption::Any, "1").as_deref(), Some("any"));
     assert_eq!(
         signal_of(Adoption::Within { max_skew_ms: 5_000 }, "1").as_deref(),
-        Some("fresh")
+        Some("fresh archived")
     );
     assert_eq!(signal_of(Adoption::Any, "0"), None);
     assert_eq!(signal_of(Adoption::Never, "1"), None);
@@ -222,7 +229,7 @@ fn config_carries_the_signal_only_when_the_room_archives() {
 
 // ---- the mirror engine, literal stanzas ----
 
-fn synced_mirror(signal: Option<&str>) -> Mirror {
+fn synced_mirror(signal: &[&str]) -> Mirror {
     let mut m = Mirror::new(MirrorConfig::new(A_MIRROR, vec![MUC_SERVICE.into()]));
     let keith = "keith@raleigh.tridsys.com/pc";
     for (user, nick) in [(WAYNE, "Wayne"), (keith, "Keith")] {
@@ -231,9 +238,15 @@ fn synced_mirror(signal: Option<&str>) -> Mirror {
         );
         assert_eq!(m.handle_local(NOW, &join).unwrap(), Verdict::Consumed);
     }
-    let field = signal
-        .map(|v| format!("<field var='{SIGNAL}' type='hidden'><value>{v}</value></field>"))
-        .unwrap_or_default();
+    let field = if signal.is_empty() {
+        String::new()
+    } else {
+        let values: String = signal
+            .iter()
+            .map(|v| format!("<value>{v}</value>"))
+            .collect();
+        format!("<field var='{SIGNAL}' type='hidden'>{values}</field>")
+    };
     let remote = [
         format!(
             "<iq from='{ROOM}/Wayne' to='{A_MIRROR}' id='c1' type='set'><config xmlns='urn:xmpp:dmuc:0'>\
@@ -283,7 +296,7 @@ fn say(m: &mut Mirror, now: Timestamp, body: &str, extra: &str) -> Vec<Element> 
 
 #[test]
 fn mirror_stamps_its_copies_and_proposes_the_same_id() {
-    let mut m = synced_mirror(Some("any"));
+    let mut m = synced_mirror(&["any"]);
     let out = say(&mut m, NOW, "hello", "");
     let to = |who: &str| {
         out.iter()
@@ -306,23 +319,49 @@ fn mirror_stamps_its_copies_and_proposes_the_same_id() {
         "the room's own would be stripped as a forgery"
     );
     assert_eq!(proposal(echo), None, "the proposal is for the master");
+    assert!(
+        echo.get_child("archived", "urn:xmpp:mam:tmp").is_none(),
+        "not told to"
+    );
     // The next message gets another id.
     let out = say(&mut m, NOW, "again", "");
     let next = out.iter().find(|e| e.attr("to") == Some(ROOM)).unwrap();
     assert!(proposal(next).unwrap().parse::<u64>().unwrap() > p.parse::<u64>().unwrap());
 }
 
+/// ejabberd's room also adds the legacy `<archived/>`, with the same id: so does the mirror.
+#[test]
+fn mirror_adds_the_legacy_archived_when_told() {
+    let mut m = synced_mirror(&["fresh", "archived"]);
+    let out = say(&mut m, NOW, "hello", "");
+    let master = out.iter().find(|e| e.attr("to") == Some(ROOM)).unwrap();
+    let p = proposal(master).unwrap();
+    for e in out.iter().filter(|e| e.attr("to") != Some(ROOM)) {
+        let archived = e
+            .get_child("archived", "urn:xmpp:mam:tmp")
+            .expect("archived");
+        assert_eq!(archived.attr("by"), Some(ROOM));
+        assert_eq!(archived.attr("id"), Some(p.as_str()));
+        assert_eq!(room_ids(e), vec![p.clone()]);
+    }
+}
+
 #[test]
 fn mirror_strips_what_a_client_forged() {
-    let mut m = synced_mirror(Some("any"));
+    let mut m = synced_mirror(&["any"]);
     let forged = format!(
         "<stanza-id xmlns='urn:xmpp:sid:0' by='{ROOM}' id='forged'/>\
+         <archived xmlns='urn:xmpp:mam:tmp' by='{ROOM}' id='forged'/>\
          <stanza-id xmlns='urn:xmpp:sid:0' by='wayne@raleigh.tridsys.com' id='own-archive'/>\
          <stanza-id xmlns='urn:xmpp:dmuc:0' id='999'/>"
     );
     let out = say(&mut m, NOW, "sneaky", &forged);
     for e in &out {
         assert!(!room_ids(e).contains(&"forged".to_string()), "{e:?}");
+        assert!(
+            e.get_child("archived", "urn:xmpp:mam:tmp").is_none(),
+            "{e:?}"
+        );
         assert_ne!(proposal(e).as_deref(), Some("999"));
     }
     let echo = out.iter().find(|e| e.attr("to") == Some(WAYNE)).unwrap();
@@ -335,12 +374,12 @@ fn mirror_strips_what_a_client_forged() {
 
 #[test]
 fn mirror_stamps_nothing_unless_the_master_said_so() {
-    let mut m = synced_mirror(None);
+    let mut m = synced_mirror(&[]);
     for e in say(&mut m, NOW, "plain", "") {
         assert!(room_ids(&e).is_empty() && proposal(&e).is_none(), "{e:?}");
     }
     // Not history (a chat state alone): nothing to archive, nothing to stamp.
-    let mut m = synced_mirror(Some("any"));
+    let mut m = synced_mirror(&["any"]);
     let msg = format!(
         "<message from='{WAYNE}' to='{ROOM}' type='groupchat'>\
          <composing xmlns='http://jabber.org/protocol/chatstates'/></message>"
@@ -356,7 +395,7 @@ fn mirror_stamps_nothing_unless_the_master_said_so() {
 /// stanza as the master gets it); an item stored by an older version has none and is sent as is.
 #[test]
 fn queued_message_keeps_its_proposal_through_a_restart() {
-    let mut m = synced_mirror(Some("any"));
+    let mut m = synced_mirror(&["any"]);
     m.handle_link(NOW, MUC_SERVICE, false);
     while m.poll_transmit().is_some() {}
     let out = say(&mut m, NOW, "while down", "");
@@ -381,7 +420,7 @@ fn queued_message_keeps_its_proposal_through_a_restart() {
 /// mirror does not stamp a message it cannot send at once.
 #[test]
 fn fresh_only_while_the_message_goes_at_once() {
-    let mut m = synced_mirror(Some("fresh"));
+    let mut m = synced_mirror(&["fresh"]);
     let out = say(&mut m, NOW, "live", "");
     assert!(out.iter().any(|e| proposal(e).is_some()));
     m.handle_link(NOW, MUC_SERVICE, false);

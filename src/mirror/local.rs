@@ -438,11 +438,9 @@ impl Mirror {
         // stanza-id: we propose one, which the master's archive adopts (see stanza_ids). It
         // travels inside the stanza, so a queued or resent message keeps it.
         let stamp = is_historic(&el)
-            && match r.replica.stamping {
-                Some(Stamping::Any) => true,
-                Some(Stamping::Fresh) => !hold,
-                None => false,
-            };
+            && r.replica
+                .stamping
+                .is_some_and(|s: Stamping| !(s.fresh_only && hold));
         let stanza_id = stamp.then(|| self.stanza_ids.next(now));
         if let Some(id) = &stanza_id {
             el.append_child(stanza_ids::proposal_element(id));
@@ -487,6 +485,9 @@ impl Mirror {
         }
         if let Some(id) = &stanza_id {
             shown.append_child(stanza_ids::stanza_id_element(&r.replica.jid, id));
+            if r.replica.stamping.is_some_and(|s| s.archived) {
+                shown.append_child(stanza_ids::archived_element(&r.replica.jid, id));
+            }
         }
         let text = stanza::serialize(&shown);
         let copies = stanza::copies_to(

@@ -80,6 +80,11 @@ def room_ids(xml) -> List[str]:
     return [s.get("id") for s in xml.findall(f"{{{SID}}}stanza-id") if s.get("by") == ROOM]
 
 
+def archived_ids(xml) -> List[str]:
+    """The legacy <archived xmlns='urn:xmpp:mam:tmp' by='room'/> ids (ejabberd adds it too)."""
+    return [s.get("id") for s in xml.findall("{urn:xmpp:mam:tmp}archived") if s.get("by") == ROOM]
+
+
 def copy_of(c: Client, body: str, delayed: Optional[bool] = None):
     """The message element `c` got from the room with `body` (live or from history)."""
     for r in c.groupchat(ROOM, body):
@@ -114,6 +119,7 @@ def test_one_stanza_id_for_every_copy(make_mixed_servers, master, mirror):
     env = ids_env(make_mixed_servers, master, mirror)
     from_wayne, from_alice = "from wayne, behind the mirror", "from alice, on the master"
     seen: Dict[str, Dict[str, List[str]]] = {from_wayne: {}, from_alice: {}}
+    legacy: Dict[str, List[str]] = {}    # who -> <archived/> ids on wayne's message, live
 
     async def scenario():
         async with ClientHub(watch=[env.link]) as hub:
@@ -136,6 +142,8 @@ def test_one_stanza_id_for_every_copy(make_mixed_servers, master, mirror):
             for body in (from_wayne, from_alice):
                 for c in everyone:
                     seen[body][f"{c.jid.user} (live)"] = room_ids(copy_of(c, body))
+            for c in everyone:
+                legacy[c.jid.user] = archived_ids(copy_of(c, from_wayne))
 
             # What crossed to the master: the proposal, in dmuc's namespace; what alice got: not.
             up = [s.raw for s in wire.stanzas if s.sender == RALEIGH and from_wayne in s.raw]
@@ -173,6 +181,8 @@ def test_one_stanza_id_for_every_copy(make_mixed_servers, master, mirror):
             assert len(ids) == 1, f"{body!r}: {who} got stanza-ids {ids}: {per_user}"
         assert len({ids[0] for ids in per_user.values()}) == 1, f"{body!r}: not one id for all: {per_user}"
     assert seen[from_wayne]["wayne (live)"] == [proposed], "the archive adopted the mirror's proposal"
+    expected_legacy = [proposed] if master == "ejabberd" else []
+    assert all(v == expected_legacy for v in legacy.values()), f"<archived/> as the room adds it: {legacy}"
     assert seen[from_alice]["alice (live)"] != [proposed]
 
 

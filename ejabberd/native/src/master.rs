@@ -69,6 +69,7 @@ fn master_new(trusted: Vec<String>) -> Result<ResourceArc<MasterRes>, NifError> 
             stanza_ids: Adoption::Within {
                 max_skew_ms: STANZA_ID_SKEW_MS,
             },
+            archived_element: true,
             ..MasterConfig::default()
         },
     )))))
