@@ -197,8 +197,9 @@ if host_type == "component" and component_module == "muc" then
 		local form = room:get_form_layout(true):form(nil, "form");
 		if log_all_rooms and modulemanager.is_loaded(module.host, "muc_mam") then
 			local has = false;
-			for field in form:childtags("field") do
-				if field.attr.var == "muc#roomconfig_enablearchiving" then has = true; end
+			-- Fields carry no xmlns of their own (childtags would not match them).
+			for _, field in ipairs(form.tags) do
+				if field.name == "field" and field.attr.var == "muc#roomconfig_enablearchiving" then has = true; end
 			end
 			if not has then
 				form:tag("field", { var = "muc#roomconfig_enablearchiving", type = "boolean" })

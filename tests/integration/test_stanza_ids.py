@@ -38,6 +38,8 @@ PAIRINGS = [
     pytest.param("prosody", "prosody", id="P-P"),
     # mod_muc_mam's archive in the memory driver (scansion's setup) rather than the internal one.
     pytest.param("prosody-memory", "prosody", id="P-P-memory"),
+    # Every room archived: mod_muc_mam's form has no archiving field; the shim adds one.
+    pytest.param("prosody-logall", "prosody", id="P-P-log-all-rooms"),
     pytest.param("ejabberd", "ejabberd", id="E-E"),
     pytest.param("ejabberd", "prosody", id="Emaster-Pmirror"),
     pytest.param("prosody", "ejabberd", id="Pmaster-Emirror"),
@@ -45,9 +47,11 @@ PAIRINGS = [
 
 
 def ids_env(make_mixed_servers, master: str, mirror: str, fast_pings: bool = False):
-    storage = None
+    storage, log_all = None, False
     if master == "prosody-memory":
         master, storage = "prosody", "memory"
+    if master == "prosody-logall":
+        master, log_all = "prosody", True
     ping = {"ping_interval": 1, "ping_timeout": 2} if fast_pings else {"ping_interval": 3600}
     for path in (os.path.join(PROSODY_DIST, "dmuc_prosody.so"), os.path.join(EJABBERD_DIST, "priv", "dmuc_nif.so")):
         if not os.path.exists(path):
@@ -60,6 +64,8 @@ def ids_env(make_mixed_servers, master: str, mirror: str, fast_pings: bool = Fal
     else:
         kw["conference_options"] = ['modules_enabled = { "dmuc", "muc_mam" }',
                                     f'dmuc_trusted_mirrors = {{ "{MIRROR}" }}', "dmuc_link_timeout = 4"]
+        if log_all:
+            kw["conference_options"] += ["muc_log_all_rooms = true"]
         if storage:
             # Only the room archive: accounts must stay where prosodyctl registers them.
             kw["master_options"] = [f'storage = {{ muc_log = "{storage}" }}']
