@@ -12,6 +12,7 @@
 local st = require "util.stanza";
 local xml = require "util.xml";
 local jid_resource = require "util.jid".resource;
+local jid_split = require "util.jid".split;
 local time_now = require "util.time".now;
 
 local DMUC_FEATURE = "http://tridsys.com/protocol/dmuc";
@@ -123,9 +124,41 @@ local component_module = module:get_option_string("component_module");
 if host_type == "component" and component_module == "muc" then
 	---------------------------------------------------------------- master
 	local trusted = module:get_option("dmuc_trusted_mirrors", {});
+
+	-- Stanza-ids (docs/protocol.md, "Stanza ids"): a mirror proposes the id of its user's
+	-- message and has shown it to its users already; the room's archive must file the message
+	-- under it. mod_muc_mam files it with archive:append(room_node, nil, ...) in its
+	-- muc-add-history handler, the nil asking the driver for a new key. Stores opened on this
+	-- host share their driver's method table, so wrapping its append lets us give that one call
+	-- the key, while `adopting` is set: from just before mod_muc_mam's handler (priority 0) to
+	-- just after it, for that message only. mod_muc_mam then puts the id on the broadcast and
+	-- on the room's history, as for any message.
+	local adopting; -- { node = room node, id = message id attribute, key = adopted id }
+	local archive_methods, original_append, adopting_append;
+	do
+		local store = module:open_store("muc_log", "archive");
+		local mt = store and getmetatable(store);
+		local methods = mt and type(mt.__index) == "table" and mt.__index;
+		if methods and type(methods.append) == "function" then
+			archive_methods, original_append = methods, methods.append;
+			adopting_append = function(self, username, key, value, ...)
+				local a = adopting;
+				if a and key == nil and username == a.node and st.is_stanza(value)
+					and value.name == "message" and value.attr.id == a.id then
+					key = a.key;
+				end
+				return original_append(self, username, key, value, ...);
+			end
+			methods.append = adopting_append;
+		else
+			module:log("warn", "the muc_log archive driver cannot be given keys: mirrors' stanza-ids are not adopted");
+		end
+	end
+
 	local ok, master = pcall(native.master, {
 		trusted_mirrors = trusted;
 		link_timeout = module:get_option("dmuc_link_timeout");
+		adopt_stanza_ids = archive_methods ~= nil;
 	});
 	if not ok then error("mod_dmuc: " .. tostring(master)); end
 
@@ -156,8 +189,24 @@ if host_type == "component" and component_module == "muc" then
 	-- fields shown only to admins (restrict_room_persistence...) are left out, and none of them
 	-- matters to a mirror. :form(nil, "form") writes each field's current value (a list-single's
 	-- from its default option; a boolean that is unset gets none).
+	-- The engine tells mirrors whether the room archives from the form's archiving field;
+	-- mod_muc_mam adds none when it archives every room (muc_log_all_rooms), so we do.
+	local log_all_rooms = module:get_option_boolean("muc_log_all_rooms", false);
+	local modulemanager = require "core.modulemanager";
 	local function config_form(room)
-		return tostring(room:get_form_layout(true):form(nil, "form"));
+		local form = room:get_form_layout(true):form(nil, "form");
+		if log_all_rooms and modulemanager.is_loaded(module.host, "muc_mam") then
+			local has = false;
+			-- Fields carry no xmlns of their own (childtags would not match them).
+			for _, field in ipairs(form.tags) do
+				if field.name == "field" and field.attr.var == "muc#roomconfig_enablearchiving" then has = true; end
+			end
+			if not has then
+				form:tag("field", { var = "muc#roomconfig_enablearchiving", type = "boolean" })
+					:text_tag("value", "1"):up();
+			end
+		end
+		return tostring(form);
 	end
 
 	-- The room announced a config change: the engine holds the announcement until it has the form.
@@ -206,15 +255,41 @@ if host_type == "component" and component_module == "muc" then
 		if mine then return true; end
 	end, 100);
 
-	-- A message a mirror sent again after an outage, which the room already has: drop it.
+	-- A message a mirror sent again after an outage, which the room already has: drop it. A
+	-- message whose mirror proposed a stanza-id the engine accepts is archived under it.
+	local adopt_for = setmetatable({}, { __mode = "k" }); -- stanza -> adopted id
 	module:hook("muc-occupant-groupchat", function(event)
 		local stanza = event.stanza;
-		if not master:routes_via_mirror(stanza.attr.from or "") then return end
-		local duplicate = call(master, "handle_groupchat", time_now(), tostring(stanza));
+		local duplicate, stanza_id;
+		if master:routes_via_mirror(stanza.attr.from or "") then
+			duplicate, stanza_id = call(master, "handle_groupchat", time_now(), tostring(stanza));
+		end
+		-- A proposal is for the master, whoever sent it: no occupant sees it.
+		stanza:remove_children("stanza-id", "urn:xmpp:dmuc:0");
 		if duplicate then return true; end
+		if stanza_id then adopt_for[stanza] = stanza_id; end
 		-- The mirror's own elements (its de-duplication key) are for the master only.
 		stanza:remove_children(nil, "urn:xmpp:dmuc:0");
 	end, 100);
+	module:hook("muc-add-history", function(event)
+		local key = adopt_for[event.stanza];
+		adopting = key and { node = jid_split(event.room.jid), id = event.stanza.attr.id, key = key } or nil;
+	end, 1);
+	module:hook("muc-add-history", function(event)
+		local a = adopting;
+		adopting = nil;
+		if not a then return end
+		adopt_for[event.stanza] = nil;
+		local got;
+		for tag in event.stanza:childtags("stanza-id", "urn:xmpp:sid:0") do
+			if tag.attr.by == event.room.jid then got = tag.attr.id; end
+		end
+		if got ~= a.key then
+			-- The room does not archive this message (mod_muc_mam absent, archiving off), or
+			-- the driver chose its own key: the mirror's users have an id no one else has.
+			module:log("debug", "stanza-id %s not adopted in %s (archive gave %s)", a.key, event.room.jid, tostring(got));
+		end
+	end, -0.5);
 
 	local function snapshot(room, mirror, nick)
 		local occupants = {};
@@ -324,6 +399,9 @@ if host_type == "component" and component_module == "muc" then
 	end
 	function module.unload()
 		for name, original in pairs(wrapped) do room_mt[name] = original; end
+		if archive_methods and archive_methods.append == adopting_append then
+			archive_methods.append = original_append;
+		end
 	end
 
 	-- Everything the MUC sends towards other servers passes here.

@@ -59,6 +59,7 @@ pub mod queue;
 pub mod recent;
 pub mod room_history;
 pub mod stanza;
+pub mod stanza_ids;
 pub mod time;
 
 pub use error::Error;

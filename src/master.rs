@@ -18,7 +18,8 @@
 //! - [`Master::handle_ping`]: an XEP-0199 ping to the MUC service (mirrors ping to prove the
 //!   link is alive);
 //! - [`Master::handle_groupchat`]: a groupchat message to a room, before the room broadcasts it
-//!   (a second copy of a message a mirror sent again after an outage is dropped);
+//!   (a second copy of a message a mirror sent again after an outage is dropped; the stanza-id
+//!   a mirror proposed for its user's message is handed to the host's archive);
 //! - [`Master::handle_timeout`]: the time asked for by [`Master::poll_timeout`] has come (a
 //!   mirror whose pings stopped is lost);
 //! - [`Master::handle_link`]: the host saw the s2s link to a domain go down or come up;
@@ -46,6 +47,7 @@ use crate::ns;
 use crate::recent::Recent;
 use crate::room_history::{self, Entry};
 use crate::stanza::{self, Condition};
+use crate::stanza_ids::{self, Adoption};
 use crate::time::Timestamp;
 use xmpp_parsers::muc::muc::History;
 
@@ -107,17 +109,42 @@ pub struct MasterConfig {
     /// A mirror that has not pinged (or sent a join) for this long is lost: its occupants are
     /// evicted. Longer than the mirrors' ping interval plus their ping timeout.
     pub link_timeout_ms: u64,
+    /// Can the host's archive take the stanza-id a mirror proposes for its user's message (see
+    /// [`crate::stanza_ids`])? Also decides what the mirrors are told in the room's config.
+    pub stanza_ids: Adoption,
+    /// Does the host's archive also put XEP-0313 v0.2's `<archived xmlns='urn:xmpp:mam:tmp'/>`
+    /// on each message it archives (ejabberd's mod_mam)? Mirrors then add it to their copies.
+    pub archived_element: bool,
 }
 
 impl Default for MasterConfig {
-    /// No trusted mirrors, bracketed presence, a link timeout of 120 s.
+    /// No trusted mirrors, bracketed presence, a link timeout of 120 s, no stanza-id adoption.
     fn default() -> Self {
         MasterConfig {
             trusted_mirrors: Vec::new(),
             unbracketed_presence: false,
             link_timeout_ms: 120_000,
+            stanza_ids: Adoption::Never,
+            archived_element: false,
         }
     }
+}
+
+/// What the host does with a groupchat message after [`Master::handle_groupchat`]. Either way
+/// the host first removes any `<stanza-id xmlns='urn:xmpp:dmuc:0'/>` from it, whoever sent it:
+/// a proposal is for the master, not for the occupants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupchatVerdict {
+    /// A copy of a message already broadcast (same sender, same XEP-0359 origin-id): a mirror
+    /// sends again what it cannot know arrived before an outage. Drop it, silently.
+    Duplicate,
+    /// Let the room broadcast it.
+    Broadcast {
+        /// The id the room's archive gives the message (its `<stanza-id by='room'/>` for
+        /// everyone): the one the sender's mirror proposed and already showed its users. `None`:
+        /// the archive picks one, as for any message.
+        stanza_id: Option<String>,
+    },
 }
 
 /// A mirror's link, for an admin.
@@ -301,6 +328,9 @@ pub struct Master {
     /// Per room: origin-ids of messages from occupants behind mirrors. Outlives the room state,
     /// which ends when a lost mirror's occupants are evicted.
     origin_ids: HashMap<String, Recent<String>>,
+    /// Per room: stanza-ids adopted from mirrors' proposals. Two mirrors may (rarely) propose
+    /// the same id; the second is not adopted, so no two messages share an archive id.
+    adopted: HashMap<String, Recent<String>>,
     transmits: VecDeque<String>,
     actions: VecDeque<MasterAction>,
     /// Ids of our config/roster IQs awaiting an answer. Bounded: some hosts (ejabberd) never
@@ -329,6 +359,7 @@ impl Master {
             config,
             rooms: HashMap::new(),
             origin_ids: HashMap::new(),
+            adopted: HashMap::new(),
             transmits: VecDeque::new(),
             actions: VecDeque::new(),
             sync_iqs: VecDeque::new(),
@@ -589,7 +620,11 @@ impl Master {
         config_form: &str,
         occupants: &[String],
     ) -> Result<(), Error> {
-        let form = compact_form(&parse_form(config_form)?);
+        let form = stanza_ids::with_signal(
+            &compact_form(&parse_form(config_form)?),
+            self.config.stanza_ids,
+            self.config.archived_element,
+        );
         if let Some(state) = self.rooms.get_mut(room) {
             state.config = Some(form.clone());
             if let Some(link) = state.mirrors.get_mut(mirror) {
@@ -857,7 +892,14 @@ impl Master {
         config_form: Option<&str>,
     ) -> Result<(), Error> {
         let (form, error) = match config_form.map(parse_form) {
-            Some(Ok(f)) => (Some(compact_form(&f)), None),
+            Some(Ok(f)) => (
+                Some(stanza_ids::with_signal(
+                    &compact_form(&f),
+                    self.config.stanza_ids,
+                    self.config.archived_element,
+                )),
+                None,
+            ),
             Some(Err(e)) => (None, Some(e)),
             None => (None, None),
         };
@@ -1126,14 +1168,24 @@ impl Master {
         })
     }
 
-    /// A groupchat message to a room, before the room broadcasts it. Returns true if it is a
-    /// copy of a message already broadcast (same sender, same XEP-0359 origin-id): a mirror sends
-    /// again what it cannot know arrived before an outage. The host drops it, silently.
-    pub fn handle_groupchat(&mut self, now: Timestamp, xml: &str) -> Result<bool, Error> {
+    /// A groupchat message to a room, before the room broadcasts it (and before the host's
+    /// archive stores it). A copy of a message already broadcast is
+    /// [`GroupchatVerdict::Duplicate`]. A message from an occupant behind a trusted mirror may
+    /// carry the stanza-id its mirror proposed (`<stanza-id xmlns='urn:xmpp:dmuc:0' id='…'/>`);
+    /// if the host can adopt it ([`MasterConfig::stanza_ids`]), the proposal is well-formed (only
+    /// digits, at most [`stanza_ids::MAX_LEN`]), not already adopted in this room, and the
+    /// message claims no stanza-id of the room's, the verdict carries it and the host's archive
+    /// stores the message under it.
+    pub fn handle_groupchat(
+        &mut self,
+        now: Timestamp,
+        xml: &str,
+    ) -> Result<GroupchatVerdict, Error> {
         let m = stanza::parse(xml)?;
         let from = stanza::jid_attr(&m, "message", "from")?.to_string();
+        let own_id = GroupchatVerdict::Broadcast { stanza_id: None };
         let Some(to) = m.attr("to").and_then(|t| Jid::new(t).ok()) else {
-            return Ok(false);
+            return Ok(own_id);
         };
         let room = to.to_bare().to_string();
         let Some(mirror) = self
@@ -1142,23 +1194,61 @@ impl Master {
             .and_then(|r| r.by_real.get(&from))
             .map(|r| r.mirror.clone())
         else {
-            return Ok(false);
+            return Ok(own_id);
         };
         self.hear(now, &mirror);
-        let Some(id) = stanza::dedup_key(&m) else {
-            return Ok(false);
-        };
-        let bare = from.split('/').next().unwrap_or_default();
-        let key = format!("{bare} {id}");
-        let fresh = self
-            .origin_ids
-            .entry(room.clone())
-            .or_insert_with(|| Recent::new(ORIGIN_IDS))
-            .insert(key);
-        if !fresh {
-            info!(%room, %from, id, "dropped a message the mirror sent twice");
+        if let Some(id) = stanza::dedup_key(&m) {
+            let bare = from.split('/').next().unwrap_or_default();
+            let key = format!("{bare} {id}");
+            let fresh = self
+                .origin_ids
+                .entry(room.clone())
+                .or_insert_with(|| Recent::new(ORIGIN_IDS))
+                .insert(key);
+            if !fresh {
+                info!(%room, %from, id, "dropped a message the mirror sent twice");
+                return Ok(GroupchatVerdict::Duplicate);
+            }
         }
-        Ok(!fresh)
+        Ok(GroupchatVerdict::Broadcast {
+            stanza_id: self.adopt(now, &room, &m),
+        })
+    }
+
+    /// The proposal of `m` (from an occupant behind a mirror) if the host may adopt it.
+    fn adopt(&mut self, now: Timestamp, room: &str, m: &Element) -> Option<String> {
+        let proposed = stanza_ids::proposal(m)?;
+        let Some(micros) = stanza_ids::parse_proposal(proposed) else {
+            warn!(%room, id = proposed, "a mirror proposed a malformed stanza-id: not adopted");
+            return None;
+        };
+        match self.config.stanza_ids {
+            Adoption::Never => return None,
+            Adoption::Any => {}
+            Adoption::Within { max_skew_ms } => {
+                let at = micros / 1000;
+                let skew = now.0.abs_diff(at);
+                if skew > max_skew_ms {
+                    info!(%room, id = proposed, skew_ms = skew, "a proposed stanza-id is too far from now for this archive: not adopted");
+                    return None;
+                }
+            }
+        }
+        if stanza_ids::claims_room_id(m, room) {
+            // The host strips the forgery only while it picks the id itself (ejabberd).
+            warn!(%room, "a message from a mirror claims a stanza-id of the room: proposal not adopted");
+            return None;
+        }
+        let fresh = self
+            .adopted
+            .entry(room.to_string())
+            .or_insert_with(|| Recent::new(ORIGIN_IDS))
+            .insert(proposed.to_string());
+        if !fresh {
+            info!(%room, id = proposed, "a proposed stanza-id was adopted before: not adopted");
+            return None;
+        }
+        Some(proposed.to_string())
     }
 
     /// When [`Master::handle_timeout`] should next be called: when the quietest mirror would

@@ -32,3 +32,5 @@ pub const EME: &str = "urn:xmpp:eme:0";
 pub const CHAT_MARKERS: &str = "urn:xmpp:chat-markers:0";
 /// XEP-0421 anonymous unique occupant identifiers (`<occupant-id/>`), which the room adds.
 pub const OCCUPANT_ID: &str = "urn:xmpp:occupant-id:0";
+/// XEP-0313 v0.2's `<archived/>`, which ejabberd's mod_mam still adds beside the stanza-id.
+pub const MAM_TMP: &str = "urn:xmpp:mam:tmp";

@@ -160,7 +160,8 @@ impl Condition {
 }
 
 /// An error reply to `stanza`: `from`/`to` swapped (or as given), `type='error'`, the original
-/// payload kept (as XEP-0045 does) minus our own `<dmuc/>` marker, and an RFC 6120 `<error/>`.
+/// payload kept (as XEP-0045 does) minus our own `<dmuc/>` marker and stanza-id proposal, and an
+/// RFC 6120 `<error/>`.
 pub fn error_reply(
     stanza: &Element,
     from: &str,
@@ -182,7 +183,10 @@ pub fn error_reply(
     set_attr(&mut reply, "type", "error");
     if stanza.name() != "iq" {
         for child in stanza.children() {
-            if !child.has_ns(ns::DMUC) && !child.is("error", ns::JABBER_CLIENT) {
+            if !child.has_ns(ns::DMUC)
+                && !child.is("stanza-id", ns::DMUC0)
+                && !child.is("error", ns::JABBER_CLIENT)
+            {
                 reply.append_child(child.clone());
             }
         }

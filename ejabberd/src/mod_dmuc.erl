@@ -5,7 +5,8 @@
 %%%
 %%% Master (option trusted_mirrors): each MUC room process keeps its own engine in its process
 %%% dictionary. Hooks: muc_filter_presence (joins, leaves, nick changes), muc_process_iq (history
-%%% and roster requests; link changes), muc_filter_message (a message a mirror sent twice),
+%%% and roster requests; link changes), muc_filter_message (a message a mirror sent twice; the
+%%% stanza-id a mirror proposed),
 %%% multicast_route (groupchat fan-out: one copy per mirror), filter_packet (the room's
 %%% per-occupant presences, history and subject; join errors; the mirrors' pings), leave_room.
 %%% This module's process keeps one link watch per MUC service: it answers the mirrors' pings,
@@ -60,7 +61,8 @@ start(Host, Opts) ->
             end,
             persistent_term:put({?MODULE, master_config, Host}, Trusted),
             ejabberd_hooks:add(muc_filter_presence, Host, ?MODULE, muc_filter_presence, 50),
-            ejabberd_hooks:add(muc_filter_message, Host, ?MODULE, muc_filter_message, 50),
+            %% Before mod_mam's (50): it must not archive a duplicate, and takes our stanza_id.
+            ejabberd_hooks:add(muc_filter_message, Host, ?MODULE, muc_filter_message, 40),
             ejabberd_hooks:add(muc_process_iq, Host, ?MODULE, muc_process_iq, 50),
             ejabberd_hooks:add(multicast_route, Host, ?MODULE, multicast_route, 50),
             ejabberd_hooks:add(leave_room, Host, ?MODULE, leave_room, 50),
@@ -78,7 +80,7 @@ stop(Host) ->
         undefined -> ok;
         _ ->
             ejabberd_hooks:delete(muc_filter_presence, Host, ?MODULE, muc_filter_presence, 50),
-            ejabberd_hooks:delete(muc_filter_message, Host, ?MODULE, muc_filter_message, 50),
+            ejabberd_hooks:delete(muc_filter_message, Host, ?MODULE, muc_filter_message, 40),
             ejabberd_hooks:delete(muc_process_iq, Host, ?MODULE, muc_process_iq, 50),
             ejabberd_hooks:delete(multicast_route, Host, ?MODULE, multicast_route, 50),
             ejabberd_hooks:delete(leave_room, Host, ?MODULE, leave_room, 50),
@@ -244,15 +246,23 @@ muc_filter_presence(#presence{} = Pkt, #state{server_host = SH} = State, Nick) -
             strip_marker(Pkt)
     end.
 
-%% The room as the mirror needs it: a config form carrying the whois rule, and each occupant's
-%% presence with a muc#user item.
-snapshot(M, #state{jid = RoomJID, config = Config, users = Users} = State, Mirror, Nick) ->
+%% The room as the mirror needs it: a config form carrying the whois rule and whether mod_mam
+%% archives the room (the engine tells the mirror whether to stamp stanza-ids from it), and each
+%% occupant's presence with a muc#user item.
+snapshot(M, #state{jid = RoomJID, config = Config, users = Users, server_host = SH} = State,
+         Mirror, Nick) ->
     Whois = case Config#config.anonymous of true -> <<"moderators">>; false -> <<"anyone">> end,
+    Mam = case Config#config.mam andalso gen_mod:is_loaded(SH, mod_mam) of
+              true -> <<"1">>;
+              false -> <<"0">>
+          end,
     Form = #xdata{type = form,
                   fields = [#xdata_field{var = <<"FORM_TYPE">>, type = hidden,
                                          values = [<<"http://jabber.org/protocol/muc#roomconfig">>]},
                             #xdata_field{var = <<"muc#roomconfig_whois">>, type = 'list-single',
-                                         values = [Whois]}]},
+                                         values = [Whois]},
+                            #xdata_field{var = <<"muc#roomconfig_mam">>, type = boolean,
+                                         values = [Mam]}]},
     Occupants = maps:fold(
                   fun(_, #user{jid = JID, nick = N, role = Role, last_presence = LP}, Acc) ->
                           Pres = case LP of undefined -> #presence{}; _ -> LP end,
@@ -336,22 +346,37 @@ evict({evict, Room, Nick, Jid}) ->
     end;
 evict(_) -> ok.
 
-%% A groupchat message a mirror sent again after an outage, which the room already broadcast.
+%% A groupchat message a mirror sent again after an outage, which the room already broadcast:
+%% dropped. The stanza-id a mirror proposed for its user's message (docs/protocol.md, "Stanza
+%% ids"), when the engine accepts it, goes into the packet's meta: mod_mam's muc_filter_message
+%% (priority 50, after this hook) keeps a stanza_id it finds there, archives the message under
+%% it and puts it on the broadcast and the room's history.
 muc_filter_message(#message{} = Pkt, #state{server_host = SH}, _FromNick) ->
+    %% A proposal is for the master, whoever sent it: no occupant sees it.
+    Clean = strip_proposal(Pkt),
     case get(?MASTER_KEY) of
-        undefined -> Pkt;
+        undefined -> Clean;
         M ->
             case dmuc_nif:master_routes(M, jid:encode(xmpp:get_from(Pkt))) of
-                false -> Pkt;
+                false -> Clean;
                 true ->
                     case call(fun() -> dmuc_nif:master_groupchat(master(SH), now_ms(), enc(Pkt)) end) of
-                        {true, Out} -> route_out(Out), drop;
-                        {false, Out} -> route_out(Out), strip_marker(Pkt);
-                        _ -> Pkt
+                        {duplicate, Out} -> route_out(Out), drop;
+                        {{broadcast, undefined}, Out} -> route_out(Out), Clean;
+                        {{broadcast, Id}, Out} when is_integer(Id) ->
+                            route_out(Out),
+                            xmpp:put_meta(Clean, stanza_id, Id);
+                        _ -> Clean
                     end
             end
     end;
 muc_filter_message(Acc, _State, _FromNick) -> Acc.
+
+strip_proposal(Pkt) ->
+    %% Every element of dmuc's own namespace (the stanza-id proposal, the de-duplication key).
+    xmpp:set_els(Pkt, [El || El <- xmpp:get_els(Pkt),
+                            not (is_record(El, xmlel)
+                                 andalso fxml:get_tag_attr_s(<<"xmlns">>, El) == <<"urn:xmpp:dmuc:0">>)]).
 
 history(M, Req, RoomJID, #state{history = #lqueue{queue = Q}, subject = Subject,
                                 subject_author = Author}) ->

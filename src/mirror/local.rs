@@ -14,6 +14,7 @@ use crate::ns;
 use crate::queue::Queued;
 use crate::room_history::Entry;
 use crate::stanza::{self, Condition};
+use crate::stanza_ids::{self, Stamping};
 use crate::time::Timestamp;
 
 /// Leavers remembered for matching the room's own withdrawal of its presence.
@@ -451,8 +452,10 @@ impl Mirror {
             self.send(&reply);
             return Ok(Verdict::Consumed);
         }
-        let original = el.clone();
+        // A client may not set the room's stanza-id (the room strips it), nor propose one.
         let mut el = el;
+        stanza_ids::strip_forged(&mut el, &room);
+        let original = el.clone();
         if origin_id(&el).is_none() {
             // The master's de-duplication key, should this message have to be sent again. In
             // dmuc's namespace, not an XEP-0359 origin-id: the master strips it, and the room's
@@ -462,6 +465,20 @@ impl Mirror {
             stanza::set_attr(&mut o, "id", format!("dmuc-{:x}-{}", now.0, self.next_id));
             el.append_child(o);
         }
+        // While older messages still wait for the link (a resync is under way), a new one waits
+        // behind them: the master gets each sender's messages in order.
+        let hold = r.out.must_hold(down);
+        // The room has not archived this message yet, so its copies here would lack the room's
+        // stanza-id: we propose one, which the master's archive adopts (see stanza_ids). It
+        // travels inside the stanza, so a queued or resent message keeps it.
+        let stamp = is_historic(&el)
+            && r.replica
+                .stamping
+                .is_some_and(|s: Stamping| !(s.fresh_only && hold));
+        let stanza_id = stamp.then(|| self.stanza_ids.next(now));
+        if let Some(id) = &stanza_id {
+            el.append_child(stanza_ids::proposal_element(id));
+        }
         let round = round_of(&self.links, &r.master);
         let item = Queued {
             user: user.clone(),
@@ -470,9 +487,6 @@ impl Mirror {
             stanza: el.clone(),
             round,
         };
-        // While older messages still wait for the link (a resync is under way), a new one waits
-        // behind them: the master gets each sender's messages in order.
-        let hold = r.out.must_hold(down);
         if hold {
             if r.out.queue.len() + r.out.in_flight.len() >= queue_limit {
                 warn!(%room, "outbound queue full: message refused");
@@ -491,7 +505,8 @@ impl Mirror {
             r.out.in_flight.push_back(item);
         }
         self.queue_dirty = true;
-        // Local users see the message as its sender wrote it (our origin-id is for the master).
+        // Local users see the message as its sender wrote it (our origin-id and proposal are
+        // for the master).
         let mut shown = original;
         stanza::set_attr(&mut shown, "from", r.replica.occupant_jid(&nick));
         stanza::remove_attr(&mut shown, "to");
@@ -501,6 +516,12 @@ impl Mirror {
         while shown.remove_child("occupant-id", ns::OCCUPANT_ID).is_some() {}
         if let Some(id) = r.replica.occupant_id(&nick) {
             shown.append_child(id);
+        }
+        if let Some(id) = &stanza_id {
+            shown.append_child(stanza_ids::stanza_id_element(&r.replica.jid, id));
+            if r.replica.stamping.is_some_and(|s| s.archived) {
+                shown.append_child(stanza_ids::archived_element(&r.replica.jid, id));
+            }
         }
         let text = stanza::serialize(&shown);
         let copies = stanza::copies_to(

@@ -64,6 +64,7 @@ use crate::link::Link;
 use crate::ns;
 use crate::queue::Queued;
 use crate::recent::Recent;
+use crate::stanza_ids::IdSource;
 
 /// Local users who left lately, still served stanzas from the room through the mirror.
 const RECENTLY_LEFT: usize = 1000;
@@ -161,6 +162,8 @@ pub struct Mirror {
     links: BTreeMap<String, Link>,
     transmits: VecDeque<String>,
     next_id: u64,
+    /// Stanza-ids this mirror proposes for its users' messages.
+    stanza_ids: IdSource,
     queue_dirty: bool,
     /// Local users who left a room lately: what the room still sends them through the mirror
     /// (the answer to the request that made them leave, say) is delivered, not dropped.
@@ -183,6 +186,7 @@ impl Mirror {
     /// A mirror with these settings.
     pub fn new(config: MirrorConfig) -> Self {
         Mirror {
+            stanza_ids: IdSource::new(&config.service),
             config,
             rooms: BTreeMap::new(),
             links: BTreeMap::new(),

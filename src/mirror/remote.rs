@@ -19,6 +19,7 @@ use crate::escape;
 use crate::ns;
 use crate::room_history::{self, Entry};
 use crate::stanza::{self, Condition};
+use crate::stanza_ids;
 use crate::time::Timestamp;
 
 impl Mirror {
@@ -395,7 +396,11 @@ impl Mirror {
                                 let default_history = config
                                     .field("muc#roomconfig_defaulthistorymessages")
                                     .and_then(|v| v.parse().ok());
-                                r.replica.apply_config(config.whois(), default_history);
+                                r.replica.apply_config(
+                                    config.whois(),
+                                    default_history,
+                                    stanza_ids::signal(&config.form),
+                                );
                             }
                             self.send(&stanza::iq_result(&iq, &service));
                         }

@@ -10,6 +10,7 @@ use crate::elements::{History, Whois};
 use crate::ns;
 use crate::room_history::RoomHistory;
 use crate::stanza;
+use crate::stanza_ids::Stamping;
 use crate::time::Timestamp;
 
 /// An occupant's presence as the replica keeps it: their current state, as the room lists it to
@@ -64,6 +65,9 @@ pub(super) struct Replica {
     /// The room's own presence from its bare JID, where the room has one (ejabberd's entity
     /// caps): a joiner gets it first, a leaver its unavailable.
     pub(super) room_presence: Option<Element>,
+    /// Which local messages get a stanza-id of ours, as the master's config says (none: the
+    /// room archives nothing, or the master adopts no proposals).
+    pub(super) stamping: Option<Stamping>,
 }
 
 impl Replica {
@@ -78,6 +82,7 @@ impl Replica {
             subject: None,
             subject_stamped: false,
             room_presence: None,
+            stamping: None,
         }
     }
 
@@ -107,9 +112,15 @@ impl Replica {
     }
 
     /// The room's configuration changed (or came with the first sync).
-    pub(super) fn apply_config(&mut self, whois: Whois, default_history: Option<u32>) {
+    pub(super) fn apply_config(
+        &mut self,
+        whois: Whois,
+        default_history: Option<u32>,
+        stamping: Option<Stamping>,
+    ) {
         self.whois = whois;
         self.default_history = default_history;
+        self.stamping = stamping;
     }
 
     /// The history limits a local user asked for in their join (XEP-0045 §7.2.15), or the

@@ -25,7 +25,8 @@
 use std::collections::BTreeMap;
 
 use dmuc::master::{
-    IqVerdict, Master, MasterAction, MasterConfig, Outbound, PresenceVerdict, TrustedMirror,
+    GroupchatVerdict, IqVerdict, Master, MasterAction, MasterConfig, Outbound, PresenceVerdict,
+    TrustedMirror,
 };
 use dmuc::Timestamp;
 use minidom::Element;
@@ -70,6 +71,10 @@ pub struct ModelRoom {
     pub history: Vec<Element>,
     /// `(from, text)` of the subject.
     pub subject: Option<(String, String)>,
+    /// The room archives messages (as mod_muc_mam): each historic message gets a stanza-id.
+    pub archiving: bool,
+    /// `(stanza-id, message)` of each message archived, in order.
+    pub archive: Vec<(String, Element)>,
     /// The nick whose join is being broadcast (its self-presence gets 100 in a room that shows
     /// real JIDs, as Prosody sends it).
     joining: Option<String>,
@@ -86,6 +91,8 @@ impl ModelRoom {
             occupants: BTreeMap::new(),
             history: Vec::new(),
             subject: None,
+            archiving: false,
+            archive: Vec::new(),
             joining: None,
         }
     }
@@ -109,9 +116,14 @@ impl ModelRoom {
              <field var='FORM_TYPE' type='hidden'><value>http://jabber.org/protocol/muc#roomconfig</value></field>\
              <field var='muc#roomconfig_whois' type='list-single'><value>{}</value></field>\
              <field var='muc#roomconfig_membersonly' type='boolean'><value>{}</value></field>\
-             </x>",
+             {}</x>",
             if self.whois_anyone { "anyone" } else { "moderators" },
-            if self.members_only { 1 } else { 0 }
+            if self.members_only { 1 } else { 0 },
+            if self.archiving {
+                "<field var='muc#roomconfig_enablearchiving' type='boolean'><value>1</value></field>"
+            } else {
+                ""
+            }
         )
     }
 
@@ -193,6 +205,8 @@ impl ModelRoom {
 #[derive(Debug)]
 pub struct MasterHost {
     pub engine: Master,
+    /// The mirrors the engine trusts (to rebuild it with other settings).
+    engine_trusted: Vec<TrustedMirror>,
     pub room: ModelRoom,
     /// Stanzas the host routes, in order.
     pub out: Vec<String>,
@@ -215,6 +229,16 @@ pub struct MasterHost {
 }
 
 impl MasterHost {
+    /// The host's engine, rebuilt with `adoption` (before anything happened in the room).
+    pub fn adopt_stanza_ids(&mut self, adoption: dmuc::stanza_ids::Adoption) {
+        self.engine = Master::new(MasterConfig {
+            trusted_mirrors: self.engine_trusted.clone(),
+            unbracketed_presence: !self.bracket_presence,
+            stanza_ids: adoption,
+            ..MasterConfig::default()
+        });
+    }
+
     pub fn new(room: &str, local_domain: &str, mirrors: &[&str], bracket_presence: bool) -> Self {
         // `..default()` keeps this compiling when the engine grows settings.
         #[allow(clippy::needless_update)]
@@ -224,6 +248,7 @@ impl MasterHost {
             ..MasterConfig::default()
         };
         MasterHost {
+            engine_trusted: config.trusted_mirrors.clone(),
             engine: Master::new(config),
             room: ModelRoom::new(room),
             out: Vec::new(),
@@ -578,10 +603,12 @@ impl MasterHost {
     }
 
     fn groupchat(&mut self, now: Timestamp, el: &Element) {
-        // mod_dmuc's muc-occupant-groupchat hook: a second copy is dropped.
+        // mod_dmuc's muc-occupant-groupchat hook: a second copy is dropped; a proposal is
+        // removed, and the archive (were there one) would file the message under the id adopted.
+        let mut adopted = None;
         match self.engine.handle_groupchat(now, &xml(el)) {
-            Ok(true) => return,
-            Ok(false) => {}
+            Ok(GroupchatVerdict::Duplicate) => return,
+            Ok(GroupchatVerdict::Broadcast { stanza_id }) => adopted = stanza_id,
             Err(e) => self.errors.push(e),
         }
         let real = el.attr("from").unwrap_or_default().to_string();
@@ -601,10 +628,19 @@ impl MasterHost {
             set_attr(&mut m, "id", id);
         }
         for c in el.children() {
-            m.append_child(c.clone());
+            if !c.is("stanza-id", DMUC0) {
+                m.append_child(c.clone());
+            }
         }
         let is_subject =
             el.get_child("subject", CLIENT).is_some() && el.get_child("body", CLIENT).is_none();
+        if self.room.archiving && !is_subject && el.get_child("body", CLIENT).is_some() {
+            // As mod_muc_mam: the archive's key (the adopted one, else its own) goes on the
+            // broadcast and the history.
+            let id = adopted.unwrap_or_else(|| format!("model-{}", self.room.archive.len() + 1));
+            m.append_child(dmuc::stanza_ids::stanza_id_element(&self.room.jid, &id));
+            self.room.archive.push((id, m.clone()));
+        }
         if is_subject {
             let text = el
                 .get_child("subject", CLIENT)

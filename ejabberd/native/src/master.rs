@@ -3,15 +3,16 @@
 use std::sync::Mutex;
 
 use dmuc::master::{
-    HistoryRequest, IqVerdict, Master, MasterAction, MasterConfig, Outbound, PresenceVerdict,
-    TrustedMirror,
+    GroupchatVerdict, HistoryRequest, IqVerdict, Master, MasterAction, MasterConfig, Outbound,
+    PresenceVerdict, TrustedMirror,
 };
+use dmuc::stanza_ids::Adoption;
 use dmuc::Timestamp;
 use rustler::{Encoder, Env, ResourceArc, Term};
 
 use crate::error::NifError;
 
-rustler::atoms! { pass, refused, join, consumed, history, snapshot, send, drop, replace, evict, config }
+rustler::atoms! { pass, refused, join, consumed, history, snapshot, send, drop, replace, evict, config, duplicate, broadcast, undefined }
 
 pub struct MasterRes(Mutex<Master>);
 
@@ -63,20 +64,43 @@ fn master_new(trusted: Vec<String>) -> Result<ResourceArc<MasterRes>, NifError> 
         MasterConfig {
             trusted_mirrors: trusted.into_iter().map(TrustedMirror::new).collect(),
             unbracketed_presence: true,
+            // mod_mam's ids are microsecond timestamps that order its archive: a proposal far
+            // from now would file the message out of order.
+            stanza_ids: Adoption::Within {
+                max_skew_ms: STANZA_ID_SKEW_MS,
+            },
+            archived_element: true,
             ..MasterConfig::default()
         },
     )))))
 }
 
-/// `{Duplicate, [Xml]}`: a groupchat message before the room broadcasts it.
+/// How far from the master's clock a mirror's stanza-id proposal may be for mod_mam to adopt it:
+/// a live message's link delay plus clock skew, not a message that waited out an outage.
+const STANZA_ID_SKEW_MS: u64 = 5_000;
+
+/// `{duplicate | {broadcast, StanzaId | undefined}, [Xml]}`: a groupchat message before the
+/// room broadcasts it. StanzaId (an integer) is the id mod_mam is to archive it under.
 #[rustler::nif]
-fn master_groupchat(
+fn master_groupchat<'a>(
+    env: Env<'a>,
     r: ResourceArc<MasterRes>,
     now: u64,
     xml: String,
-) -> Result<(bool, Vec<String>), NifError> {
+) -> Result<(Term<'a>, Vec<String>), NifError> {
     let (v, sent) = with(&r, |m| m.handle_groupchat(Timestamp(now), &xml))?;
-    Ok((v?, sent))
+    let verdict = match v? {
+        GroupchatVerdict::Duplicate => duplicate().encode(env),
+        GroupchatVerdict::Broadcast { stanza_id } => {
+            // The engine accepts only digits that fit a u64.
+            let id = stanza_id.and_then(|s| s.parse::<u64>().ok());
+            match id {
+                Some(id) => (broadcast(), id).encode(env),
+                None => (broadcast(), undefined()).encode(env),
+            }
+        }
+    };
+    Ok((verdict, sent))
 }
 
 #[rustler::nif]

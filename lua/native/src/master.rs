@@ -1,9 +1,10 @@
 //! The master role as Lua userdata: `native.master{ trusted_mirrors = {...} }`.
 
 use dmuc::master::{
-    HistoryRequest, IqVerdict, Master, MasterAction, MasterConfig, Outbound, PresenceVerdict,
-    TrustedMirror,
+    GroupchatVerdict, HistoryRequest, IqVerdict, Master, MasterAction, MasterConfig, Outbound,
+    PresenceVerdict, TrustedMirror,
 };
+use dmuc::stanza_ids::Adoption;
 use dmuc::Timestamp;
 use mlua::prelude::*;
 
@@ -68,6 +69,14 @@ pub fn new(_: &Lua, config_table: LuaTable) -> LuaResult<LuaMaster> {
     };
     if let Some(s) = crate::mirror::positive(&config_table, "link_timeout", "dmuc_link_timeout")? {
         config.link_timeout_ms = s * 1000;
+    }
+    // The shim can file a message under a given archive key (it wraps the archive's append);
+    // Prosody's keys are opaque, so any valid proposal will do.
+    if config_table
+        .get::<Option<bool>>("adopt_stanza_ids")?
+        .unwrap_or(false)
+    {
+        config.stanza_ids = Adoption::Any;
     }
     Ok(LuaMaster(Master::new(config)))
 }
@@ -191,10 +200,15 @@ impl LuaUserData for LuaMaster {
             log::flush(lua);
             Ok(r.map_err(ShimError::from)?)
         });
+        // `duplicate, stanza_id`: drop a duplicate; else archive the message under stanza_id
+        // (nil: the archive picks one).
         methods.add_method_mut("handle_groupchat", |lua, this, (t, xml): (f64, String)| {
             let r = this.0.handle_groupchat(now(t), &xml);
             log::flush(lua);
-            Ok(r.map_err(ShimError::from)?)
+            Ok(match r.map_err(ShimError::from)? {
+                GroupchatVerdict::Duplicate => (true, None),
+                GroupchatVerdict::Broadcast { stanza_id } => (false, stanza_id),
+            })
         });
         methods.add_method_mut("handle_timeout", |lua, this, t: f64| {
             this.0.handle_timeout(now(t));
