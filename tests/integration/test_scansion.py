@@ -21,7 +21,7 @@ Mirror-mode exceptions: only scripts whose behaviour DMUC3 itself forbids are ex
 DMUC3_EXCEPTIONS below. They still run, and must fail exactly at the forbidden step, with the
 refusal DMUC3 prescribes. Every other failure is a bug, reported as such (no xfail, no skip).
 
-Needs ``make dist`` (dist/prosody/; DMUC_DIST=<folder> points elsewhere) for the mirror modes.
+Needs ``make dist`` (dist/prosody/; DMUC_DIST=<a copy of dist/> points elsewhere) for the mirror modes.
 """
 
 from __future__ import annotations
@@ -45,7 +45,9 @@ from runner import (  # noqa: E402
 )
 
 MIRROR = f"mirror.{RALEIGH}"
-DIST = os.environ.get("DMUC_DIST") or os.path.join(os.path.dirname(__file__), "..", "..", "dist", "prosody")
+# DMUC_DIST: a copy of dist/ (as test_transparency.py takes it), to test a snapshot.
+DIST = os.path.join(os.environ.get("DMUC_DIST") or os.path.join(os.path.dirname(__file__), "..", "..", "dist"),
+                    "prosody")
 SCRIPTS = sorted(glob.glob(os.path.join(SCANSION_DIR, "scripts", "*.scs")))
 MODES = ("plain", "mirror_all", "mirror_first_on_master")
 
