@@ -64,6 +64,36 @@ MODES = ("direct",) if os.environ.get("DMUC_TRANSPARENCY_DIRECT_ONLY") or STOCK 
 JOIN_TIMEOUT = 20.0
 WAIT = 15.0
 
+# Where a user behind a mirror can still tell the difference, as of this writing. Each runs in
+# full and must still fail (strict): when one is fixed, its XPASS fails the suite until the line
+# goes. docs/protocol.md ("Transparency", "Known differences") has the reasons.
+KNOWN_DIFFERENCES = {
+    ("test_f_two_devices_one_nick", pairing): "multi-session nicks: which session's presence each "
+    "session and the others are shown (ids, item lists, the first session's view of the second's "
+    "join) differs from the host's"
+    for pairing in ("P-P", "E-E", "Emaster-Pmirror", "Pmaster-Emirror")
+}
+KNOWN_DIFFERENCES.update({
+    ("test_k_refused_nicks", "E-E"): "an ejabberd mirror's own refusal of a taken nick echoes the "
+    "join without its <history/> (ejabberd's record round trip)",
+    ("test_k_refused_nicks", "Emaster-Pmirror"): "a nick failing the user's own server's rules: the "
+    "users' server, not the mirror, decides what a user behind it can address (as with plain s2s)",
+    ("test_k_refused_nicks", "Pmaster-Emirror"): "a nick failing ejabberd's strict stringprep is "
+    "refused by the user's own ejabberd before any mirror sees it (as with plain s2s)",
+    ("test_m_resent_join_and_probe", "E-E"): "ejabberd answers a re-sent join with the occupant "
+    "list only and ignores probes; the mirror answers both as Prosody's room does",
+    ("test_m_resent_join_and_probe", "Emaster-Pmirror"): "ejabberd answers a re-sent join with the "
+    "occupant list only and ignores probes; the mirror answers both as Prosody's room does",
+})
+
+
+@pytest.fixture(autouse=True)
+def _known_difference(request):
+    callspec = getattr(request.node, "callspec", None)
+    reason = KNOWN_DIFFERENCES.get((request.node.originalname, callspec.id if callspec else None))
+    if reason and "mirror" in MODES:
+        request.node.add_marker(pytest.mark.xfail(strict=True, reason=reason))
+
 
 # ---------------------------------------------------------------------------------------------
 # servers
