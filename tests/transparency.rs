@@ -27,6 +27,29 @@ fn bodies(v: &[Element]) -> Vec<String> {
         .collect()
 }
 
+/// A master engine trusting mirror A, at a fixed time.
+fn master() -> (dmuc::master::Master, dmuc::Timestamp) {
+    use dmuc::master::{Master, MasterConfig, TrustedMirror};
+    let m = Master::new(MasterConfig {
+        trusted_mirrors: vec![TrustedMirror::new(A_MIRROR)],
+        ..MasterConfig::default()
+    });
+    (m, dmuc::Timestamp(1_295_424_000_000))
+}
+
+/// `user` joins as `nick` through mirror A, as the master sees the join.
+fn join_through_a(m: &mut dmuc::master::Master, now: dmuc::Timestamp, user: &str, nick: &str) {
+    m.handle_presence(
+        now,
+        &format!(
+            "<presence from='{user}' to='{ROOM}/{nick}'><x xmlns='http://jabber.org/protocol/muc'/>\
+             <dmuc xmlns='http://tridsys.com/protocol/dmuc' from='{A_MIRROR}'/></presence>"
+        ),
+        Some(nick),
+    )
+    .unwrap();
+}
+
 fn leaves_of<'a>(v: &'a [Element], nick: &str) -> Vec<&'a Element> {
     let from = format!("{ROOM}/{nick}");
     v.iter()
@@ -367,24 +390,12 @@ fn local_copies_carry_the_rooms_occupant_id() {
 /// the subject's self-only codes, so the mirror can give each local user what the room would.
 #[test]
 fn the_mirror_gets_the_copy_with_the_actors_jid() {
-    use dmuc::master::{Master, MasterConfig, Outbound, TrustedMirror};
-    let now = dmuc::Timestamp(1_295_424_000_000);
-    let mut m = Master::new(MasterConfig {
-        trusted_mirrors: vec![TrustedMirror::new(A_MIRROR)],
-        ..MasterConfig::default()
-    });
+    use dmuc::master::Outbound;
+    let (mut m, now) = master();
     let romeo = format!("romeo@{A_DOMAIN}/pc");
     let juliet = format!("juliet@{A_DOMAIN}/pc");
     for (who, nick) in [(&romeo, "Romeo"), (&juliet, "Juliet")] {
-        m.handle_presence(
-            now,
-            &format!(
-                "<presence from='{who}' to='{ROOM}/{nick}'><x xmlns='http://jabber.org/protocol/muc'/>\
-                 <dmuc xmlns='http://tridsys.com/protocol/dmuc' from='{A_MIRROR}'/></presence>"
-            ),
-            Some(nick),
-        )
-        .unwrap();
+        join_through_a(&mut m, now, &who, nick);
     }
     while m.poll_transmit().is_some() {}
     let copy = |to: &str, actor: &str, codes: &str| {
@@ -453,22 +464,10 @@ fn the_subject_does_not_see_the_actors_jid() {
 /// master still routes it through the mirror, and the mirror still delivers it.
 #[test]
 fn answers_after_a_leave_follow_it_through_the_mirror() {
-    use dmuc::master::{Master, MasterConfig, Outbound, TrustedMirror};
-    let now = dmuc::Timestamp(1_295_424_000_000);
-    let mut m = Master::new(MasterConfig {
-        trusted_mirrors: vec![TrustedMirror::new(A_MIRROR)],
-        ..MasterConfig::default()
-    });
+    use dmuc::master::Outbound;
+    let (mut m, now) = master();
     let juliet = format!("juliet@{A_DOMAIN}/pc");
-    m.handle_presence(
-        now,
-        &format!(
-            "<presence from='{juliet}' to='{ROOM}/Juliet'><x xmlns='http://jabber.org/protocol/muc'/>\
-             <dmuc xmlns='http://tridsys.com/protocol/dmuc' from='{A_MIRROR}'/></presence>"
-        ),
-        Some("Juliet"),
-    )
-    .unwrap();
+    join_through_a(&mut m, now, &juliet, "Juliet");
     m.handle_left(ROOM, &juliet);
     assert!(m.routes_via_mirror(&juliet));
     let answer = format!("<iq from='{ROOM}' to='{juliet}' id='unreg1' type='result'/>");
@@ -504,22 +503,10 @@ fn answers_after_a_leave_follow_it_through_the_mirror() {
 /// occupant list, so the master sends it through the mirror instead of dropping it.
 #[test]
 fn the_rooms_answer_to_a_probe_of_an_absent_nick_reaches_the_prober() {
-    use dmuc::master::{Master, MasterConfig, Outbound, TrustedMirror};
-    let now = dmuc::Timestamp(1_295_424_000_000);
-    let mut m = Master::new(MasterConfig {
-        trusted_mirrors: vec![TrustedMirror::new(A_MIRROR)],
-        ..MasterConfig::default()
-    });
+    use dmuc::master::Outbound;
+    let (mut m, now) = master();
     let romeo = format!("romeo@{A_DOMAIN}/pc");
-    m.handle_presence(
-        now,
-        &format!(
-            "<presence from='{romeo}' to='{ROOM}/Romeo'><x xmlns='http://jabber.org/protocol/muc'/>\
-             <dmuc xmlns='http://tridsys.com/protocol/dmuc' from='{A_MIRROR}'/></presence>"
-        ),
-        Some("Romeo"),
-    )
-    .unwrap();
+    join_through_a(&mut m, now, &romeo, "Romeo");
     let answer = format!(
         "<presence from='{ROOM}/Mercutio' to='{romeo}' type='unavailable'><x xmlns='{MUC_USER}'>\
          <item nick='Mercutio' affiliation='member' role='none'/></x></presence>"
@@ -611,22 +598,9 @@ fn a_destroyed_room_shows_each_only_their_own_leave() {
 /// field, not its value (joins are checked by the master).
 #[test]
 fn the_room_password_stays_at_the_master() {
-    use dmuc::master::{Master, MasterConfig, TrustedMirror};
-    let now = dmuc::Timestamp(1_295_424_000_000);
-    let mut m = Master::new(MasterConfig {
-        trusted_mirrors: vec![TrustedMirror::new(A_MIRROR)],
-        ..MasterConfig::default()
-    });
+    let (mut m, now) = master();
     let wayne = user(Side::A, "wayne");
-    m.handle_presence(
-        now,
-        &format!(
-            "<presence from='{wayne}' to='{ROOM}/Wayne'><x xmlns='http://jabber.org/protocol/muc'/>\
-             <dmuc xmlns='http://tridsys.com/protocol/dmuc' from='{A_MIRROR}'/></presence>"
-        ),
-        Some("Wayne"),
-    )
-    .unwrap();
+    join_through_a(&mut m, now, &wayne, "Wayne");
     let form = "<x xmlns='jabber:x:data' type='form'>\
         <field var='FORM_TYPE' type='hidden'><value>http://jabber.org/protocol/muc#roomconfig</value></field>\
         <field var='muc#roomconfig_roomsecret' type='text-private'><value>s3cret</value></field>\

@@ -399,18 +399,12 @@ impl Mirror {
         let user = from.to_string();
         let down = self.is_down(&room);
         let queue_limit = self.config.queue_limit;
-        let Some(r) = self.rooms.get_mut(&room) else {
-            let reply = stanza::error_reply(
-                &el,
-                &room,
-                &user,
-                Condition::NotAcceptable,
-                "You are not in this room",
-            );
-            self.send(&reply);
-            return Ok(Verdict::Consumed);
-        };
-        let Some((nick, _)) = r.replica.local.get(&user).cloned() else {
+        let nick = self
+            .rooms
+            .get(&room)
+            .and_then(|r| r.replica.local.get(&user))
+            .map(|(n, _)| n.clone());
+        let (Some(r), Some(nick)) = (self.rooms.get_mut(&room), nick) else {
             let reply = stanza::error_reply(
                 &el,
                 &room,
