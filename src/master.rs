@@ -988,10 +988,11 @@ impl Master {
             let broadcast_kind = (el.name() == "presence" && !from_room)
                 || (el.name() == "message" && stanza::stanza_type(&el) == Some("groupchat"));
             return match self.left_via(&to) {
-                Some(mirror) if !broadcast_kind => via_mirror(el, &to, &mirror.to_string()),
                 // A room's leave copies to the leaver after the leave (ejabberd routes the
-                // kicked user's own on its own): the mirror showed them that leave already.
+                // kicked user's own on its own, and withdraws its own presence): the mirror
+                // showed them those already, and the link stays quiet.
                 Some(_) if is_leave(&el) => Ok(Outbound::Drop),
+                Some(mirror) if !broadcast_kind => via_mirror(el, &to, &mirror.to_string()),
                 _ => Ok(Outbound::Send),
             };
         }
@@ -1022,6 +1023,11 @@ impl Master {
             return via_mirror(el, &to, &remote.mirror);
         }
         if state.depth == 0 && from.resource().is_none() && is_leave(&el) {
+            if state.announced_leave.contains(&remote.nick) {
+                // The room withdrawing its own presence from a leaver whose leave the mirror
+                // showed: the mirror withdrew it then too, and the link stays quiet.
+                return Ok(Outbound::Drop);
+            }
             // The room's own unavailable to one user (ejabberd's answer to a presence to the
             // bare room): no occupant's presence, the room answering that user.
             return via_mirror(el, &to, &remote.mirror);
