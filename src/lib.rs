@@ -58,6 +58,7 @@ pub mod ns;
 pub mod queue;
 pub mod recent;
 pub mod room_history;
+pub mod room_rules;
 pub mod stanza;
 pub mod stanza_ids;
 pub mod time;

@@ -47,6 +47,7 @@ use crate::ns;
 use crate::recent::Recent;
 use crate::room_history::{self, Entry};
 use crate::stanza::{self, Condition};
+use crate::room_rules::RoomRules;
 use crate::stanza_ids::{self, Adoption};
 use crate::time::Timestamp;
 use xmpp_parsers::muc::muc::History;
@@ -115,6 +116,9 @@ pub struct MasterConfig {
     /// Does the host's archive also put XEP-0313 v0.2's `<archived xmlns='urn:xmpp:mam:tmp'/>`
     /// on each message it archives (ejabberd's mod_mam)? Mirrors then add it to their copies.
     pub archived_element: bool,
+    /// What the host's MUC does where XEP-0045 leaves it open; told to the mirrors in the
+    /// room's config, so that their replicas answer as the room does.
+    pub rules: RoomRules,
 }
 
 impl Default for MasterConfig {
@@ -126,6 +130,7 @@ impl Default for MasterConfig {
             link_timeout_ms: 120_000,
             stanza_ids: Adoption::Never,
             archived_element: false,
+            rules: RoomRules::default(),
         }
     }
 }
@@ -541,6 +546,18 @@ impl Master {
                 );
                 return Ok(PresenceVerdict::Refused);
             }
+            if p.has_child("x", ns::MUC) {
+                // A re-sent join (a client resyncing): until the room sends the occupant their
+                // own presence again, what it sends them is the occupant list, which the mirror
+                // serves from its copy.
+                if let Some(r) = self
+                    .rooms
+                    .get_mut(&room)
+                    .and_then(|s| s.by_real.get_mut(&from_s))
+                {
+                    r.confirmed = false;
+                }
+            }
             return Ok(PresenceVerdict::Pass);
         }
         let Some(marker) = p.get_child("dmuc", ns::DMUC) else {
@@ -620,11 +637,7 @@ impl Master {
         config_form: &str,
         occupants: &[String],
     ) -> Result<(), Error> {
-        let form = stanza_ids::with_signal(
-            &compact_form(&parse_form(config_form)?),
-            self.config.stanza_ids,
-            self.config.archived_element,
-        );
+        let form = self.mirrors_form(&parse_form(config_form)?);
         if let Some(state) = self.rooms.get_mut(room) {
             state.config = Some(form.clone());
             if let Some(link) = state.mirrors.get_mut(mirror) {
@@ -892,14 +905,7 @@ impl Master {
         config_form: Option<&str>,
     ) -> Result<(), Error> {
         let (form, error) = match config_form.map(parse_form) {
-            Some(Ok(f)) => (
-                Some(stanza_ids::with_signal(
-                    &compact_form(&f),
-                    self.config.stanza_ids,
-                    self.config.archived_element,
-                )),
-                None,
-            ),
+            Some(Ok(f)) => (Some(self.mirrors_form(&f)), None),
             Some(Err(e)) => (None, Some(e)),
             None => (None, None),
         };
@@ -908,6 +914,17 @@ impl Master {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+
+    /// The room's config form as the mirrors get it: compacted, with what the master tells
+    /// them about stanza-ids and the host's rules.
+    fn mirrors_form(&self, form: &Element) -> Element {
+        let form = stanza_ids::with_signal(
+            &compact_form(form),
+            self.config.stanza_ids,
+            self.config.archived_element,
+        );
+        self.config.rules.sign(&form)
     }
 
     /// A config announcement the host has not answered is sent now, before anything newer from
@@ -933,7 +950,10 @@ impl Master {
             .map(|w| w.codes.as_slice())
             .unwrap_or_default();
         let previous = state.config.take();
-        let form = form.or_else(|| derived_config(previous.as_ref(), codes));
+        let rules = self.config.rules;
+        let form = form.or_else(|| {
+            derived_config(previous.as_ref(), codes).map(|f| rules.sign(&f))
+        });
         let mut pushes = Vec::new();
         if let Some(form) = &form {
             let was_anyone = previous.as_ref().map(whois_of) == Some(Whois::Anyone);

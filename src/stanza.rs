@@ -136,6 +136,8 @@ pub enum Condition {
     BadRequest,
     /// The engine does not handle this request.
     ServiceUnavailable,
+    /// An address that fails strict validation (a nick, say).
+    JidMalformed,
 }
 
 impl Condition {
@@ -155,8 +157,17 @@ impl Condition {
             Condition::ServiceUnavailable => {
                 (ErrorType::Cancel, DefinedCondition::ServiceUnavailable)
             }
+            Condition::JidMalformed => (ErrorType::Modify, DefinedCondition::JidMalformed),
         }
     }
+}
+
+/// An RFC 6120 `<error/>` alone, with the entity that found it in `by`.
+pub fn error_element(condition: Condition, text: &str, by: &str) -> Element {
+    let (kind, cond) = condition.parts();
+    let mut err = StanzaError::new(kind, cond, "en", text);
+    err.by = jid::Jid::new(by).ok();
+    Element::from(err)
 }
 
 /// An error reply to `stanza`: `from`/`to` swapped (or as given), `type='error'`, the original

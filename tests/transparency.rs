@@ -291,22 +291,109 @@ fn probes_are_answered_like_the_room() {
     );
 }
 
-/// An occupant address the engine cannot parse is not refused by the mirror with its own
-/// error: the room refuses it, with its own condition and `by`.
+/// A room that ignores probes (ejabberd) says so in the config it sends; the replica then
+/// ignores them too, and the link stays quiet.
 #[test]
-fn unparsable_occupant_addresses_are_the_rooms_to_refuse() {
+fn probes_are_ignored_where_the_room_ignores_them() {
+    let mut w = World::new();
+    w.master.follow_rules(dmuc::room_rules::RoomRules {
+        answers_probes: false,
+    });
+    let scott = user(Side::Master, "scott");
+    let wayne = user(Side::A, "wayne");
+    w.join(&scott, "Scott");
+    w.join(&wayne, "Wayne");
+    w.clear_inboxes();
+    let mark = w.mark(Side::A);
+    for nick in ["Scott", "Wayne"] {
+        w.send(
+            &wayne,
+            &format!("<presence from='{wayne}' to='{ROOM}/{nick}' type='probe' id='p-{nick}'/>"),
+        );
+    }
+    assert!(w.inbox(&wayne).is_empty(), "{:?}", w.inbox(&wayne));
+    assert_eq!(w.link(Side::A).since(mark, Dir::ToMaster).len(), 0);
+}
+
+/// Without brackets (ejabberd), a re-sent join is answered with the occupant list again before
+/// the occupant's own presence: the mirror serves that list itself, so the master drops those
+/// copies until the occupant's own presence, and forwards that one.
+#[test]
+fn a_resent_join_unbracketed_leaves_the_occupant_list_to_the_mirror() {
+    use dmuc::master::{Master, MasterConfig, Outbound, TrustedMirror};
+    let mut m = Master::new(MasterConfig {
+        trusted_mirrors: vec![TrustedMirror::new(A_MIRROR)],
+        unbracketed_presence: true,
+        ..MasterConfig::default()
+    });
+    let now = dmuc::Timestamp(1_295_424_000_000);
+    let romeo = format!("romeo@{A_DOMAIN}/pc");
+    join_through_a(&mut m, now, &romeo, "Romeo");
+    let own = |id: &str| {
+        format!(
+            "<presence from='{ROOM}/Romeo' to='{romeo}' id='{id}'><x xmlns='{MUC_USER}'>\
+             <item affiliation='none' role='participant' jid='{romeo}'/><status code='110'/></x></presence>"
+        )
+    };
+    let scott = format!(
+        "<presence from='{ROOM}/Scott' to='{romeo}' id='s1'><x xmlns='{MUC_USER}'>\
+         <item affiliation='owner' role='moderator'/></x></presence>"
+    );
+    assert_eq!(m.handle_outbound(now, &scott).unwrap(), Outbound::Drop);
+    assert!(matches!(m.handle_outbound(now, &own("j1")).unwrap(), Outbound::Replace(_)));
+    // The re-sent join: Scott's unchanged presence is the list again, then Romeo's own.
+    m.handle_presence(
+        now,
+        &format!(
+            "<presence from='{romeo}' to='{ROOM}/Romeo' id='j2'><x xmlns='http://jabber.org/protocol/muc'/>\
+             <dmuc xmlns='http://tridsys.com/protocol/dmuc' from='{A_MIRROR}'/></presence>"
+        ),
+        Some("Romeo"),
+    )
+    .unwrap();
+    assert_eq!(m.handle_outbound(now, &scott).unwrap(), Outbound::Drop);
+    match m.handle_outbound(now, &own("j2")).unwrap() {
+        Outbound::Replace(x) => assert!(x.contains("j2") && x.contains(A_MIRROR), "{x}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A join to an occupant address failing strict validation is refused by the mirror as both
+/// hosts' rooms refuse it: `jid-malformed` by the room, nothing echoed, nothing on the link.
+/// Anything else to such an address is the host's.
+#[test]
+fn joins_with_unparsable_nicks_are_refused_as_rooms_refuse_them() {
     let mut w = World::new();
     let wayne = user(Side::A, "wayne");
     let now = w.now;
+    let mark = w.mark(Side::A);
     let m = w.mirrors.get_mut(&Side::A).unwrap();
+    let to = format!("{ROOM}/bad\u{E000}nick");
     let join = format!(
-        "<presence from='{wayne}' to='{ROOM}/bad\u{E000}nick'><x xmlns='http://jabber.org/protocol/muc'/></presence>"
+        "<presence from='{wayne}' to='{to}' id='j1'><x xmlns='http://jabber.org/protocol/muc'/></presence>"
     );
     assert_eq!(
         m.handle_local(now, &join).unwrap(),
+        dmuc::mirror::Verdict::Consumed
+    );
+    let reply = m.poll_transmit().expect("an error");
+    assert_eq!(
+        reply,
+        format!(
+            "<presence xmlns='jabber:client' from='{to}' id='j1' to='{wayne}' type='error'>\
+             <error by='{ROOM}' type='modify'><jid-malformed xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>\
+             <text xmlns='urn:ietf:params:xml:ns:xmpp-stanzas' xml:lang='en'>Nickname must pass strict validation</text>\
+             </error></presence>"
+        )
+    );
+    assert!(m.poll_transmit().is_none());
+    let message = format!("<message from='{wayne}' to='{to}' type='chat'><body>hi</body></message>");
+    assert_eq!(
+        m.handle_local(now, &message).unwrap(),
         dmuc::mirror::Verdict::Pass
     );
     assert!(m.poll_transmit().is_none());
+    assert_eq!(w.link(Side::A).since(mark, Dir::ToMaster).len(), 0);
 }
 
 /// Two devices of one account may share a nick if the room allows it (Prosody does): the

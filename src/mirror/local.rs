@@ -27,6 +27,37 @@ fn same_account(a: &str, b: &str) -> bool {
 }
 
 impl Mirror {
+    /// A join to an occupant address the host accepted but the engine cannot parse: a nick
+    /// failing strict resourceprep (a code point unassigned in Unicode 3.2, say). Both hosts'
+    /// rooms refuse it with `jid-malformed` by the room, echoing nothing; so does the mirror,
+    /// rather than let it cross the link on its own (an ejabberd room answers it on the stream
+    /// it came in on, which the users' Prosody then closes as a spoof). Anything else with such
+    /// an address is the host's.
+    pub(super) fn local_malformed_nick(&mut self, el: &Element, from: &Jid, to: &str) -> Verdict {
+        let Some((bare, _)) = to.split_once('/') else {
+            return Verdict::Pass;
+        };
+        let join = el.name() == "presence" && stanza::stanza_type(el).is_none();
+        if !join || Jid::new(bare).is_err() {
+            return Verdict::Pass;
+        }
+        let mut reply = Element::builder("presence", ns::JABBER_CLIENT).build();
+        stanza::set_attr(&mut reply, "from", to);
+        stanza::set_attr(&mut reply, "to", from.as_str());
+        if let Some(id) = el.attr("id") {
+            stanza::set_attr(&mut reply, "id", id);
+        }
+        stanza::set_attr(&mut reply, "type", "error");
+        reply.append_child(stanza::error_element(
+            Condition::JidMalformed,
+            "Nickname must pass strict validation",
+            bare,
+        ));
+        debug!(%to, "refused a join with a nick failing strict validation");
+        self.send(&reply);
+        Verdict::Consumed
+    }
+
     /// An unavailable presence to the bare room JID: a leave of the user's current nick (or of
     /// their join under way), as XEP-0045 servers take it. Anything else is the master's.
     pub(super) fn local_bare_leave(
@@ -81,6 +112,11 @@ impl Mirror {
         else {
             return Verdict::Pass;
         };
+        if !r.replica.rules.answers_probes {
+            // The room ignores probes of its occupants (ejabberd): so does its replica, and the
+            // link stays quiet.
+            return Verdict::Consumed;
+        }
         // The room answers with the stored presence as it is, its id included.
         let mut p = r.replica.presence_for(&probed.presence, nick, prober, user);
         stanza::strip_self_status(&mut p);

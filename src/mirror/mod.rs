@@ -337,10 +337,8 @@ impl Mirror {
         if !self.handles(to) {
             return Ok(Verdict::Pass);
         }
-        // An address the host accepted but the engine cannot parse (a nick failing strict
-        // validation, say) is the room's to refuse, with its own error and `by`.
         let Ok(to) = stanza::parse_jid(to) else {
-            return Ok(Verdict::Pass);
+            return Ok(self.local_malformed_nick(&el, &from, to));
         };
         let (room, nick) = split(&to);
         match classify_local(&el, room, nick) {

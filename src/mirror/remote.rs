@@ -19,6 +19,7 @@ use crate::escape;
 use crate::ns;
 use crate::room_history::{self, Entry};
 use crate::stanza::{self, Condition};
+use crate::room_rules::RoomRules;
 use crate::stanza_ids;
 use crate::time::Timestamp;
 
@@ -132,6 +133,19 @@ impl Mirror {
             // affiliated users who are offline (Prosody's presence broadcast for role `none`).
             // It is served in its place, after the occupants, when the join is.
             let room = from.to_bare().to_string();
+            if el.name() == "presence" && stanza::stanza_type(&el) == Some("error") {
+                // A refused join echoes it as the master got it, without the `<history/>` the
+                // user asked the mirror for: the user sees their own join echoed.
+                let nick = from.resource().map(|n| n.to_string()).unwrap_or_default();
+                if let Some(p) = self
+                    .rooms
+                    .get(&from.to_bare().to_string())
+                    .and_then(|r| r.pending.get(&nick))
+                    .filter(|p| p.user == user.as_str())
+                {
+                    restore_join_echo(&mut el, &p.join);
+                }
+            }
             let listed = el.name() == "presence"
                 && stanza::stanza_type(&el) == Some("unavailable")
                 && from.resource().is_some();
@@ -222,6 +236,7 @@ impl Mirror {
             Some("error") => {
                 if let Some(p) = r.pending.remove(nick) {
                     stanza::set_attr(&mut el, "to", p.user);
+                    restore_join_echo(&mut el, &p.join);
                     self.send(&el);
                     self.close_if_empty(room);
                 } else if let Some(user) =
@@ -400,6 +415,7 @@ impl Mirror {
                                     config.whois(),
                                     default_history,
                                     stanza_ids::signal(&config.form),
+                                    RoomRules::of(&config.form),
                                 );
                             }
                             self.send(&stanza::iq_result(&iq, &service));
@@ -499,5 +515,23 @@ impl Mirror {
             }
         }
         Ok(())
+    }
+}
+
+/// Put the user's own `<x xmlns='…muc'/>` back into an error that echoes the join the master got.
+fn restore_join_echo(err: &mut Element, join: &Element) {
+    let Some(original) = join.get_child("x", ns::MUC) else {
+        return;
+    };
+    if !err.has_child("x", ns::MUC) {
+        return;
+    }
+    for node in err.take_nodes() {
+        let echo = node.as_element().is_some_and(|c| c.is("x", ns::MUC));
+        if echo {
+            err.append_child(original.clone());
+        } else {
+            err.append_node(node);
+        }
     }
 }

@@ -9,6 +9,7 @@ use minidom::Element;
 use crate::elements::{History, Whois};
 use crate::ns;
 use crate::room_history::RoomHistory;
+use crate::room_rules::RoomRules;
 use crate::stanza;
 use crate::stanza_ids::Stamping;
 use crate::time::Timestamp;
@@ -68,6 +69,8 @@ pub(super) struct Replica {
     /// Which local messages get a stanza-id of ours, as the master's config says (none: the
     /// room archives nothing, or the master adopts no proposals).
     pub(super) stamping: Option<Stamping>,
+    /// What the room does where hosts differ, as the master's config says.
+    pub(super) rules: RoomRules,
 }
 
 impl Replica {
@@ -83,6 +86,7 @@ impl Replica {
             subject_stamped: false,
             room_presence: None,
             stamping: None,
+            rules: RoomRules::default(),
         }
     }
 
@@ -117,10 +121,12 @@ impl Replica {
         whois: Whois,
         default_history: Option<u32>,
         stamping: Option<Stamping>,
+        rules: RoomRules,
     ) {
         self.whois = whois;
         self.default_history = default_history;
         self.stamping = stamping;
+        self.rules = rules;
     }
 
     /// The history limits a local user asked for in their join (XEP-0045 §7.2.15), or the

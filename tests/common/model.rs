@@ -239,6 +239,16 @@ impl MasterHost {
         });
     }
 
+    /// The host's engine, rebuilt with `rules` (before anything happened in the room).
+    pub fn follow_rules(&mut self, rules: dmuc::room_rules::RoomRules) {
+        self.engine = Master::new(MasterConfig {
+            trusted_mirrors: self.engine_trusted.clone(),
+            unbracketed_presence: !self.bracket_presence,
+            rules,
+            ..MasterConfig::default()
+        });
+    }
+
     pub fn new(room: &str, local_domain: &str, mirrors: &[&str], bracket_presence: bool) -> Self {
         // `..default()` keeps this compiling when the engine grows settings.
         #[allow(clippy::needless_update)]

@@ -74,16 +74,13 @@ KNOWN_DIFFERENCES = {
     for pairing in ("P-P", "E-E", "Emaster-Pmirror", "Pmaster-Emirror")
 }
 KNOWN_DIFFERENCES.update({
-    ("test_k_refused_nicks", "E-E"): "an ejabberd mirror's own refusal of a taken nick echoes the "
-    "join without its <history/> (ejabberd's record round trip)",
-    ("test_k_refused_nicks", "Emaster-Pmirror"): "a nick failing the user's own server's rules: the "
-    "users' server, not the mirror, decides what a user behind it can address (as with plain s2s)",
-    ("test_k_refused_nicks", "Pmaster-Emirror"): "a nick failing ejabberd's strict stringprep is "
-    "refused by the user's own ejabberd before any mirror sees it (as with plain s2s)",
-    ("test_m_resent_join_and_probe", "E-E"): "ejabberd answers a re-sent join with the occupant "
-    "list only and ignores probes; the mirror answers both as Prosody's room does",
-    ("test_m_resent_join_and_probe", "Emaster-Pmirror"): "ejabberd answers a re-sent join with the "
-    "occupant list only and ignores probes; the mirror answers both as Prosody's room does",
+    ("test_k_refused_nicks", "Emaster-Pmirror"): "a nick failing strict resourceprep: the direct "
+    "users' own ejabberd refuses it (bad-request) before any room sees it; the mirror's users are "
+    "on Prosody, which lets it through, and the mirror answers as a room does (jid-malformed by "
+    "the room). The users' own servers differ, not the mirror and the room",
+    ("test_k_refused_nicks", "Pmaster-Emirror"): "a nick failing strict resourceprep: the mirror's "
+    "users' own ejabberd refuses it (bad-request) before any mirror sees it, exactly as with plain "
+    "s2s; the direct users are on Prosody, whose room answers jid-malformed",
 })
 
 

@@ -6,6 +6,7 @@ use dmuc::master::{
     GroupchatVerdict, HistoryRequest, IqVerdict, Master, MasterAction, MasterConfig, Outbound,
     PresenceVerdict, TrustedMirror,
 };
+use dmuc::room_rules::RoomRules;
 use dmuc::stanza_ids::Adoption;
 use dmuc::Timestamp;
 use rustler::{Encoder, Env, ResourceArc, Term};
@@ -70,6 +71,10 @@ fn master_new(trusted: Vec<String>) -> Result<ResourceArc<MasterRes>, NifError> 
                 max_skew_ms: STANZA_ID_SKEW_MS,
             },
             archived_element: true,
+            // mod_muc_room ignores presence probes to occupant JIDs.
+            rules: RoomRules {
+                answers_probes: false,
+            },
             ..MasterConfig::default()
         },
     )))))
