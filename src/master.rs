@@ -263,6 +263,10 @@ struct Remote {
     mirror: String,
     /// Has the room broadcast this occupant's join yet? Until then an error is a refused join.
     confirmed: bool,
+    /// A second session on a nick another session of the same account holds through the same
+    /// mirror (multi-session nicks): the room's stanzas to it go to it as the room made them,
+    /// through the mirror, like a plain federated user's (see [`RoomState::shared`]).
+    direct: bool,
 }
 
 #[derive(Debug, Default)]
@@ -316,6 +320,16 @@ struct Captured {
 impl RoomState {
     fn remote_by_nick(&self, nick: &str) -> Option<(&String, &Remote)> {
         self.by_real.iter().find(|(_, r)| r.nick == nick)
+    }
+
+    /// Does `nick` have a [`Remote::direct`] session through `mirror`? Then each of the nick's
+    /// sessions there gets the room's presences of that nick as the room made them for it (the
+    /// hosts differ in which session's presence each sees), and the copy for the mirror's other
+    /// occupants says so (`<sessions xmlns='urn:xmpp:dmuc:0'/>`).
+    fn shared(&self, nick: &str, mirror: &str) -> bool {
+        self.by_real
+            .values()
+            .any(|r| r.direct && r.nick == nick && r.mirror == mirror)
     }
 
     fn mirror_has_occupants(&self, mirror: &str) -> bool {
@@ -612,12 +626,17 @@ impl Master {
         let stale = state.mirrors.get(&mirror).is_some_and(|l| l.stale);
         let sync = !state.mirror_has_occupants(&mirror) || stale;
         state.mirrors.entry(mirror.clone()).or_default();
+        let direct = state
+            .by_real
+            .values()
+            .any(|r| r.nick == nick && r.mirror == mirror);
         state.by_real.insert(
             from_s,
             Remote {
                 nick,
                 mirror: mirror.clone(),
                 confirmed: false,
+                direct,
             },
         );
         debug!(%mirror, sync, "join through mirror");
@@ -864,6 +883,9 @@ impl Master {
                     el.append_child(evicted_marker());
                 }
             }
+            if el.name() == "presence" && nick.as_deref().is_some_and(|n| state.shared(n, &mirror)) {
+                el.append_child(sessions_marker());
+            }
             stanza::set_attr(&mut el, "to", mirror.as_str());
             out.push(el);
         }
@@ -1035,6 +1057,28 @@ impl Master {
             }
             return via_mirror(el, &to, &remote.mirror);
         }
+        let about_own = el.name() == "presence"
+            && from.resource().map(|r| r.as_str()) == Some(remote.nick.as_str());
+        if remote.direct || (about_own && state.shared(&remote.nick, &remote.mirror)) {
+            // Multi-session nicks: this session gets what the room made for it. The first
+            // session's copy of its own presence also stands for the copy the mirror's other
+            // occupants get.
+            if about_own && kind.is_none() {
+                if let Some(r) = state.by_real.get_mut(&to) {
+                    r.confirmed = true;
+                }
+            }
+            if about_own && !remote.direct {
+                if state.depth > 0 {
+                    capture(state, &remote.mirror, el.clone());
+                } else if self.config.unbracketed_presence {
+                    if let Outbound::Replace(x) = forward_once(state, &to, &remote, el.clone()) {
+                        self.transmits.push_back(x);
+                    }
+                }
+            }
+            return via_mirror(el, &to, &remote.mirror);
+        }
         let broadcast_kind =
             el.name() == "presence" || (el.name() == "message" && kind == Some("groupchat"));
         if !broadcast_kind {
@@ -1070,54 +1114,12 @@ impl Master {
             // occupant list, history and subject of a join: the mirror serves those itself.
             return Ok(Outbound::Drop);
         }
-        if el.name() == "presence"
-            && remote.nick == from.resource().map(|r| r.as_str()).unwrap_or_default()
-        {
+        if about_own {
             if let Some(r) = state.by_real.get_mut(&to) {
                 r.confirmed = true;
             }
         }
-        // The mirror gets the richest copy and applies whois itself per recipient: a copy with
-        // every real JID (the actor's too, which the subject's own copy lacks) first, then the
-        // subject's own copy, then one with the subject's JID, then the anonymous one.
-        let item = stanza::muc_item(&el);
-        let real = item.and_then(|i| i.attr("jid")).is_some();
-        let actor_hidden = item
-            .and_then(|i| i.get_child("actor", ns::MUC_USER))
-            .is_some_and(|a| a.attr("jid").is_none());
-        let own = stanza::has_status(&el, "110");
-        let rank = match (real, own, actor_hidden) {
-            (true, false, false) => 3,
-            (_, true, _) => 2,
-            (true, false, true) => 1,
-            _ => 0,
-        };
-        let codes: Vec<String> = if own {
-            stanza::SELF_ONLY_STATUS
-                .iter()
-                .filter(|c| **c != "110" && stanza::has_status(&el, c))
-                .map(|c| c.to_string())
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let slot = state
-            .captured
-            .entry(remote.mirror.clone())
-            .or_insert_with(|| Captured {
-                rank,
-                stanza: el.clone(),
-                self_codes: Vec::new(),
-            });
-        if rank > slot.rank {
-            slot.rank = rank;
-            slot.stanza = el;
-        }
-        for c in codes {
-            if !slot.self_codes.contains(&c) {
-                slot.self_codes.push(c);
-            }
-        }
+        capture(state, &remote.mirror, el);
         Ok(Outbound::Drop)
     }
 
@@ -1400,6 +1402,12 @@ fn forward_room_presence(state: &mut RoomState, mirror: &str, mut presence: Elem
 /// occupants that the master evicted because it lost the mirror's link. Should the link be alive
 /// after all, the mirror rejoins them; any other leave (a kick, an error the room kicked them
 /// for) ends their stay, and the mirror shows it.
+/// On the copy of an occupant's presence for a mirror where that nick has several sessions:
+/// each of them got its own copy, the way the room made it; the copy is for the others.
+fn sessions_marker() -> Element {
+    Element::builder("sessions", ns::DMUC0).build()
+}
+
 fn evicted_marker() -> Element {
     Element::builder("evicted", ns::DMUC0).build()
 }
@@ -1407,6 +1415,52 @@ fn evicted_marker() -> Element {
 /// Is this an occupant's leave?
 fn is_leave(el: &Element) -> bool {
     el.name() == "presence" && stanza::stanza_type(el) == Some("unavailable")
+}
+
+/// Within a broadcast, keep `el` (one occupant's copy) as the candidate copy for `mirror` if it
+/// is the richest so far.
+fn capture(state: &mut RoomState, mirror: &str, el: Element) {
+    // The mirror gets the richest copy and applies whois itself per recipient: a copy with
+    // every real JID (the actor's too, which the subject's own copy lacks) first, then the
+    // subject's own copy, then one with the subject's JID, then the anonymous one.
+    let item = stanza::muc_item(&el);
+    let real = item.and_then(|i| i.attr("jid")).is_some();
+    let actor_hidden = item
+        .and_then(|i| i.get_child("actor", ns::MUC_USER))
+        .is_some_and(|a| a.attr("jid").is_none());
+    let own = stanza::has_status(&el, "110");
+    let rank = match (real, own, actor_hidden) {
+        (true, false, false) => 3,
+        (_, true, _) => 2,
+        (true, false, true) => 1,
+        _ => 0,
+    };
+    let codes: Vec<String> = if own {
+        stanza::SELF_ONLY_STATUS
+            .iter()
+            .filter(|c| **c != "110" && stanza::has_status(&el, c))
+            .map(|c| c.to_string())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let slot = state
+        .captured
+        .entry(mirror.to_string())
+        .or_insert_with(|| Captured {
+            rank,
+            stanza: el.clone(),
+            self_codes: Vec::new(),
+        });
+    if rank > slot.rank {
+        slot.rank = rank;
+        slot.stanza = el;
+    }
+    for c in codes {
+        if !slot.self_codes.contains(&c) {
+            slot.self_codes.push(c);
+        }
+    }
 }
 
 /// Without brackets: forward `presence` (the copy for `to`, an occupant behind a mirror, of a room
@@ -1454,6 +1508,7 @@ fn forward_once(
         }
         return Outbound::Drop;
     }
+    let shared = state.shared(&nick, mirror);
     let mut normal = presence.clone();
     stanza::remove_attr(&mut normal, "to");
     stanza::strip_real_jids(&mut normal);
@@ -1473,6 +1528,9 @@ fn forward_once(
         presence.append_child(evicted_marker());
     }
     link.forwarded.insert(nick, print);
+    if shared {
+        presence.append_child(sessions_marker());
+    }
     stanza::set_attr(&mut presence, "to", mirror);
     if ours {
         stanza::add_status(&mut presence, "110");

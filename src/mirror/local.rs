@@ -87,17 +87,23 @@ impl Mirror {
             // The rooms differ in what they answer (ejabberd also sends an unavailable from the
             // bare room first): the room's own answer is the one to show. The marker asks the
             // master to echo the leave, which the mirror has not shown.
-            let mut fwd = el;
-            while fwd.remove_child("dmuc", ns::DMUC).is_some() {}
-            if let Ok(service) = Jid::new(&self.config.service) {
-                fwd.append_child(Dmuc { from: service }.into());
-            }
+            let fwd = self.unshown(el);
             self.send(&fwd);
             return Ok(Verdict::Consumed);
         }
         // While the link is down the mirror is the room: a leave of the current nick.
         stanza::set_attr(&mut el, "to", format!("{room}/{nick}"));
         self.local_presence(now, el, from, room, nick)
+    }
+
+    /// A leave for the master to show: marked (`<dmuc from='mirror'/>`) as one the mirror has
+    /// not shown its users, so the room's broadcast of it comes back.
+    fn unshown(&self, mut el: Element) -> Element {
+        while el.remove_child("dmuc", ns::DMUC).is_some() {}
+        if let Ok(service) = Jid::new(&self.config.service) {
+            el.append_child(Dmuc { from: service }.into());
+        }
+        el
     }
 
     /// A presence probe from an occupant to an occupant JID: the room answers with that
@@ -212,6 +218,14 @@ impl Mirror {
                     self.close_if_empty(&room);
                     return Ok(Verdict::Consumed);
                 };
+                let shared = self.rooms.get(&room).is_some_and(|r| r.shared(&current));
+                if shared && !master_down {
+                    // The nick has several sessions here: the room shows this leave to each of
+                    // them as it makes it, and the mirror relays that.
+                    let fwd = self.unshown(el);
+                    self.send(&fwd);
+                    return Ok(Verdict::Consumed);
+                }
                 self.local_leave(&room, &user, &current, &el);
                 if master_down {
                     // The master hears of it after the messages this user sent before leaving.
@@ -253,7 +267,8 @@ impl Mirror {
                     if let Some(entry) = r.replica.local.get_mut(&user) {
                         entry.1 = el.clone();
                     }
-                    if el.has_child("x", ns::MUC) && !master_down {
+                    let direct = r.direct.contains(&user);
+                    if el.has_child("x", ns::MUC) && !master_down && !direct {
                         // A re-sent join (a client resyncing, Prosody issue 667): the room
                         // answers it as a join, so the master's echo is served as one.
                         r.resent_joins.insert(user.clone());
@@ -305,12 +320,15 @@ impl Mirror {
             .entry(room.clone())
             .or_insert_with(|| MirrorRoom::new(room.clone(), master, history_size));
         // Another device of the same account may share the nick (multi-session nicks, which
-        // Prosody allows): the master decides. Anyone else holding it is a conflict.
-        let taken = r.replica.occupants.get(&nick).is_some_and(|o| {
-            o.local
+        // Prosody allows): the master decides, and serves that session itself. Anyone else
+        // holding it is a conflict.
+        let held_by = r.replica.occupants.get(&nick).map(|o| o.local.clone());
+        let taken = held_by.as_ref().is_some_and(|local| {
+            local
                 .as_deref()
                 .is_none_or(|u| u != user && !same_account(u, &user))
         }) || r.pending.get(&nick).is_some_and(|p| p.user != user);
+        let direct = held_by.flatten().is_some_and(|u| u != user);
         if taken {
             let reply = stanza::error_reply(&el, &occupant_jid, &user, Condition::Conflict, "");
             self.send(&reply);
@@ -329,6 +347,7 @@ impl Mirror {
                 user,
                 deadline,
                 join: el,
+                direct,
             },
         );
         self.send(&fwd);
@@ -358,6 +377,7 @@ impl Mirror {
             return;
         };
         r.replica.local.remove(user);
+        r.direct.remove(user);
         self.recently_left.insert(user.to_string());
         self.withdraw_room_presence(room, user);
         let Some(r) = self.rooms.get_mut(room) else {
@@ -407,11 +427,38 @@ impl Mirror {
         presence: &Element,
         extra: Option<&str>,
     ) {
+        self.fan_out(room, subject, presence, extra, false);
+    }
+
+    /// [`Mirror::fan_out_presence`] of a copy the master marked: each of the subject's sessions
+    /// here got its own copy from the room (multi-session nicks), so only the others get this.
+    pub(super) fn fan_out_presence_except(
+        &mut self,
+        room: &str,
+        subject: &str,
+        presence: &Element,
+        subject_served: bool,
+    ) {
+        self.fan_out(room, subject, presence, None, subject_served);
+    }
+
+    fn fan_out(
+        &mut self,
+        room: &str,
+        subject: &str,
+        presence: &Element,
+        extra: Option<&str>,
+        subject_served: bool,
+    ) {
         let Some(r) = self.rooms.get(room) else {
             return;
         };
         let mut out = Vec::new();
         for (user, (nick, _)) in &r.replica.local {
+            // A direct session gets the room's own copies of everything.
+            if r.direct.contains(user) || (subject_served && nick == subject) {
+                continue;
+            }
             out.push(r.replica.presence_for(presence, subject, nick, user));
         }
         if let Some(user) = extra {
@@ -554,11 +601,9 @@ impl Mirror {
             }
         }
         let text = stanza::serialize(&shown);
-        let copies = stanza::copies_to(
-            &text,
-            shown.name(),
-            r.replica.local.keys().map(String::as_str),
-        );
+        // A direct session (a second device on a nick) gets the room's own copy instead.
+        let copies =
+            stanza::copies_to(&text, shown.name(), r.served().iter().map(String::as_str));
         if is_historic(&shown) {
             r.replica.history.push(Entry::with_text(shown, &text, now));
         }

@@ -450,7 +450,7 @@ impl Mirror {
                         let mut p = el;
                         stanza::remove_attr(&mut p, "to");
                         let changed = r.replica.room_presence.is_some();
-                        let users: Vec<String> = r.replica.local.keys().cloned().collect();
+                        let users = r.served();
                         r.replica.room_presence =
                             (stanza::stanza_type(&p) != Some("unavailable")).then_some(p.clone());
                         if changed {

@@ -146,11 +146,12 @@ impl Mirror {
                     restore_join_echo(&mut el, &p.join);
                 }
             }
+            self.direct_session(&room, &el, from, user.as_str());
             let listed = el.name() == "presence"
                 && stanza::stanza_type(&el) == Some("unavailable")
                 && from.resource().is_some();
             if let Some(r) = self.rooms.get_mut(&room).filter(|_| listed) {
-                if r.pending.values().any(|p| p.user == user.as_str()) {
+                if r.pending.values().any(|p| p.user == user.as_str() && !p.direct) {
                     r.listed.entry(user.to_string()).or_default().push(el);
                     return Ok(Verdict::Consumed);
                 }
@@ -165,6 +166,56 @@ impl Mirror {
         Ok(Verdict::Consumed)
     }
 
+    /// The room's own copy of a nick's presence for one of its sessions here, where the nick
+    /// has several (multi-session nicks): the session's own presence admits a direct session's
+    /// join; its own leave ends its stay here.
+    fn direct_session(&mut self, room: &str, el: &Element, from: &Jid, user: &str) {
+        let Some(nick) = from.resource().map(|n| n.to_string()) else {
+            return;
+        };
+        let Some(r) = self.rooms.get_mut(room) else {
+            return;
+        };
+        if el.name() != "presence" {
+            return;
+        }
+        match stanza::stanza_type(el) {
+            None => {
+                let admit = r
+                    .pending
+                    .get(&nick)
+                    .is_some_and(|p| p.direct && p.user == user);
+                if admit && stanza::has_status(el, "110") {
+                    if let Some(p) = r.pending.remove(&nick) {
+                        debug!(%room, %nick, %user, "a second session on the nick, served by the master");
+                        r.replica.local.insert(p.user.clone(), (nick, p.join));
+                        r.direct.insert(p.user);
+                    }
+                }
+            }
+            Some("unavailable") => {
+                let own = r.replica.local.get(user).is_some_and(|(n, _)| *n == nick);
+                if !own || !r.shared(&nick) {
+                    return;
+                }
+                r.replica.local.remove(user);
+                r.direct.remove(user);
+                if let Some(o) = r.replica.occupants.get_mut(&nick) {
+                    if o.local.as_deref() == Some(user) {
+                        o.local = r
+                            .replica
+                            .local
+                            .iter()
+                            .find(|(_, (n, _))| *n == nick)
+                            .map(|(u, _)| u.clone());
+                    }
+                }
+                self.recently_left.insert(user.to_string());
+            }
+            _ => {}
+        }
+    }
+
     pub(super) fn remote_presence(
         &mut self,
         now: Timestamp,
@@ -173,6 +224,8 @@ impl Mirror {
         nick: &str,
     ) {
         stanza::remove_attr(&mut el, "to");
+        // Each of this nick's sessions here got its own copy from the room.
+        let served = el.remove_child("sessions", ns::DMUC0).is_some();
         let Some(r) = self.rooms.get_mut(room) else {
             return;
         };
@@ -209,25 +262,28 @@ impl Mirror {
                 }
                 // Every local session of that nick sees its own leave (110), then is out. When the
                 // room is destroyed, each occupant is shown only their own leave.
+                // (Sessions the room served themselves got all of that from the room.)
                 let sessions = r.replica.sessions_of(nick);
-                for user in &sessions {
+                let shown: Vec<String> = if served { Vec::new() } else { sessions.clone() };
+                for user in &shown {
                     self.withdraw_room_presence(room, user);
                 }
                 let destroyed =
                     stanza::muc_user(&el).is_some_and(|x| x.has_child("destroy", ns::MUC_USER));
                 if destroyed {
-                    for user in &sessions {
+                    for user in &shown {
                         let mut own = el.clone();
                         stanza::set_attr(&mut own, "to", user);
                         stanza::add_status(&mut own, "110");
                         self.send(&own);
                     }
                 } else {
-                    self.fan_out_presence(room, nick, &el, None);
+                    self.fan_out_presence_except(room, nick, &el, served);
                 }
                 if let Some(r) = self.rooms.get_mut(room) {
                     for user in sessions {
                         r.replica.local.remove(&user);
+                        r.direct.remove(&user);
                         self.recently_left.insert(user);
                     }
                 }
@@ -251,7 +307,8 @@ impl Mirror {
             }
             Some(_) => {}
             None => {
-                if let Some(p) = r.pending.remove(nick) {
+                let direct = r.pending.get(nick).is_some_and(|p| p.direct);
+                if let Some(p) = r.pending.remove(nick).filter(|_| !direct) {
                     // The master admitted a pending join.
                     r.replica
                         .local
@@ -305,7 +362,7 @@ impl Mirror {
                     // The echo of a re-sent join: the user gets the whole join again.
                     self.serve_join(now, room, nick);
                 } else {
-                    self.fan_out_presence(room, nick, &el, None);
+                    self.fan_out_presence_except(room, nick, &el, served);
                 }
             }
         }
@@ -381,7 +438,7 @@ impl Mirror {
             && el.get_child("body", ns::JABBER_CLIENT).is_none();
         let text = stanza::serialize(&el);
         let copies =
-            stanza::copies_to(&text, el.name(), r.replica.local.keys().map(String::as_str));
+            stanza::copies_to(&text, el.name(), r.served().iter().map(String::as_str));
         if is_subject {
             r.replica.set_subject(&el, now, true);
         } else {

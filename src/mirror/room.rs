@@ -20,6 +20,9 @@ pub(super) struct Pending {
     pub(super) deadline: Timestamp,
     /// The user's join presence: kept as their own presence once the master admits them.
     pub(super) join: Element,
+    /// A second session on a nick another session of this account holds here: the master
+    /// serves this one itself (see [`MirrorRoom::direct`]).
+    pub(super) direct: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +76,11 @@ pub(super) struct MirrorRoom {
     /// Live messages from the master that arrived during a catch-up: delivered after it, so
     /// that each sender's messages arrive in order.
     pub(super) held: Vec<Element>,
+    /// Local sessions the master serves as it serves a plain federated user, through the
+    /// mirror: second sessions on a nick (multi-session nicks). The hosts differ in what each
+    /// session of a nick sees, so the mirror shows them only what the room made for them, and
+    /// leaves them out of everything it fans out itself.
+    pub(super) direct: BTreeSet<String>,
 }
 
 impl MirrorRoom {
@@ -97,7 +105,31 @@ impl MirrorRoom {
             resent_joins: BTreeSet::new(),
             resync: BTreeSet::new(),
             held: Vec::new(),
+            direct: BTreeSet::new(),
         }
+    }
+
+    /// The local occupants the mirror itself serves: all but the [`MirrorRoom::direct`] ones.
+    pub(super) fn served(&self) -> Vec<String> {
+        self.replica
+            .local
+            .keys()
+            .filter(|u| !self.direct.contains(*u))
+            .cloned()
+            .collect()
+    }
+
+    /// Does the master serve this nick's presence to each of its local sessions itself? While
+    /// one of them is direct, it does, for all of them.
+    pub(super) fn shared(&self, nick: &str) -> bool {
+        self.replica
+            .local
+            .iter()
+            .any(|(u, (n, _))| n == nick && self.direct.contains(u))
+            || self
+                .pending
+                .get(nick)
+                .is_some_and(|p| p.direct)
     }
 
     /// Ready to send what waits in the queue (in sync, no rejoins or resends outstanding)?

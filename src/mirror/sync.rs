@@ -253,7 +253,7 @@ impl Mirror {
         if catch_up {
             info!(%room, missed = missed.len(), "caught up after an outage");
         }
-        let recipients: Vec<String> = r.replica.local.keys().cloned().collect();
+        let recipients = r.served();
         let awaiting = std::mem::take(&mut r.awaiting);
         for m in missed {
             let text = stanza::serialize(&m);

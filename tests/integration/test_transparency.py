@@ -67,12 +67,7 @@ WAIT = 15.0
 # Where a user behind a mirror can still tell the difference, as of this writing. Each runs in
 # full and must still fail (strict): when one is fixed, its XPASS fails the suite until the line
 # goes. docs/protocol.md ("Transparency", "Known differences") has the reasons.
-KNOWN_DIFFERENCES = {
-    ("test_f_two_devices_one_nick", pairing): "multi-session nicks: which session's presence each "
-    "session and the others are shown (ids, item lists, the first session's view of the second's "
-    "join) differs from the host's"
-    for pairing in ("P-P", "E-E", "Emaster-Pmirror", "Pmaster-Emirror")
-}
+KNOWN_DIFFERENCES: Dict[tuple, str] = {}
 KNOWN_DIFFERENCES.update({
     ("test_k_refused_nicks", "Emaster-Pmirror"): "a nick failing strict resourceprep: the direct "
     "users' own ejabberd refuses it (bad-request) before any room sees it; the mirror's users are "
