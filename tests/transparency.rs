@@ -291,6 +291,67 @@ fn probes_are_answered_like_the_room() {
     );
 }
 
+/// Multi-session nicks: a second session on a nick one session holds through the same mirror
+/// is served by the master itself, as the room makes its stanzas (the hosts differ in which
+/// session's presence each session sees). The room's presences of that nick go to each of its
+/// sessions through the mirror as they are; the copy for the mirror's other occupants says so.
+#[test]
+fn a_second_session_on_a_nick_gets_what_the_room_makes_for_it() {
+    use dmuc::master::Outbound;
+    let (mut m, now) = master();
+    let phone = format!("romeo@{A_DOMAIN}/phone");
+    let laptop = format!("romeo@{A_DOMAIN}/laptop");
+    let juliet = format!("juliet@{A_DOMAIN}/pc");
+    join_through_a(&mut m, now, &juliet, "Juliet");
+    join_through_a(&mut m, now, &phone, "Romeo");
+    join_through_a(&mut m, now, &laptop, "Romeo");
+    let presence = |to: &str, id: &str, own: bool| {
+        format!(
+            "<presence from='{ROOM}/Romeo' to='{to}' id='{id}'><x xmlns='{MUC_USER}'>\
+             <item affiliation='none' role='participant'/>{}</x></presence>",
+            if own { "<status code='110'/>" } else { "" }
+        )
+    };
+    let escaped = |x: &str, user: &str| {
+        let node = user.split('@').next().unwrap_or_default();
+        x.contains(&format!("{node}\\40{A_DOMAIN}")) && x.contains(A_MIRROR)
+    };
+    // The laptop's join, broadcast: Juliet's copy is the mirror's; each session's goes to it.
+    m.begin_broadcast(ROOM);
+    assert_eq!(m.handle_outbound(now, &presence(&juliet, "phone", false)).unwrap(), Outbound::Drop);
+    for (to, id) in [(&phone, "phone"), (&laptop, "laptop")] {
+        match m.handle_outbound(now, &presence(to, id, true)).unwrap() {
+            Outbound::Replace(x) => assert!(escaped(&x, to) && x.contains(&format!("id='{id}'")), "{x}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    m.end_broadcast(ROOM);
+    let out: Vec<String> = std::iter::from_fn(|| m.poll_transmit()).collect();
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert!(out[0].contains("<sessions xmlns='urn:xmpp:dmuc:0'/>"), "{}", out[0]);
+    assert!(out[0].contains("id='phone'"), "the first session's copy stands for the nick: {}", out[0]);
+    // Anything else the room sends the second session goes to it as it is, a message too.
+    let message = format!(
+        "<message from='{ROOM}/Juliet' to='{laptop}' type='groupchat' id='g1'><body>hi</body></message>"
+    );
+    m.begin_broadcast(ROOM);
+    match m.handle_outbound(now, &message).unwrap() {
+        Outbound::Replace(x) => assert!(escaped(&x, &laptop), "{x}"),
+        other => panic!("{other:?}"),
+    }
+    let for_phone = message.replace(&laptop, &phone);
+    assert_eq!(m.handle_outbound(now, &for_phone).unwrap(), Outbound::Drop);
+    m.end_broadcast(ROOM);
+    // Once the laptop has left, the nick is the mirror's to serve again: no marker.
+    m.handle_left(ROOM, &laptop);
+    m.begin_broadcast(ROOM);
+    assert_eq!(m.handle_outbound(now, &presence(&phone, "p2", true)).unwrap(), Outbound::Drop);
+    m.end_broadcast(ROOM);
+    let out: Vec<String> = std::iter::from_fn(|| m.poll_transmit()).collect();
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert!(!out[0].contains("sessions"), "{}", out[0]);
+}
+
 /// A room that ignores probes (ejabberd) says so in the config it sends; the replica then
 /// ignores them too, and the link stays quiet.
 #[test]
