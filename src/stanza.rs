@@ -162,12 +162,21 @@ impl Condition {
     }
 }
 
-/// An RFC 6120 `<error/>` alone, with the entity that found it in `by`.
+/// An RFC 6120 `<error/>` alone, with the entity that found it in `by`, and a text without
+/// `xml:lang` (as Prosody's rooms write theirs).
 pub fn error_element(condition: Condition, text: &str, by: &str) -> Element {
     let (kind, cond) = condition.parts();
-    let mut err = StanzaError::new(kind, cond, "en", text);
-    err.by = jid::Jid::new(by).ok();
-    Element::from(err)
+    let mut err = Element::from(StanzaError::new(kind, cond, "en", ""));
+    set_attr(&mut err, "by", by);
+    for node in err.take_nodes() {
+        if !node.as_element().is_some_and(|c| c.is("text", ns::XMPP_STANZAS)) {
+            err.append_node(node);
+        }
+    }
+    let mut t = Element::builder("text", ns::XMPP_STANZAS).build();
+    t.append_text_node(text);
+    err.append_child(t);
+    err
 }
 
 /// An error reply to `stanza`: `from`/`to` swapped (or as given), `type='error'`, the original

@@ -443,7 +443,7 @@ fn joins_with_unparsable_nicks_are_refused_as_rooms_refuse_them() {
         format!(
             "<presence xmlns='jabber:client' from='{to}' id='j1' to='{wayne}' type='error'>\
              <error by='{ROOM}' type='modify'><jid-malformed xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>\
-             <text xmlns='urn:ietf:params:xml:ns:xmpp-stanzas' xml:lang='en'>Nickname must pass strict validation</text>\
+             <text xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'>Nickname must pass strict validation</text>\
              </error></presence>"
         )
     );

@@ -31,6 +31,7 @@ from oracle import Normalizer, canon_window, diff_windows, ids_of
 from servers import CONFERENCE, RALEIGH
 
 MIRROR = f"mirror.{RALEIGH}"
+USERS_MUC = f"conference.{RALEIGH}"   # a MUC of the mirror's server's own (test k)
 PASSWORD = "secret"
 TOP = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 # DMUC_DIST: a copy of dist/ to test (a snapshot, while others rebuild dist/ under the same tree).
@@ -68,15 +69,6 @@ WAIT = 15.0
 # full and must still fail (strict): when one is fixed, its XPASS fails the suite until the line
 # goes. docs/protocol.md ("Transparency", "Known differences") has the reasons.
 KNOWN_DIFFERENCES: Dict[tuple, str] = {}
-KNOWN_DIFFERENCES.update({
-    ("test_k_refused_nicks", "Emaster-Pmirror"): "a nick failing strict resourceprep: the direct "
-    "users' own ejabberd refuses it (bad-request) before any room sees it; the mirror's users are "
-    "on Prosody, which lets it through, and the mirror answers as a room does (jid-malformed by "
-    "the room). The users' own servers differ, not the mirror and the room",
-    ("test_k_refused_nicks", "Pmaster-Emirror"): "a nick failing strict resourceprep: the mirror's "
-    "users' own ejabberd refuses it (bad-request) before any mirror sees it, exactly as with plain "
-    "s2s; the direct users are on Prosody, whose room answers jid-malformed",
-})
 
 
 @pytest.fixture(autouse=True)
@@ -95,12 +87,13 @@ def transparency_env(make_mixed_servers, master: str, mirror: str, *, users: Seq
                      prosody_muc_modules: Sequence[str] = (), ejabberd_muc: Optional[dict] = None,
                      ejabberd_master_modules: Optional[dict] = None,
                      prosody_host_modules: Sequence[str] = (), ejabberd_host_modules: Optional[dict] = None,
-                     fast_pings: bool = False):
+                     fast_pings: bool = False, users_muc: bool = False):
     """The pair (fairfax = master, raleigh = mirror), every name in `users` registered on both.
 
     prosody_muc_modules / ejabberd_muc, ejabberd_master_modules: the master's MUC (Prosody
     component modules; mod_muc options and other modules on an ejabberd master).
-    prosody_host_modules / ejabberd_host_modules: the users' servers, both sides."""
+    prosody_host_modules / ejabberd_host_modules: the users' servers, both sides.
+    users_muc: the mirror's server also hosts a MUC of its own (USERS_MUC, not mirrored)."""
     for path in (os.path.join(PROSODY_DIST, "dmuc_prosody.so"), os.path.join(EJABBERD_DIST, "priv", "dmuc_nif.so")):
         if not os.path.exists(path):
             raise AssertionError(f"{path} missing: run `make dist` first")
@@ -123,6 +116,11 @@ def transparency_env(make_mixed_servers, master: str, mirror: str, *, users: Seq
         kw["mirror_modules"] = ["dmuc", *prosody_host_modules]
         kw["mirror_blocks"] = [f'Component "{MIRROR}" "dmuc"\n    dmuc_masters = {{ "{CONFERENCE}" }}\n'
                                + "\n".join(f"    dmuc_{k} = {v}" for k, v in ping.items())]
+    if users_muc:
+        if mirror == "ejabberd":
+            kw["mirror_modules"]["mod_muc"] = '{host: "conference.@HOST@", access_create: all}'
+        else:
+            kw.setdefault("mirror_blocks", []).append(f'Component "{USERS_MUC}" "muc"\n    muc_room_locking = false\n')
     if STOCK:
         # No dmuc anywhere: the host's own MUC untouched (a reference for the direct run).
         if master == "ejabberd":
@@ -158,6 +156,7 @@ class Half:
         self.barriers = 0
         self.labels: Dict[Client, str] = {}
         self.oracle: Optional["Half"] = None      # the direct run, for the run via the mirror
+        self.aliases: Dict[str, str] = {}         # other rooms the scenario uses -> token
 
     @property
     def direct(self) -> bool:
@@ -178,7 +177,7 @@ class Half:
         return self.labels[c]
 
     def normalizer(self) -> Normalizer:
-        return Normalizer(self.tokens, {self.room: "ROOM"})
+        return Normalizer(self.tokens, {self.room: "ROOM", **self.aliases})
 
     # -- waiting ------------------------------------------------------------------------------
 
@@ -854,7 +853,14 @@ NICK_CASES = [
 
 @pytest.mark.parametrize("master, mirror", PAIRINGS)
 def test_k_refused_nicks(make_mixed_servers, master, mirror):
-    env = transparency_env(make_mixed_servers, master, mirror, users=["alice", "bob"])
+    # Where the users' servers differ (the mixed pairings), a nick failing strict resourceprep
+    # is not the room's to answer: an ejabberd user's own server refuses it before sending it
+    # anywhere. Its reference there is the same join to a room of the users' own server: what
+    # the user gets whatever the room (plain federation included).
+    mixed = master != mirror
+    env = transparency_env(make_mixed_servers, master, mirror, users=["alice", "bob"], users_muc=mixed)
+    strict_key = f"bob: nick strict ({NICK_CASES[0][1]!r})"
+    own_key = "bob: nick strict, at a room of the users' own server"
 
     async def scenario(t: Half):
         alice = await t.connect("alice", MASTER)
@@ -868,6 +874,15 @@ def test_k_refused_nicks(make_mixed_servers, master, mirror):
                 await t.leave(bob, nick)          # accepted by the host: leave, for the next case
             await t.barrier(alice, [alice])
             t.record(f"bob: nick {case} ({nick!r})", bob)
+        if mixed and not t.direct:
+            own = f"tk-own@{USERS_MUC}"
+            t.aliases[own] = "ROOM"
+            t.mark(bob)
+            start = len(bob.received)
+            t.send(bob, t.join_xml(NICK_CASES[0][1], 0, id="t-k-strict", to=f"{own}/{NICK_CASES[0][1]}"))
+            await t.wait(lambda: any(r.id == "t-k-strict" for r in bob.received[start:]),
+                         "the users' own server answers the strict nick")
+            t.record(own_key, bob)
         # No nick at all: a join to the bare room JID.
         t.mark(bob)
         start = len(bob.received)
@@ -884,18 +899,31 @@ def test_k_refused_nicks(make_mixed_servers, master, mirror):
         assert t.records["bob: no nick"]
 
     def stock(direct: Half, mirrored: Half) -> List[str]:
+        problems = []
+        if mixed:
+            # Compared with the users' own server's answer instead (and taken out of the
+            # direct comparison): the answer must be there, and the same.
+            direct.records.pop(strict_key, None)
+            got = mirrored.records.pop(strict_key, [])
+            reference = mirrored.records.pop(own_key, [])
+            norm = mirrored.normalizer()
+            if not reference:
+                problems.append("the users' own server gave no answer to the strict nick")
+            elif canon_window(got, norm) != canon_window(reference, norm):
+                problems.append("strict nick via the mirror differs from the users' own server's answer:\n  "
+                                f"got:       {canon_window(got, norm)}\n  reference: {canon_window(reference, norm)}")
         # What stock Prosody 0.12 answers a nick that fails strict resourceprep (muc.lib.lua:
         # jid-malformed "Nickname must pass strict validation", by the room). A different answer
         # in the direct run is dmuc on the master changing what direct users get.
-        if master != "prosody":
-            return []
-        got = [r for r in direct.records[f"bob: nick strict ({NICK_CASES[0][1]!r})"] if r.type == "error"]
+        if master != "prosody" or mixed:
+            return problems
+        got = [r for r in direct.records[strict_key] if r.type == "error"]
         err = got[0].stanza.xml.find("{jabber:client}error") if got else None
         if err is None or error_condition(got[0]) != "jid-malformed" or err.get("by") != direct.room:
-            return ["direct run differs from stock Prosody for the strict nick: expected "
-                    "error(by=ROOM,type=modify)[jid-malformed], got "
-                    + (canon_window(got, direct.normalizer())[0] if got else "no error")]
-        return []
+            return problems + ["direct run differs from stock Prosody for the strict nick: expected "
+                               "error(by=ROOM,type=modify)[jid-malformed], got "
+                               + (canon_window(got, direct.normalizer())[0] if got else "no error")]
+        return problems
 
     run_halves(env, "tk", scenario, check_direct=check, more_checks=stock)
 
