@@ -52,12 +52,17 @@ impl Mirror {
         }
         let mut rejoins = Vec::new();
         if catch_up {
-            for (nick, join) in r.replica.local.values() {
+            for (user, (nick, join)) in &r.replica.local {
                 if !fresh.contains_key(nick) && !r.resync.contains(nick) {
-                    rejoins.push((nick.clone(), join.clone()));
+                    rejoins.push((r.direct.contains(user), nick.clone(), join.clone()));
                 }
             }
         }
+        // A nick's first session first: the master then takes the same sessions for second
+        // ones (multi-session nicks) as before.
+        rejoins.sort_by_key(|(direct, _, _)| *direct);
+        let rejoins: Vec<(String, Element)> =
+            rejoins.into_iter().map(|(_, n, j)| (n, j)).collect();
         // Our users who left during the outage: their leave is still queued for the master.
         let leaving: BTreeSet<String> = r
             .out
