@@ -267,6 +267,8 @@ struct Remote {
     /// mirror (multi-session nicks): the room's stanzas to it go to it as the room made them,
     /// through the mirror, like a plain federated user's (see [`RoomState::shared`]).
     direct: bool,
+    /// The occupant's role, as the room last showed it to them.
+    role: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -637,6 +639,7 @@ impl Master {
                 mirror: mirror.clone(),
                 confirmed: false,
                 direct,
+                role: None,
             },
         );
         debug!(%mirror, sync, "join through mirror");
@@ -670,6 +673,25 @@ impl Master {
                 Err(e) => warn!(error = %e, "skipped an occupant the host could not describe"),
             }
         }
+        // Real JIDs go to a mirror only if one of its occupants may see them: the room shows
+        // them to everyone, or one of them is a moderator. Otherwise they stay here, and the
+        // mirror asks again when one of its occupants becomes a moderator.
+        let reveal = self.rooms.get(room).is_some_and(|state| {
+            state.config.as_ref().map(whois_of) == Some(Whois::Anyone)
+                || state.by_real.values().any(|r| {
+                    r.mirror == mirror && r.role.as_deref() == Some("moderator")
+                })
+        }) || roster
+            .items
+            .iter()
+            .any(|i| i.name == joining_nick && i.role == Some(Role::Moderator));
+        if !reveal {
+            for item in &mut roster.items {
+                item.jid = None;
+            }
+            roster.jids = Some(crate::elements::WITHHELD.to_string());
+        }
+        debug!(%room, %mirror, reveal, "roster for a mirror");
         let id = self.id("config");
         let from = if joining_nick.is_empty() {
             room.to_string()
@@ -1059,6 +1081,14 @@ impl Master {
         }
         let about_own = el.name() == "presence"
             && from.resource().map(|r| r.as_str()) == Some(remote.nick.as_str());
+        if about_own {
+            if let (Some(role), Some(r)) = (
+                stanza::muc_item(&el).and_then(|i| i.attr("role")),
+                state.by_real.get_mut(&to),
+            ) {
+                r.role = Some(role.to_string());
+            }
+        }
         if remote.direct || (about_own && state.shared(&remote.nick, &remote.mirror)) {
             // Multi-session nicks: this session gets what the room made for it. The first
             // session's copy of its own presence also stands for the copy the mirror's other

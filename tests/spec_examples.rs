@@ -148,6 +148,21 @@ jid='keith@raleigh.tridsys.com' name='Keith'/>
 </roster>
 </iq>"#;
 
+/// Example 7 as the master sends it to a mirror none of whose occupants may see real JIDs (a
+/// semi-anonymous room, no moderator behind the mirror): the JIDs stay at the master.
+const EX7_WITHHELD: &str = r#"
+<iq from='chatroom@conference.fairfax.tridsys.com'
+to='mirror.raleigh.tridsys.com'
+id='roster1'
+type='set'>
+<roster xmlns='urn:xmpp:dmuc:0' jids='withheld'>
+<item affiliation='owner' role='moderator' name='Scott'/>
+<item affiliation='admin' role='moderator' name='Kevin'/>
+<item affiliation='none' role='participant' name='Wayne'/>
+<item affiliation='none' role='participant' name='Keith'/>
+</roster>
+</iq>"#;
+
 /// Example 8: DMUC sends response to roster.
 /// Fixed: the spec's result has no `id`; an IQ result carries the id of the request (RFC 6120
 /// §8.2.3), here 'roster1'.
@@ -709,7 +724,9 @@ fn ex05_ex07_master_sends_config_and_roster() {
     let sent = drain_master(&mut m);
     assert_eq!(sent.len(), 2);
     assert_xml_eq(&with_spec_id(&sent[0], "iq1"), EX5);
-    assert_xml_eq(&with_spec_id(&sent[1], "roster1"), EX7);
+    // The spec's example room form says nothing of whois (so: moderators), and Wayne is no
+    // moderator: the real JIDs are withheld (see docs/security.md).
+    assert_xml_eq(&with_spec_id(&sent[1], "roster1"), EX7_WITHHELD);
 
     // The mirror's answers (Examples 6 and 8) close the sync IQs.
     let ids: Vec<String> = sent
@@ -722,6 +739,37 @@ fn ex05_ex07_master_sends_config_and_roster() {
     assert_eq!(m.handle_iq(NOW, &ex8).unwrap(), IqVerdict::Consumed);
     // Answered once: a second answer is not ours.
     assert_eq!(m.handle_iq(NOW, &ex8).unwrap(), IqVerdict::Pass);
+}
+
+/// Example 7 as the spec writes it, real JIDs included: the room shows them to everyone, or the
+/// joiner behind the mirror is a moderator.
+#[test]
+fn ex07_real_jids_go_to_a_mirror_whose_occupants_may_see_them() {
+    let anyone = FORM.replace(
+        "</x>",
+        "<field type='list-single' var='muc#roomconfig_whois'><value>anyone</value></field></x>",
+    );
+    let occupants = |wayne_role: &str| {
+        [
+            occupant("Scott", "owner", "moderator", "scott@fairfax.tridsys.com"),
+            occupant("Kevin", "admin", "moderator", "kevin@fairfax.tridsys.com"),
+            occupant("Wayne", "none", wayne_role, "wayne@raleigh.tridsys.com"),
+            occupant("Keith", "none", "participant", "keith@raleigh.tridsys.com"),
+        ]
+    };
+    for (form, role) in [(anyone.as_str(), "participant"), (FORM, "moderator")] {
+        let mut m = master();
+        m.handle_presence(NOW, EX4, Some("Wayne")).unwrap();
+        m.handle_snapshot(NOW, ROOM, MIRROR, "Wayne", form, &occupants(role))
+            .unwrap();
+        let sent = drain_master(&mut m);
+        assert_eq!(sent.len(), 2);
+        let expected = EX7.replace(
+            "role='participant'\njid='wayne",
+            &format!("role='{role}'\njid='wayne"),
+        );
+        assert_xml_eq(&with_spec_id(&sent[1], "roster1"), &expected);
+    }
 }
 
 #[test]

@@ -870,3 +870,62 @@ fn an_unassigned_code_point_in_a_nick_is_the_rooms_to_refuse() {
     let v = m.handle_local(now, &join);
     assert!(matches!(v, Ok(_)), "{v:?}");
 }
+
+/// Privacy: a mirror none of whose occupants may see real JIDs (a semi-anonymous room, no
+/// moderator there) gets the roster without them. When a moderator joins through it, the mirror
+/// asks again before serving the join, and the moderator sees the JIDs as a direct one would.
+#[test]
+fn real_jids_reach_a_mirror_only_with_a_moderator_there() {
+    use common::xml::item;
+    let mut w = World::new();
+    let scott = user(Side::Master, "scott");
+    let keith = user(Side::A, "keith");
+    let wayne = user(Side::A, "wayne");
+    w.master
+        .room
+        .affiliations
+        .insert(format!("wayne@{A_DOMAIN}"), "admin".into());
+    w.join(&scott, "Scott");
+    let mark = w.mark(Side::A);
+    w.join(&keith, "Keith");
+    let rosters = |w: &World, mark| -> Vec<Element> {
+        w.link(Side::A)
+            .since(mark, Dir::ToMirror)
+            .into_iter()
+            .filter_map(|e| e.get_child("roster", "urn:xmpp:dmuc:0").cloned())
+            .collect()
+    };
+    let first = rosters(&w, mark);
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(first[0].attr("jids"), Some("withheld"));
+    assert!(first[0].children().all(|i| i.attr("jid").is_none()), "{:?}", first[0]);
+    // Keith, a participant, sees no real JID.
+    let scott_for_keith = w
+        .inbox(&keith)
+        .iter()
+        .find(|e| e.attr("from") == Some(format!("{ROOM}/Scott").as_str()))
+        .cloned()
+        .expect("Scott's presence");
+    assert!(item(&scott_for_keith).and_then(|i| i.attr("jid")).is_none());
+    // Wayne, an admin (a moderator), joins: the mirror asks for the roster again.
+    let mark = w.mark(Side::A);
+    w.join(&wayne, "Wayne");
+    let again = rosters(&w, mark);
+    assert!(
+        again.iter().any(|r| r.attr("jids").is_none()
+            && r.children().any(|i| i.attr("jid").is_some_and(|j| j.starts_with("scott@")))),
+        "{again:?}"
+    );
+    let scott_for_wayne = w
+        .inbox(&wayne)
+        .iter()
+        .find(|e| e.attr("from") == Some(format!("{ROOM}/Scott").as_str()))
+        .cloned()
+        .expect("Scott's presence for Wayne");
+    assert!(
+        item(&scott_for_wayne)
+            .and_then(|i| i.attr("jid"))
+            .is_some_and(|j| j.starts_with(&format!("scott@{MASTER_DOMAIN}"))),
+        "{scott_for_wayne:?}"
+    );
+}

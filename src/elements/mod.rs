@@ -16,6 +16,6 @@ mod roster;
 pub use config::{Config, Whois};
 pub use dmuc::Dmuc;
 pub use history::{HistoryResult, Room};
-pub use roster::{Roster, RosterAffiliation, RosterItem};
+pub use roster::{Roster, RosterAffiliation, RosterItem, WITHHELD};
 pub use xmpp_parsers::muc::muc::History;
 pub use xmpp_parsers::muc::user::{Affiliation, Role};

@@ -4,6 +4,8 @@
 //! users each occupant as XEP-0045 would, so we add two optional parts (see docs/protocol.md):
 //! `role`, and the occupant's current presence as a child (`<presence xmlns='jabber:client'/>`,
 //! show and status, without the muc#user element that the mirror rebuilds from the attributes).
+//! And `jids='withheld'` on the roster: the master left the real JIDs out, because none of the
+//! mirror's occupants may see them (see docs/security.md).
 
 use std::borrow::Cow;
 
@@ -18,6 +20,10 @@ use xmpp_parsers::muc::user::{Affiliation, Role};
 #[derive(FromXml, AsXml, Debug, Clone, PartialEq, Default)]
 #[xml(namespace = ns::DMUC0, name = "roster")]
 pub struct Roster {
+    /// `withheld`: the master left the occupants' real JIDs out (dmuc extension).
+    #[xml(attribute(default))]
+    pub jids: Option<String>,
+
     /// One item per occupant.
     #[xml(child(n = ..))]
     pub items: Vec<RosterItem>,
@@ -66,6 +72,16 @@ impl RosterAffiliation {
     }
 }
 
+/// The value of [`Roster::jids`] when the master left the real JIDs out.
+pub const WITHHELD: &str = "withheld";
+
+impl Roster {
+    /// Did the master leave the real JIDs out?
+    pub fn withheld(&self) -> bool {
+        self.jids.as_deref() == Some(WITHHELD)
+    }
+}
+
 impl FromXmlText for RosterAffiliation {
     fn from_xml_text(data: String) -> Result<Self, xso::error::Error> {
         Affiliation::from_xml_text(data).map(RosterAffiliation)
@@ -108,6 +124,17 @@ mod tests {
         let r = Roster::try_from(el.clone()).unwrap();
         assert_eq!(r.items[0].role, Some(Role::Visitor));
         assert!(r.items[0].presence.is_some());
+        assert_eq!(Element::from(r), el);
+    }
+
+    #[test]
+    fn withheld_jids_round_trip() {
+        let el: Element = "<roster xmlns='urn:xmpp:dmuc:0' jids='withheld'>\
+            <item affiliation='none' name='Keith'/></roster>"
+            .parse()
+            .unwrap();
+        let r = Roster::try_from(el.clone()).unwrap();
+        assert!(r.withheld());
         assert_eq!(Element::from(r), el);
     }
 

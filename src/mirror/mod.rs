@@ -441,7 +441,10 @@ impl Mirror {
         }
         match el.name() {
             "presence" => match nick {
-                Some(nick) => self.remote_presence(now, el, &room, &nick),
+                Some(nick) => {
+                    self.remote_presence(now, el, &room, &nick);
+                    self.reveal_if_needed(&room);
+                }
                 None => {
                     // The room's own presence (ejabberd's entity caps): shown to each joiner; a
                     // change of it (a config change) goes to every local occupant, as the room

@@ -13,7 +13,7 @@ use super::{split, Mirror, Verdict};
 /// Live messages from the master held per room while a catch-up is due (the catch-up has the
 /// oldest again, should they be dropped).
 const HELD: usize = 1000;
-use crate::elements::{Config, HistoryResult, Roster};
+use crate::elements::{Config, HistoryResult, Roster, Whois};
 use crate::error::Error;
 use crate::escape;
 use crate::ns;
@@ -377,6 +377,15 @@ impl Mirror {
         let Some(user) = r.replica.occupants.get(nick).and_then(|o| o.local.clone()) else {
             return;
         };
+        if r.jids_withheld && r.replica.is_moderator(nick) && r.replica.whois != Whois::Anyone {
+            // A moderator sees real JIDs the master kept back: ask for them, and serve the join
+            // when they are here.
+            if !r.awaiting.iter().any(|n| n == nick) {
+                r.awaiting.push(nick.to_string());
+            }
+            self.reveal_if_needed(room);
+            return;
+        }
         // The occupant list: the other occupants, then what only the room's own list held.
         let listed = r.listed.remove(&user).unwrap_or_default();
         let mut occupants: Vec<Element> = r
@@ -492,7 +501,12 @@ impl Mirror {
                     match Roster::try_from(c.clone()) {
                         Ok(roster) => {
                             self.send(&stanza::iq_result(&iq, &service));
-                            self.apply_roster(now, room, roster);
+                            let reveal = self.rooms.get(room).is_some_and(|r| r.reveal_pending);
+                            if reveal {
+                                self.apply_reveal(now, room, roster);
+                            } else {
+                                self.apply_roster(now, room, roster);
+                            }
                         }
                         Err(e) => {
                             let reply = stanza::error_reply(

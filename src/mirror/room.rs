@@ -81,6 +81,10 @@ pub(super) struct MirrorRoom {
     /// session of a nick sees, so the mirror shows them only what the room made for them, and
     /// leaves them out of everything it fans out itself.
     pub(super) direct: BTreeSet<String>,
+    /// The master left the real JIDs out of the roster (none of our occupants could see them).
+    pub(super) jids_withheld: bool,
+    /// We asked for the roster again, for the real JIDs a new moderator here may see.
+    pub(super) reveal_pending: bool,
 }
 
 impl MirrorRoom {
@@ -106,6 +110,8 @@ impl MirrorRoom {
             resync: BTreeSet::new(),
             held: Vec::new(),
             direct: BTreeSet::new(),
+            jids_withheld: false,
+            reveal_pending: false,
         }
     }
 

@@ -11,7 +11,7 @@ use super::classify::fingerprint;
 use super::replica::Occupant;
 use super::room::Sync;
 use super::{round_of, Mirror};
-use crate::elements::{Dmuc, History, Room, Roster, RosterItem};
+use crate::elements::{Dmuc, History, Room, Roster, RosterItem, Whois};
 use crate::ns;
 use crate::queue::Queued;
 use crate::room_history::Entry;
@@ -28,6 +28,7 @@ impl Mirror {
             return;
         };
         r.roster_iq = None;
+        r.jids_withheld = roster.withheld();
         let announce = !r.replica.local.is_empty();
         let catch_up = r.synced;
         let mut fresh = BTreeMap::new();
@@ -354,6 +355,66 @@ impl Mirror {
         // The acknowledgement that lifts the barrier: ask for it now.
         if let Some(link) = self.links.get_mut(&master).filter(|_| barrier) {
             link.schedule(now);
+        }
+    }
+
+    /// A local occupant may now see real JIDs the master withheld (they became a moderator):
+    /// ask for the roster again. Its answer only fills the JIDs in (see [`Mirror::apply_reveal`]).
+    pub(super) fn reveal_if_needed(&mut self, room: &str) {
+        let id = self.id("roster");
+        let service = self.config.service.clone();
+        let Some(r) = self.rooms.get_mut(room) else {
+            return;
+        };
+        let moderator_here = r
+            .replica
+            .local
+            .values()
+            .any(|(nick, _)| r.replica.is_moderator(nick));
+        let sees = moderator_here || r.replica.whois == Whois::Anyone;
+        if !r.jids_withheld || r.reveal_pending || !sees || r.sync != Sync::Ready {
+            return;
+        }
+        info!(%room, "a local occupant may see real JIDs: asking for the roster again");
+        r.reveal_pending = true;
+        let mut iq = Element::builder("iq", ns::JABBER_CLIENT).build();
+        stanza::set_attr(&mut iq, "from", service);
+        stanza::set_attr(&mut iq, "to", &r.replica.jid);
+        stanza::set_attr(&mut iq, "id", id);
+        stanza::set_attr(&mut iq, "type", "get");
+        iq.append_child(Roster::default().into());
+        self.send(&iq);
+    }
+
+    /// The roster asked for by [`Mirror::reveal_if_needed`]: the master's occupants' presences
+    /// with their real JIDs, nothing else changed.
+    pub(super) fn apply_reveal(&mut self, now: Timestamp, room: &str, roster: Roster) {
+        let Some(r) = self.rooms.get_mut(room) else {
+            return;
+        };
+        r.reveal_pending = false;
+        r.jids_withheld = roster.withheld();
+        for item in roster.items {
+            let nick = item.name.clone();
+            let presence = roster_presence(&r.replica.jid, item);
+            if let Some(o) = r.replica.occupants.get_mut(&nick).filter(|o| o.local.is_none()) {
+                o.presence = presence;
+            }
+        }
+        if r.jids_withheld {
+            // Still withheld (the master does not take our occupant for a moderator): ask no
+            // more, and serve the joins with what we have.
+            warn!(%room, "the master withheld real JIDs again");
+            r.jids_withheld = false;
+        }
+        let awaiting = std::mem::take(&mut r.awaiting);
+        let ready = r.sync == Sync::Ready;
+        for nick in awaiting {
+            if ready {
+                self.serve_join(now, room, &nick);
+            } else if let Some(r) = self.rooms.get_mut(room) {
+                r.awaiting.push(nick);
+            }
         }
     }
 
