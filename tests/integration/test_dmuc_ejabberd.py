@@ -17,8 +17,10 @@ ROOM = f"chatroom@{CONFERENCE}"
 MIRROR = f"mirror.{RALEIGH}"
 PASSWORD = "secret"
 TOP = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-PROSODY_DIST = os.path.join(TOP, "dist", "prosody")
-EJABBERD_DIST = os.path.join(TOP, "dist", "ejabberd", "mod_dmuc")
+# DMUC_DIST: a copy of dist/ to test (as in test_transparency.py).
+DIST = os.environ.get("DMUC_DIST") or os.path.join(TOP, "dist")
+PROSODY_DIST = os.path.join(DIST, "prosody")
+EJABBERD_DIST = os.path.join(DIST, "ejabberd", "mod_dmuc")
 
 
 def dmuc_pair(make_mixed_servers, master, mirror):
