@@ -601,10 +601,12 @@ impl Master {
         };
         if !trusted.may_speak_for(from.domain().as_str()) {
             warn!(%from, %mirror, "mirror may not speak for this user's domain");
+            // Not the mirror's user (an outsider naming it, say): the refusal goes to the sender,
+            // never onto the mirror's link.
             self.refuse(
                 &p,
                 &from,
-                Some(&mirror),
+                None,
                 Condition::Forbidden,
                 "This mirror may not speak for your domain",
             );

@@ -163,7 +163,8 @@ fn master_presence_refusals() {
             join("eve@evil.example/pc", &to, &marker(A_MIRROR)),
             None,
             "forbidden",
-            r"eve\40evil.example\2fpc@mirror.raleigh.tridsys.com",
+            // To the sender: an outsider's spoof is never answered over the mirror's link.
+            "eve@evil.example/pc",
         ),
         (
             join(WAYNE, &to, &marker(A_MIRROR)),
