@@ -56,6 +56,7 @@ pub mod master;
 pub mod mirror;
 pub mod ns;
 pub mod queue;
+pub mod rate;
 pub mod recent;
 pub mod room_history;
 pub mod room_rules;

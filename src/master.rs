@@ -47,6 +47,7 @@ use crate::ns;
 use crate::recent::Recent;
 use crate::room_history::{self, Entry};
 use crate::stanza::{self, Condition};
+use crate::rate::{LogLimiter, TokenBucket};
 use crate::room_rules::RoomRules;
 use crate::stanza_ids::{self, Adoption};
 use crate::time::Timestamp;
@@ -119,6 +120,14 @@ pub struct MasterConfig {
     /// What the host's MUC does where XEP-0045 leaves it open; told to the mirrors in the
     /// room's config, so that their replicas answer as the room does.
     pub rules: RoomRules,
+    /// Rooms one mirror may have occupants in; a join to one more gets `resource-constraint`.
+    pub max_rooms_per_mirror: usize,
+    /// Joins through one mirror per second, sustained, and at once: past them a join gets
+    /// `resource-constraint` (wait). The burst covers a mirror rejoining all its users after an
+    /// outage.
+    pub mirror_join_rate: u32,
+    /// See [`MasterConfig::mirror_join_rate`].
+    pub mirror_join_burst: u32,
 }
 
 impl Default for MasterConfig {
@@ -131,6 +140,9 @@ impl Default for MasterConfig {
             stanza_ids: Adoption::Never,
             archived_element: false,
             rules: RoomRules::default(),
+            max_rooms_per_mirror: 1000,
+            mirror_join_rate: 20,
+            mirror_join_burst: 500,
         }
     }
 }
@@ -339,6 +351,9 @@ impl RoomState {
     }
 }
 
+/// How often a stranger's refusals are logged (a line per peer per interval).
+const REFUSAL_LOG_INTERVAL_MS: u64 = 60_000;
+
 /// The master engine for one MUC service.
 #[derive(Debug)]
 pub struct Master {
@@ -361,6 +376,10 @@ pub struct Master {
     /// them (the answer to the request that made them leave, say) goes through the mirror too,
     /// behind the broadcast of their leave.
     recently_left: VecDeque<(String, String)>,
+    /// Joins through each mirror (see [`MasterConfig::mirror_join_rate`]).
+    join_rates: HashMap<String, TokenBucket>,
+    /// Refusals of strangers are logged at warn, a line per peer per minute.
+    refusals: LogLimiter,
     next_id: u64,
 }
 
@@ -385,6 +404,8 @@ impl Master {
             actions: VecDeque::new(),
             sync_iqs: VecDeque::new(),
             recently_left: VecDeque::new(),
+            join_rates: HashMap::new(),
+            refusals: LogLimiter::new(REFUSAL_LOG_INTERVAL_MS),
             next_id: 0,
         }
     }
@@ -582,7 +603,9 @@ impl Master {
         let marker = match Dmuc::try_from(marker.clone()) {
             Ok(m) => m,
             Err(e) => {
-                warn!(%from, error = %e, "malformed dmuc marker");
+                if let Some(left_out) = self.refusals.allow(from.domain().as_str(), now) {
+                    warn!(%from, error = %e, left_out, "malformed dmuc marker: join refused");
+                }
                 self.refuse(
                     &p,
                     &from,
@@ -595,12 +618,16 @@ impl Master {
         };
         let mirror = marker.from.to_string().to_ascii_lowercase();
         let Some(trusted) = self.trust(&mirror) else {
-            warn!(%from, %mirror, "join through an untrusted mirror refused");
+            if let Some(left_out) = self.refusals.allow(from.domain().as_str(), now) {
+                warn!(%from, %mirror, left_out, "join through an untrusted mirror refused");
+            }
             self.refuse(&p, &from, None, Condition::Forbidden, "Untrusted mirror");
             return Ok(PresenceVerdict::Refused);
         };
         if !trusted.may_speak_for(from.domain().as_str()) {
-            warn!(%from, %mirror, "mirror may not speak for this user's domain");
+            if let Some(left_out) = self.refusals.allow(from.domain().as_str(), now) {
+                warn!(%from, %mirror, left_out, "join refused: the mirror may not speak for this user's domain");
+            }
             // Not the mirror's user (an outsider naming it, say): the refusal goes to the sender,
             // never onto the mirror's link.
             self.refuse(
@@ -624,6 +651,13 @@ impl Master {
                 );
                 return Ok(PresenceVerdict::Refused);
             }
+        }
+        if let Some(why) = self.over_limit(now, &room, &mirror) {
+            if let Some(left_out) = self.refusals.allow(&mirror, now) {
+                warn!(%from, %mirror, %room, left_out, "join through a mirror refused: {why}");
+            }
+            self.refuse(&p, &from, Some(&mirror), Condition::ResourceConstraint, why);
+            return Ok(PresenceVerdict::Refused);
         }
         self.hear(now, &mirror);
         let state = self.rooms.entry(room).or_default();
@@ -710,8 +744,35 @@ impl Master {
         Ok(())
     }
 
+    /// Would a join through `mirror` to `room` exceed its limits? Why, if so.
+    fn over_limit(&mut self, now: Timestamp, room: &str, mirror: &str) -> Option<&'static str> {
+        let new_room = !self
+            .rooms
+            .get(room)
+            .is_some_and(|s| s.mirror_has_occupants(mirror));
+        if new_room {
+            let rooms = self
+                .rooms
+                .values()
+                .filter(|s| s.mirror_has_occupants(mirror))
+                .count();
+            if rooms >= self.config.max_rooms_per_mirror {
+                return Some("Your server's mirror is in as many rooms here as it may be");
+            }
+        }
+        let (rate, burst) = (self.config.mirror_join_rate, self.config.mirror_join_burst);
+        let bucket = self
+            .join_rates
+            .entry(mirror.to_string())
+            .or_insert_with(|| TokenBucket::new(now, rate, burst));
+        if !bucket.take(now) {
+            return Some("Too many joins through your server's mirror: try again shortly");
+        }
+        None
+    }
+
     /// An IQ addressed to a room or occupant JID of this service.
-    pub fn handle_iq(&mut self, _now: Timestamp, xml: &str) -> Result<IqVerdict, Error> {
+    pub fn handle_iq(&mut self, now: Timestamp, xml: &str) -> Result<IqVerdict, Error> {
         let iq = stanza::parse(xml)?;
         if iq.name() != "iq" {
             return Err(Error::UnexpectedElement {
@@ -744,6 +805,9 @@ impl Master {
                     .get(&room)
                     .is_some_and(|r| r.mirror_has_occupants(&mirror));
                 if !known || self.trust(&mirror).is_none() {
+                    if let Some(left_out) = self.refusals.allow(&mirror, now) {
+                        warn!(%mirror, %room, left_out, "roster request refused: no mirror of this room");
+                    }
                     // Not (or no longer) a mirror of this room: it rejoins its users instead.
                     let reply = stanza::error_reply(
                         &iq,
@@ -767,6 +831,9 @@ impl Master {
                 let request = match Room::try_from(room_el.clone()) {
                     Ok(r) => r,
                     Err(e) => {
+                        if let Some(left_out) = self.refusals.allow(from.domain().as_str(), now) {
+                            warn!(%from, error = %e, left_out, "malformed history request refused");
+                        }
                         let reply = stanza::error_reply(
                             &iq,
                             &to,
@@ -785,6 +852,9 @@ impl Master {
                     .get(&room)
                     .is_some_and(|r| r.mirrors.contains_key(&mirror));
                 if !known || self.trust(&mirror).is_none() {
+                    if let Some(left_out) = self.refusals.allow(&mirror, now) {
+                        warn!(%mirror, %room, left_out, "history request refused: no mirror of this room");
+                    }
                     let reply = stanza::error_reply(
                         &iq,
                         &to,

@@ -312,6 +312,22 @@ impl Mirror {
         let master = Jid::new(&room)
             .map(|j| j.domain().to_string())
             .unwrap_or_default();
+        let full = match self.rooms.get(&room) {
+            Some(r) => r.replica.local.len() + r.pending.len() >= self.config.max_local_occupants,
+            None => self.rooms.len() >= self.config.max_rooms,
+        };
+        if full {
+            warn!(%room, %user, "a local join refused: this mirror is at its limit");
+            let reply = stanza::error_reply(
+                &el,
+                &occupant_jid,
+                &user,
+                Condition::ResourceConstraint,
+                "This server's mirror of the room is full",
+            );
+            self.send(&reply);
+            return Ok(Verdict::Consumed);
+        }
         let history_size = self.config.history_size;
         let deadline = now.plus_ms(self.config.join_timeout_ms);
         let fwd = self.to_master(&el);

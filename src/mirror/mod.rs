@@ -95,11 +95,17 @@ pub struct MirrorConfig {
     /// A catch-up after an outage asks for history from this long before the newest message the
     /// mirror had (covers clock skew and second-precision stamps); duplicates are dropped.
     pub catch_up_margin_ms: u64,
+    /// Local occupants per mirrored room (joins under way included); past this a join gets
+    /// `resource-constraint`.
+    pub max_local_occupants: usize,
+    /// Mirrored rooms with local occupants; a join to one more gets `resource-constraint`.
+    pub max_rooms: usize,
 }
 
 impl MirrorConfig {
     /// Defaults: a queue of 1000 messages, joins time out after 30 s, 20 messages of history, a
-    /// ping every 30 s answered within 20 s, a catch-up margin of 30 s.
+    /// ping every 30 s answered within 20 s, a catch-up margin of 30 s, 1000 local occupants per
+    /// room and 1000 rooms.
     pub fn new(service: impl Into<String>, masters: Vec<String>) -> Self {
         MirrorConfig {
             service: service.into().to_ascii_lowercase(),
@@ -113,6 +119,8 @@ impl MirrorConfig {
             ping_interval_ms: 30_000,
             ping_timeout_ms: 20_000,
             catch_up_margin_ms: 30_000,
+            max_local_occupants: 1000,
+            max_rooms: 1000,
         }
     }
 }
