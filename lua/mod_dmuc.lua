@@ -158,6 +158,9 @@ if host_type == "component" and component_module == "muc" then
 	local ok, master = pcall(native.master, {
 		trusted_mirrors = trusted;
 		link_timeout = module:get_option("dmuc_link_timeout");
+		max_rooms_per_mirror = module:get_option("dmuc_max_rooms_per_mirror");
+		mirror_join_rate = module:get_option("dmuc_mirror_join_rate");
+		mirror_join_burst = module:get_option("dmuc_mirror_join_burst");
 		adopt_stanza_ids = archive_methods ~= nil;
 	});
 	if not ok then error("mod_dmuc: " .. tostring(master)); end
@@ -437,6 +440,8 @@ elseif host_type == "component" and component_module == "dmuc" then
 		ping_interval = module:get_option("dmuc_ping_interval");
 		ping_timeout = module:get_option("dmuc_ping_timeout");
 		catch_up_margin = module:get_option("dmuc_catch_up_margin");
+		max_local_occupants = module:get_option("dmuc_max_local_occupants");
+		max_rooms = module:get_option("dmuc_max_rooms");
 	});
 	if not ok then error("mod_dmuc: " .. tostring(mirror)); end
 

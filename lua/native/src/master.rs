@@ -70,6 +70,27 @@ pub fn new(_: &Lua, config_table: LuaTable) -> LuaResult<LuaMaster> {
     if let Some(s) = crate::mirror::positive(&config_table, "link_timeout", "dmuc_link_timeout")? {
         config.link_timeout_ms = s * 1000;
     }
+    let limit = |key, option| -> LuaResult<Option<u32>> {
+        crate::mirror::positive(&config_table, key, option)?
+            .map(|n| {
+                u32::try_from(n).map_err(|_| {
+                    LuaError::from(ShimError::Option {
+                        option,
+                        reason: "too large".into(),
+                    })
+                })
+            })
+            .transpose()
+    };
+    if let Some(n) = limit("max_rooms_per_mirror", "dmuc_max_rooms_per_mirror")? {
+        config.max_rooms_per_mirror = n as usize;
+    }
+    if let Some(n) = limit("mirror_join_rate", "dmuc_mirror_join_rate")? {
+        config.mirror_join_rate = n;
+    }
+    if let Some(n) = limit("mirror_join_burst", "dmuc_mirror_join_burst")? {
+        config.mirror_join_burst = n;
+    }
     // The shim can file a message under a given archive key (it wraps the archive's append);
     // Prosody's keys are opaque, so any valid proposal will do.
     if config_table

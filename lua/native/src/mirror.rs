@@ -56,6 +56,12 @@ pub fn new(_: &Lua, config: LuaTable) -> LuaResult<LuaMirror> {
     if let Some(n) = positive(&config, "catch_up_margin", "dmuc_catch_up_margin")? {
         c.catch_up_margin_ms = n * 1000;
     }
+    if let Some(n) = positive(&config, "max_local_occupants", "dmuc_max_local_occupants")? {
+        c.max_local_occupants = n as usize;
+    }
+    if let Some(n) = positive(&config, "max_rooms", "dmuc_max_rooms")? {
+        c.max_rooms = n as usize;
+    }
     Ok(LuaMirror(Mirror::new(c)))
 }
 
