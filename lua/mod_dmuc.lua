@@ -447,12 +447,28 @@ elseif host_type == "component" and component_module == "dmuc" then
 
 	module:add_feature(DMUC_FEATURE);
 
-	-- The outbound queue outlives a restart: stored whenever it changes.
+	-- The outbound queue outlives a restart: one stored entry per item, under the key "q<seq>"
+	-- of a keyval store (every storage driver has keyval, and lists its keys with users()).
+	-- A message costs one write when sent and one delete when acknowledged. (A "map" store
+	-- would be the natural fit, but on the internal driver it rewrites one file of all items.)
 	local store = module:open_store("dmuc_queue");
+	local store_puts, store_deletes, stored = 0, 0, 0;
 	local function persist()
-		if not mirror:take_queue_dirty() then return end
-		local ok_set, err = store:set("queue", { items = mirror:export_queue() });
-		if not ok_set then module:log("error", "cannot store the outbound queue: %s", tostring(err)); end
+		while true do
+			local op, key, item = mirror:poll_store();
+			if not op then break end
+			local ok_set, err;
+			if op == "put" then
+				ok_set, err = store:set("q" .. string.format("%d", key), { item = item });
+				store_puts, stored = store_puts + 1, stored + 1;
+			else
+				ok_set, err = store:set("q" .. string.format("%d", key), nil);
+				store_deletes, stored = store_deletes + 1, stored - 1;
+			end
+			if not ok_set then
+				module:log("error", "cannot %s queue item %d: %s", op, key, tostring(err));
+			end
+		end
 	end
 
 	local measure_up = module:measure("links_up", "amount");
@@ -468,6 +484,8 @@ elseif host_type == "component" and component_module == "dmuc" then
 				s.rooms, s.queued, s.in_flight, ago(s.last_pong), ago(s.last_resync), s.outages));
 		end
 		measure_up(up); measure_queued(queued); measure_in_flight(in_flight);
+		table.insert(lines, string.format("stored queue %d item(s), %d put(s), %d delete(s) since start",
+			stored, store_puts, store_deletes));
 		return lines;
 	end;
 
@@ -491,12 +509,38 @@ elseif host_type == "component" and component_module == "dmuc" then
 	end
 
 	do
-		local saved = store:get("queue");
-		local items = saved and saved.items or {};
+		-- Every stored item; the engine puts them back in the order of their keys.
+		local items = {};
+		if store.users then
+			for key in store:users() do
+				if key:match("^q%d+$") then
+					local saved, err = store:get(key);
+					if saved and type(saved.item) == "string" then
+						table.insert(items, saved.item);
+					elseif err then
+						module:log("error", "cannot load queue item %s: %s", key, tostring(err));
+					end
+				end
+			end
+		else
+			module:log("error", "this storage driver cannot list the stored queue: nothing restored");
+		end
+		stored = #items;
+		-- A store from before per-item storage: one list, in order. The engine gives each item
+		-- a key; once they are stored so, the list goes.
+		local legacy = store:get("queue");
+		local legacy_items = legacy and legacy.items or {};
+		for _, item in ipairs(legacy_items) do table.insert(items, item); end
+		local imported = true;
 		if #items > 0 then
 			local n = call(mirror, "import_queue", time_now(), items);
+			imported = n ~= nil;
 			module:log("info", "restored %s queued message(s) for the masters", tostring(n));
-			mirror:take_queue_dirty();
+			persist();
+		end
+		if legacy and imported then
+			local ok_set, err = store:set("queue", nil);
+			if not ok_set then module:log("error", "cannot drop the old stored queue: %s", tostring(err)); end
 		end
 		schedule();
 	end

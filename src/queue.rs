@@ -3,13 +3,16 @@
 //! outage), with its sender's nick and the time it was sent, so that it can be delivered later in
 //! order, exactly once, with its original time (XEP-0203), even after the mirror restarts.
 //!
-//! Items are stored by the host (Prosody `module:open_store`, ejabberd Mnesia) as XML text in
-//! dmuc's own format:
+//! Items are stored by the host (Prosody `module:open_store`, ejabberd Mnesia) one by one, each
+//! under its sequence number (see [`crate::mirror::StoreOp`]), as XML text in dmuc's own format:
 //!
 //! ```xml
 //! <queued xmlns='urn:xmpp:dmuc:queue:0' room='r@muc.example' user='u@example/res' nick='U'
-//!         at='1700000000000'><message .../></queued>
+//!         at='1700000000000' seq='42'><message .../></queued>
 //! ```
+//!
+//! The `seq` is also the item's storage key: it orders the items when they are loaded again.
+//! Items stored before per-item storage have none (they were stored in order, as one list).
 
 use minidom::Element;
 
@@ -31,6 +34,9 @@ pub struct Queued {
     pub stanza: Element,
     /// For a message sent to the master: the ping round it was sent in (see [`crate::link`]).
     pub round: u64,
+    /// The item's storage key: increasing in the order items were made, across restarts. 0 for
+    /// an item from an older version's store, which has none yet.
+    pub seq: u64,
 }
 
 impl Queued {
@@ -64,6 +70,9 @@ impl Queued {
         stanza::set_attr(&mut w, "user", &self.user);
         stanza::set_attr(&mut w, "nick", &self.nick);
         stanza::set_attr(&mut w, "at", self.at.0.to_string());
+        if self.seq != 0 {
+            stanza::set_attr(&mut w, "seq", self.seq.to_string());
+        }
         w.append_child(self.stanza.clone());
         stanza::serialize(&w)
     }
@@ -92,6 +101,10 @@ impl Queued {
             .parse::<u64>()
             .map(Timestamp)
             .map_err(|e| Error::invalid("queued", e))?;
+        let seq = match w.attr("seq") {
+            Some(s) => s.parse::<u64>().map_err(|e| Error::invalid("queued", e))?,
+            None => 0,
+        };
         stanza::parse_jid(&user)?;
         let stanza = w
             .children()
@@ -106,6 +119,7 @@ impl Queued {
                 at,
                 stanza,
                 round: 0,
+                seq,
             },
         ))
     }
@@ -134,11 +148,13 @@ mod tests {
             at: Timestamp(1_700_000_000_123),
             stanza: msg,
             round: 7,
+            seq: 42,
         };
         let text = q.to_xml("r@conference.fairfax.localhost");
         let (room, back) = Queued::from_xml(&text).unwrap();
         assert_eq!(room, "r@conference.fairfax.localhost");
         assert_eq!(back.round, 0, "rounds do not survive a restart");
+        assert_eq!(back.seq, 42, "the storage key does");
         assert_eq!(back.stanza, q.stanza);
         assert_eq!(back.user_domain(), "raleigh.localhost");
         let late = back.delayed("mirror.raleigh.localhost");
@@ -157,6 +173,10 @@ mod tests {
         assert!(Queued::from_xml("<message/>").is_err());
         assert!(Queued::from_xml(
             "<queued xmlns='urn:xmpp:dmuc:queue:0' room='r' user='u@h' nick='n' at='x'><message/></queued>"
+        )
+        .is_err());
+        assert!(Queued::from_xml(
+            "<queued xmlns='urn:xmpp:dmuc:queue:0' room='r' user='u@h' nick='n' at='1' seq='-1'><message/></queued>"
         )
         .is_err());
     }

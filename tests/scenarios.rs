@@ -936,7 +936,8 @@ fn a_restarted_mirror_delivers_its_stored_queue() {
     w.cut(Side::A);
     w.say(&c.wayne, "queued 1");
     w.say(&c.keith, "queued 2");
-    let stored = w.mirror(Side::A).export_queue();
+    // What the host stored, item by item, loaded in any order (here: newest first).
+    let stored: Vec<String> = w.stores[&Side::A].values().rev().cloned().collect();
     assert_eq!(stored.len(), 2);
     // The server restarts: every local session is gone, the engine starts afresh.
     let mut fresh = dmuc::mirror::Mirror::new(dmuc::mirror::MirrorConfig::new(
@@ -961,7 +962,69 @@ fn a_restarted_mirror_delivers_its_stored_queue() {
     assert!(!w.master.room.occupants.contains_key("Keith"));
     assert!(w.mirror(Side::A).rooms().is_empty());
     assert!(w.mirror(Side::A).export_queue().is_empty());
+    assert!(
+        w.stores[&Side::A].is_empty(),
+        "delivered: nothing left stored"
+    );
     assert!(w.master.errors.is_empty(), "{:?}", w.master.errors);
+}
+
+/// Storage changes per item: a message sent at once and acknowledged by the next ping answer
+/// costs the host one put and one delete, however many other messages are in flight.
+#[test]
+fn each_message_costs_one_put_and_one_delete() {
+    let (mut w, c) = full_room();
+    w.settle();
+    let before = w.store_ops[&Side::A];
+    for i in 0..50 {
+        w.say(&c.wayne, &format!("m{i}"));
+    }
+    assert_eq!(
+        w.stores[&Side::A].len(),
+        50,
+        "in flight until a ping answer"
+    );
+    assert_eq!(
+        w.store_ops[&Side::A] - before,
+        50,
+        "one put each, nothing rewritten"
+    );
+    w.settle();
+    assert!(w.stores[&Side::A].is_empty());
+    assert_eq!(w.store_ops[&Side::A] - before, 100, "and one delete each");
+    assert_eq!(all_bodies(&w.take(&c.scott)).len(), 50);
+}
+
+/// A store written by a version before per-item storage (one list, items without keys) is
+/// imported in its order; the mirror gives each item a key and asks the host to store it so.
+#[test]
+fn a_store_from_before_per_item_keys_is_taken_over() {
+    let (mut w, c) = full_room();
+    w.cut(Side::A);
+    w.say(&c.wayne, "old 1");
+    w.say(&c.keith, "old 2");
+    let legacy: Vec<String> = w.stores[&Side::A]
+        .values()
+        .map(|x| {
+            let at = x.find(" seq='").unwrap();
+            let end = at + x[at + 6..].find('\'').unwrap() + 7;
+            format!("{}{}", &x[..at], &x[end..])
+        })
+        .collect();
+    assert!(legacy.iter().all(|x| !x.contains("seq=")));
+    let mut fresh = dmuc::mirror::Mirror::new(dmuc::mirror::MirrorConfig::new(
+        A_MIRROR,
+        vec![MUC_SERVICE.into()],
+    ));
+    assert_eq!(fresh.import_queue(w.now, &legacy), 2);
+    let puts: Vec<dmuc::mirror::StoreOp> = std::iter::from_fn(|| fresh.poll_store()).collect();
+    assert_eq!(puts.len(), 2);
+    assert!(
+        matches!(&puts[0], dmuc::mirror::StoreOp::Put { key: 1, item } if item.contains("old 1"))
+    );
+    assert!(
+        matches!(&puts[1], dmuc::mirror::StoreOp::Put { key: 2, item } if item.contains("old 2"))
+    );
 }
 
 /// The s2s connection dies under messages already written into it; they are lost without a

@@ -26,7 +26,9 @@ Phases, for each mode (dmuc, then plain):
      9.6 kbit/s link sustains with no backlog. After K = 100, back to K = 20.
 After both modes: Prosody CPU per message (fairfax, raleigh) in the K = 20 room and in a room with
 local occupants only, in rounds that alternate between the two modes' servers; then every
-remote occupant leaves, and a message with nobody remote is counted.
+remote occupant leaves, and a message with nobody remote is counted. Last, a flood of 2,000
+messages from one user: the mirror's server's CPU against a plain MUC server's hosting the same
+room for the same users (benches/prosody/flood.py).
 """
 
 from __future__ import annotations
@@ -59,8 +61,10 @@ from clients import ClientHub, WaitTimeout  # noqa: E402
 from servers import CONFERENCE, FAIRFAX, RALEIGH, ServerSpec, federation  # noqa: E402
 
 import plot  # noqa: E402  (benches/prosody/plot.py)
+from flood import flood  # noqa: E402  (benches/prosody/flood.py)
 
-DIST = os.path.join(ROOT, "dist", "prosody")
+# DMUC_BENCH_DIST: measure another build of the Prosody module (a before/after comparison).
+DIST = os.environ.get("DMUC_BENCH_DIST", os.path.join(ROOT, "dist", "prosody"))
 OUT = os.path.join(ROOT, "target", "bench")
 PASSWORD = "secret"
 ROOM = f"chatroom@{CONFERENCE}"
@@ -849,7 +853,7 @@ class Bench:
         print(text_table(rows))
         for line in self.results["engine"].get("lines", []):
             print(f"engine: {line}")
-        if not failure:
+        if not failure and self.runs:  # the plot is of the main phases (not run with --only flood)
             try:
                 paths = plot.plot(self.results, OUT)
                 print(f"\nwrote {os.path.join(OUT, 'results.json')}, {os.path.join(OUT, 'results.md')}, "
@@ -968,6 +972,11 @@ def table_rows(res: Dict[str, Any]) -> List[tuple]:
             a, b = get(d, key, "cpu_us_per_message", dom), get(p, key, "cpu_us_per_message", dom)
             rows.append(("Prosody CPU", f"{dom.split('.')[0]}, K=20 room, message from the {label}, µs/message",
                          fmt_us(a), fmt_us(b), ratio(a, b)))
+    f = res.get("flood", {})
+    a, b = get(f, "dmuc", "cpu_us_per_message"), get(f, "plain", "cpu_us_per_message")
+    rows.append(("flood", f"flood: mirror server CPU vs plain MUC server CPU ({get(f, 'messages', default='?')} "
+                 f"messages from one of {get(f, 'users', default='?')} users; µs/message)",
+                 fmt_us(a), fmt_us(b), ratio(a, b)))
     return rows
 
 
@@ -998,15 +1007,21 @@ def markdown(rows: List[tuple], res: Dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-async def main_async(bench: Bench, modes: Sequence[str]) -> None:
+async def main_async(bench: Bench, modes: Sequence[str], phases: Sequence[str]) -> None:
     async with contextlib.AsyncExitStack() as stack:
+        if "main" not in phases:
+            modes = []
         for mode in modes:
             await bench.three_mirrors(mode, stack)
             await bench.two_server_run(mode, stack)
-        await bench.cpu_rounds()
+        if bench.runs:
+            await bench.cpu_rounds()
         for run in bench.runs.values():
             await bench.finale(run)
         await asyncio.gather(*bench.idle_tasks)
+    if "flood" in phases:
+        async with contextlib.AsyncExitStack() as stack:
+            bench.results["flood"] = await flood(bench, stack, started, Run, ClientHub, CONFERENCE)
         bench.log("stopping the servers")
 
 
@@ -1015,6 +1030,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="a smaller workload, for a smoke run")
     ap.add_argument("--engine", help="output of `cargo bench --bench fanout` to include")
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated: dmuc,plain")
+    ap.add_argument("--only", default="main,flood",
+                    help="comma-separated phases: main (everything but the flood), flood")
     args = ap.parse_args()
     if not os.path.exists(os.path.join(DIST, "dmuc_prosody.so")):
         print(f"{DIST} has no dmuc_prosody.so: run `make dist` first", file=sys.stderr)
@@ -1025,7 +1042,8 @@ def main() -> int:
     bench = Bench(Config(args.quick))
     failure = None
     try:
-        asyncio.run(main_async(bench, [m for m in args.modes.split(",") if m]))
+        asyncio.run(main_async(bench, [m for m in args.modes.split(",") if m],
+                               [p for p in args.only.split(",") if p]))
     except BenchFailure as e:
         failure = str(e)
     except Exception as e:

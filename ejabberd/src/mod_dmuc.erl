@@ -44,7 +44,10 @@
 %% their presence, so that the room gets the presence a direct user would send.
 -define(SEND_PRIO, 90).
 
-%% The mirror's outbound queue, stored so that a restart loses nothing.
+%% The mirror's outbound queue, stored so that a restart loses nothing: one row per item, keyed
+%% by the mirror service and the item's sequence number (the engine orders them on import).
+-record(dmuc_queue_item, {key :: {binary(), non_neg_integer()}, item :: binary()}).
+%% The whole-queue row of older versions, read once at start and dropped.
 -record(dmuc_queue, {service :: binary(), items = [] :: [binary()]}).
 
 %%%===================================================================
@@ -552,15 +555,29 @@ init_mirror(Host, Opts, Proc) ->
                 {ok, M} ->
                     persistent_term:put({?MODULE, mirror, Host}, {M, Proc}),
                     persistent_term:put({?MODULE, mirror_service, Service}, {M, Proc}),
-                    ejabberd_mnesia:create(?MODULE, dmuc_queue,
-                                           [{disc_only_copies, [node()]},
-                                            {attributes, record_info(fields, dmuc_queue)}]),
-                    Items = case mnesia:dirty_read(dmuc_queue, Service) of
-                                [#dmuc_queue{items = I}] -> I;
-                                _ -> []
-                            end,
+                    %% On disc like the old whole-queue table (each write reaches the file), but a
+                    %% message now costs one small row written and one deleted.
+                    ejabberd_mnesia:create(?MODULE, dmuc_queue_item,
+                                           [{disc_only_copies, [node()]}, {type, set},
+                                            {attributes, record_info(fields, dmuc_queue_item)}]),
+                    Stored = [I || #dmuc_queue_item{item = I}
+                                       <- mnesia:dirty_match_object(#dmuc_queue_item{key = {Service, '_'}, item = '_'})],
+                    %% A table of an older version (one row of the whole queue): taken over.
+                    Legacy = case catch mnesia:dirty_read(dmuc_queue, Service) of
+                                 [#dmuc_queue{items = I}] -> I;
+                                 _ -> []
+                             end,
+                    Items = Legacy ++ Stored,
                     ?INFO_MSG("dmuc mirror ~ts for ~p (~b stored queue item(s))", [Service, Masters, length(Items)]),
+                    counters:add(store_counters(Service), 3, length(Stored)),
                     _ = mirror_run(M, Proc, fun() -> dmuc_nif:mirror_import(M, now_ms(), Items) end),
+                    case Legacy of
+                        [] -> ok;
+                        _ ->
+                            %% Stored per item first, then the old row goes.
+                            persist(#{host => Host, service => Service}),
+                            catch mnesia:dirty_delete(dmuc_queue, Service)
+                    end,
                     ejabberd_router:register_route(Service, Host, {apply, ?MODULE, route}),
                     ejabberd_hooks:add(user_send_packet, Host, ?MODULE, user_send_packet, ?SEND_PRIO),
                     ejabberd_hooks:add(user_receive_packet, Host, ?MODULE, user_receive_packet, 50),
@@ -678,17 +695,37 @@ s2s_out_gone({_, RServer} = FromTo, Pid, #{host := Host} = State) ->
             end
     end.
 
-%% Store the mirror's queue when it changed (in this process, so that writes keep their order).
+%% Apply the engine's changes to the stored queue, one row each (in this process, so that
+%% writes keep their order).
 persist(#{service := undefined} = State) -> State;
 persist(#{host := Host, service := Service} = State) ->
     case persistent_term:get({?MODULE, mirror, Host}, undefined) of
         undefined -> State;
         {M, _} ->
             case call(fun() -> dmuc_nif:mirror_persist(M) end) of
-                {true, Items} -> mnesia:dirty_write(#dmuc_queue{service = Service, items = Items});
+                Ops when is_list(Ops) ->
+                    C = store_counters(Service),
+                    lists:foreach(
+                      fun({put, Key, Item}) ->
+                              mnesia:dirty_write(#dmuc_queue_item{key = {Service, Key}, item = Item}),
+                              counters:add(C, 1, 1), counters:add(C, 3, 1);
+                         ({delete, Key, _}) ->
+                              mnesia:dirty_delete(dmuc_queue_item, {Service, Key}),
+                              counters:add(C, 2, 1), counters:sub(C, 3, 1)
+                      end, Ops);
                 _ -> ok
             end,
             State
+    end.
+
+%% Puts, deletes and stored items of a mirror service's queue, for `ejabberdctl dmuc_status`.
+store_counters(Service) ->
+    case persistent_term:get({?MODULE, store_counters, Service}, undefined) of
+        undefined ->
+            C = counters:new(3, [write_concurrency]),
+            persistent_term:put({?MODULE, store_counters, Service}, C),
+            C;
+        C -> C
     end.
 
 terminate(_Reason, #{host := Host, service := Service, watched := Watched} = State) ->
@@ -842,7 +879,10 @@ dmuc_status() ->
                         Ago(Pong), Ago(Resync), Outages])
          || M <- Mirrors,
             {{Master, Up}, {Rooms, Queued, InFlight, Outages}, {Pong, Resync, _Down}}
-                <- ok_list(dmuc_nif:mirror_status(M))],
+                <- ok_list(dmuc_nif:mirror_status(M))] ++
+        [io_lib:format("~ts: stored queue ~b item(s), ~b put(s), ~b delete(s) since start",
+                       [S, counters:get(C, 3), counters:get(C, 1), counters:get(C, 2)])
+         || {{?MODULE, store_counters, S}, C} <- persistent_term:get()],
     lists:flatten(lists:join("\n", Lines)).
 
 ok_list({ok, L}) -> L;

@@ -54,10 +54,11 @@ impl Mirror {
         match answer {
             Some(Pong::Bounced) => self.link_lost(now, master),
             Some(Pong::Alive { round, domain }) => {
-                let mut acked = 0;
                 for room in self.rooms_of(master) {
                     if let Some(r) = self.rooms.get_mut(&room) {
-                        acked += r.out.acknowledge(round, &domain);
+                        for seq in r.out.acknowledge(round, &domain) {
+                            self.store.delete(seq);
+                        }
                         if r.out.barrier && r.out.in_flight.is_empty() {
                             r.out.barrier = false;
                             if r.may_flush() {
@@ -67,9 +68,6 @@ impl Mirror {
                         }
                     }
                     self.close_if_empty(&room);
-                }
-                if acked > 0 {
-                    self.queue_dirty = true;
                 }
                 if domain == self.config.service {
                     self.redo_lost_requests(now, master, round);
@@ -147,7 +145,6 @@ impl Mirror {
         for (nick, p) in remote {
             self.fan_out_presence(room, &nick, &p, None);
         }
-        self.queue_dirty = true;
         self.close_if_empty(room);
     }
 

@@ -230,14 +230,16 @@ impl Mirror {
                 if master_down {
                     // The master hears of it after the messages this user sent before leaving.
                     if let Some(r) = self.rooms.get_mut(&room) {
-                        r.out.queue.push_back(Queued {
+                        let item = Queued {
                             user: user.clone(),
                             nick: current.clone(),
                             at: now,
                             stanza: el,
                             round: 0,
-                        });
-                        self.queue_dirty = true;
+                            seq: self.store.next_seq(),
+                        };
+                        self.store.put(&room, &item);
+                        r.out.queue.push_back(item);
                     }
                 } else {
                     self.send(&el);
@@ -573,31 +575,34 @@ impl Mirror {
             el.append_child(stanza_ids::proposal_element(id));
         }
         let round = round_of(&self.links, &r.master);
+        if hold && r.out.queue.len() + r.out.in_flight.len() >= queue_limit {
+            warn!(%room, "outbound queue full: message refused");
+            let reply = stanza::error_reply(
+                &el,
+                &room,
+                &user,
+                Condition::ResourceConstraint,
+                "The link to this room is down and the queue is full",
+            );
+            self.send(&reply);
+            return Ok(Verdict::Consumed);
+        }
+        // Stored until a ping answer acknowledges it, whether it goes now or waits: a restart
+        // before then must not lose it.
         let item = Queued {
             user: user.clone(),
             nick: nick.clone(),
             at: now,
             stanza: el.clone(),
             round,
+            seq: self.store.next_seq(),
         };
+        self.store.put(&r.replica.jid, &item);
         if hold {
-            if r.out.queue.len() + r.out.in_flight.len() >= queue_limit {
-                warn!(%room, "outbound queue full: message refused");
-                let reply = stanza::error_reply(
-                    &el,
-                    &room,
-                    &user,
-                    Condition::ResourceConstraint,
-                    "The link to this room is down and the queue is full",
-                );
-                self.send(&reply);
-                return Ok(Verdict::Consumed);
-            }
             r.out.queue.push_back(item);
         } else {
             r.out.in_flight.push_back(item);
         }
-        self.queue_dirty = true;
         // Local users see the message as its sender wrote it (our origin-id and proposal are
         // for the master).
         let mut shown = original;
@@ -618,8 +623,7 @@ impl Mirror {
         }
         let text = stanza::serialize(&shown);
         // A direct session (a second device on a nick) gets the room's own copy instead.
-        let copies =
-            stanza::copies_to(&text, shown.name(), r.served().iter().map(String::as_str));
+        let copies = stanza::copies_to(&text, shown.name(), r.served().iter().map(String::as_str));
         if is_historic(&shown) {
             r.replica.history.push(Entry::with_text(shown, &text, now));
         }

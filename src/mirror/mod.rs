@@ -18,11 +18,12 @@
 //!   rooms catch up);
 //! - [`Mirror::handle_timeout`]: the time asked for by [`Mirror::poll_timeout`] has come (ping
 //!   rounds, ping deadlines, join and sync deadlines);
-//! - [`Mirror::import_queue`]: at start, the outbound queue the host stored before a restart.
+//! - [`Mirror::import_queue`]: at start, the outbound queue items the host stored before a
+//!   restart.
 //!
 //! Outputs (`poll_*`): [`Mirror::poll_transmit`] (stanzas to route: to local users, or to the
-//! master) and [`Mirror::poll_timeout`]. When [`Mirror::take_queue_dirty`] says so, the host
-//! stores [`Mirror::export_queue`].
+//! master), [`Mirror::poll_timeout`], and [`Mirror::poll_store`] (one change at a time to the
+//! stored outbound queue: put or delete one item).
 //!
 //! # Link loss
 //!
@@ -42,7 +43,8 @@
 //! - `remote`: stanzas from the master (broadcasts, sync IQs, errors, escaped addresses);
 //! - `sync`: the room's sync with the master (roster, history, catch-up, queue flush);
 //! - `health`: link health (pings, down and up);
-//! - `room`, `replica`, `outbound`: the state of one room, its copy of the room, its queue.
+//! - `room`, `replica`, `outbound`: the state of one room, its copy of the room, its queue;
+//! - `store`: the changes the host makes to its stored copy of the queues.
 
 mod classify;
 mod health;
@@ -51,7 +53,10 @@ mod outbound;
 mod remote;
 mod replica;
 mod room;
+mod store;
 mod sync;
+
+pub use store::StoreOp;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -172,7 +177,8 @@ pub struct Mirror {
     next_id: u64,
     /// Stanza-ids this mirror proposes for its users' messages.
     stanza_ids: IdSource,
-    queue_dirty: bool,
+    /// What the host must change in its stored queue.
+    store: store::Journal,
     /// Local users who left a room lately: what the room still sends them through the mirror
     /// (the answer to the request that made them leave, say) is delivered, not dropped.
     recently_left: Recent<String>,
@@ -200,7 +206,7 @@ impl Mirror {
             links: BTreeMap::new(),
             transmits: VecDeque::new(),
             next_id: 0,
-            queue_dirty: false,
+            store: store::Journal::default(),
             recently_left: Recent::new(RECENTLY_LEFT),
             withdrawn: BTreeSet::new(),
             room_withdrew: BTreeSet::new(),
@@ -290,14 +296,22 @@ impl Mirror {
             .collect()
     }
 
-    /// Has the outbound queue changed since the last call? The host then stores
-    /// [`Mirror::export_queue`], so that a restart loses nothing.
-    pub fn take_queue_dirty(&mut self) -> bool {
-        std::mem::take(&mut self.queue_dirty)
+    /// The next change to the stored outbound queue, so that a restart loses nothing: the host
+    /// stores or deletes one item per change, under its key (in the order given, or in any
+    /// order: keys are independent). Poll after each call, as [`Mirror::poll_transmit`]; what
+    /// the host has stored, loaded in key order, is what [`Mirror::import_queue`] takes.
+    pub fn poll_store(&mut self) -> Option<StoreOp> {
+        self.store.poll()
     }
 
-    /// Everything not yet acknowledged by the master (in flight first, then queued), in order, in
-    /// storage form (see [`crate::queue`]).
+    /// Are changes to the stored queue waiting for [`Mirror::poll_store`]?
+    pub fn store_pending(&self) -> bool {
+        !self.store.is_empty()
+    }
+
+    /// Everything not yet acknowledged by the master (refused, in flight, queued), in order, in
+    /// storage form (see [`crate::queue`]): what the host's store holds once it has applied
+    /// every [`Mirror::poll_store`] change. For status and tests; the host stores per item.
     pub fn export_queue(&self) -> Vec<String> {
         self.rooms
             .values()
@@ -534,8 +548,8 @@ impl Mirror {
                 continue;
             }
             debug!(%room, in_flight = r.out.in_flight.len(), "s2s session closed: what was in flight goes again");
+            // Storage is unchanged: a stored item is queued after a restart, whatever its state.
             r.out.requeue_in_flight();
-            self.queue_dirty = true;
         }
     }
 
@@ -626,20 +640,29 @@ impl Mirror {
         self.ping(now);
     }
 
-    /// At start: the queue the host stored before a restart (from [`Mirror::export_queue`]).
-    /// Nothing is sent until a ping to the master is answered; then each sender is joined for
-    /// the delivery of what they said. Items that do not parse, or name a room this mirror does
-    /// not mirror, are skipped with a warning.
+    /// At start: the queue items the host stored before a restart (from [`Mirror::poll_store`]),
+    /// in any order: they are put back in the order of their keys. Everything goes back to the
+    /// queue, what was in flight included (it may not have arrived). Nothing is sent until a ping
+    /// to the master is answered; then each sender is joined for the delivery of what they said.
+    /// Items that do not parse, or name a room this mirror does not mirror, are skipped with a
+    /// warning (and left in the host's store). Items from an older version's store (one list,
+    /// in order, no keys) get keys here, and [`Mirror::poll_store`] asks the host to store them
+    /// per item.
     pub fn import_queue(&mut self, now: Timestamp, items: &[String]) -> usize {
-        let mut n = 0;
+        let mut parsed: Vec<(String, Queued)> = Vec::with_capacity(items.len());
         for text in items {
-            let (room, q) = match Queued::from_xml(text) {
-                Ok(v) => v,
-                Err(e) => {
-                    warn!(error = %e, "skipped a stored queue item");
-                    continue;
-                }
-            };
+            match Queued::from_xml(text) {
+                Ok(v) => parsed.push(v),
+                Err(e) => warn!(error = %e, "skipped a stored queue item"),
+            }
+        }
+        // Stable: keyless items (older stores) keep their stored order, ahead of keyed ones.
+        parsed.sort_by_key(|(_, q)| q.seq);
+        for (_, q) in &parsed {
+            self.store.seen(q.seq);
+        }
+        let mut n = 0;
+        for (room, mut q) in parsed {
             let Ok(room_jid) = Jid::new(&room) else {
                 warn!(%room, "skipped a stored queue item for a bad room JID");
                 continue;
@@ -654,6 +677,10 @@ impl Mirror {
                 .rooms
                 .entry(room.clone())
                 .or_insert_with(|| MirrorRoom::new(room.clone(), master.clone(), history_size));
+            if q.seq == 0 {
+                q.seq = self.store.next_seq();
+                self.store.put(&room, &q);
+            }
             r.out.queue.push_back(q);
             let link = self.links.entry(master).or_default();
             link.go_down(now);

@@ -11,6 +11,18 @@ use crate::queue::Queued;
 /// Acknowledged messages kept per room, in case the master refuses them after all.
 const DELIVERED: usize = 500;
 
+/// Where a refused item was: storage keeps what is not acknowledged, so an acknowledged one is
+/// stored again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Refusal {
+    /// No such item (an older one, or not ours).
+    NotOurs,
+    /// In flight: still stored.
+    InFlight,
+    /// Acknowledged, so no longer stored.
+    Delivered,
+}
+
 #[derive(Debug, Default)]
 pub(super) struct Outbound {
     /// Waiting for the link.
@@ -57,19 +69,19 @@ impl Outbound {
     }
 
     /// A ping answer for `round` from `domain`: what that domain sent up to that round arrived.
-    /// Returns how many items were acknowledged.
-    pub(super) fn acknowledge(&mut self, round: u64, domain: &str) -> usize {
+    /// Returns the keys of the items acknowledged (no longer to be stored).
+    pub(super) fn acknowledge(&mut self, round: u64, domain: &str) -> Vec<u64> {
         let (done, waiting): (VecDeque<Queued>, VecDeque<Queued>) =
             std::mem::take(&mut self.in_flight)
                 .into_iter()
                 .partition(|q| q.round <= round && q.user_domain() == domain);
         self.in_flight = waiting;
-        let n = done.len();
+        let keys = done.iter().map(|q| q.seq).collect();
         self.delivered.extend(done);
         while self.delivered.len() > DELIVERED {
             self.delivered.pop_front();
         }
-        n
+        keys
     }
 
     /// Every item from `user` with stanza id `id` that is still ours to answer for.
@@ -82,22 +94,24 @@ impl Outbound {
     }
 
     /// The master refused the item from `user` with stanza id `id`: keep it for a resend.
-    pub(super) fn refuse(&mut self, user: &str, id: &str) -> bool {
+    pub(super) fn refuse(&mut self, user: &str, id: &str) -> Refusal {
         let mine = |q: &Queued| q.stanza.attr("id") == Some(id) && q.user == user;
-        let item = match self.in_flight.iter().position(mine) {
-            Some(i) => self.in_flight.remove(i),
-            None => self
-                .delivered
-                .iter()
-                .position(mine)
-                .and_then(|i| self.delivered.remove(i)),
+        let (item, was) = match self.in_flight.iter().position(mine) {
+            Some(i) => (self.in_flight.remove(i), Refusal::InFlight),
+            None => (
+                self.delivered
+                    .iter()
+                    .position(mine)
+                    .and_then(|i| self.delivered.remove(i)),
+                Refusal::Delivered,
+            ),
         };
         match item {
             Some(item) => {
                 self.refused.push(item);
-                true
+                was
             }
-            None => false,
+            None => Refusal::NotOurs,
         }
     }
 

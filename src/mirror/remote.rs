@@ -7,6 +7,7 @@ use tracing::{debug, info, warn};
 
 use super::classify::{final_leave, fingerprint, is_bounce, is_historic};
 use super::replica::{current_presence, Occupant};
+use super::outbound::Refusal;
 use super::room::Sync;
 use super::{split, Mirror, Verdict};
 
@@ -59,8 +60,11 @@ impl Mirror {
                 // what was in flight again once it has them.
                 info!(%room, user = %to, "the master says a local user is not in the room: rejoining");
                 if let Some(r) = self.rooms.get_mut(&room) {
-                    if r.out.refuse(to.as_str(), id) {
-                        self.queue_dirty = true;
+                    if r.out.refuse(to.as_str(), id) == Refusal::Delivered {
+                        // Acknowledged, so deleted from storage: it is ours to deliver again.
+                        if let Some(q) = r.out.refused.last() {
+                            self.store.put(&r.replica.jid, q);
+                        }
                     }
                 }
                 self.rejoin_user(&room, to.as_str());

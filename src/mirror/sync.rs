@@ -62,8 +62,7 @@ impl Mirror {
         // A nick's first session first: the master then takes the same sessions for second
         // ones (multi-session nicks) as before.
         rejoins.sort_by_key(|(direct, _, _)| *direct);
-        let rejoins: Vec<(String, Element)> =
-            rejoins.into_iter().map(|(_, n, j)| (n, j)).collect();
+        let rejoins: Vec<(String, Element)> = rejoins.into_iter().map(|(_, n, j)| (n, j)).collect();
         // Our users who left during the outage: their leave is still queued for the master.
         let leaving: BTreeSet<String> = r
             .out
@@ -335,6 +334,8 @@ impl Mirror {
                     // Shown here when they left; the master's echo of it is not sent back.
                     r.replica.occupants.remove(&q.nick);
                 }
+                // A leave is done with once sent: no ping answer needs to acknowledge it.
+                self.store.delete(q.seq);
                 out.push(q.stanza);
             }
         }
@@ -348,7 +349,6 @@ impl Mirror {
         info!(%room, sent = out.len(), "sent the outbound queue");
         r.out.barrier = barrier;
         let master = r.master.clone();
-        self.queue_dirty = true;
         for el in out {
             self.send(&el);
         }

@@ -14,7 +14,7 @@ pub mod xml;
 
 use std::collections::{BTreeMap, VecDeque};
 
-use dmuc::mirror::{Mirror, MirrorConfig, Verdict};
+use dmuc::mirror::{Mirror, MirrorConfig, StoreOp, Verdict};
 use dmuc::Timestamp;
 use minidom::Element;
 
@@ -141,6 +141,11 @@ pub struct World {
     pub now: Timestamp,
     pub master: MasterHost,
     pub mirrors: BTreeMap<Side, Mirror>,
+    /// Each mirror's server's stored queue, as its host keeps it: every `poll_store` change
+    /// applied, item by item. It outlives a mirror's restart.
+    pub stores: BTreeMap<Side, BTreeMap<u64, String>>,
+    /// The store changes each mirror asked for (puts and deletes).
+    pub store_ops: BTreeMap<Side, usize>,
     pub links: BTreeMap<Side, Link>,
     pub inboxes: BTreeMap<String, Vec<Element>>,
     /// Errors the mirrors returned (a host logs and bounces them).
@@ -201,6 +206,8 @@ impl World {
             now: Timestamp(1_295_424_000_000),
             master,
             mirrors,
+            stores: BTreeMap::new(),
+            store_ops: BTreeMap::new(),
             links,
             inboxes: BTreeMap::new(),
             mirror_errors: Vec::new(),
@@ -403,6 +410,29 @@ impl World {
         while let Some(x) = m.poll_transmit() {
             out.push(x);
         }
+        let store = self.stores.entry(side).or_default();
+        let ops = self.store_ops.entry(side).or_default();
+        while let Some(op) = m.poll_store() {
+            *ops += 1;
+            match op {
+                StoreOp::Put { key, item } => {
+                    store.insert(key, item);
+                }
+                StoreOp::Delete { key } => {
+                    assert!(store.remove(&key).is_some(), "deleted {key}, never stored");
+                }
+            }
+        }
+        // The per-item changes add up to exactly what is not yet acknowledged.
+        let mut stored: Vec<&String> = store.values().collect();
+        let exported = m.export_queue();
+        let mut exported: Vec<&String> = exported.iter().collect();
+        stored.sort();
+        exported.sort();
+        assert_eq!(
+            stored, exported,
+            "the store of {side:?} drifted from the queue"
+        );
         for x in out {
             self.route(side, x);
         }

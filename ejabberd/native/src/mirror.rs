@@ -2,14 +2,14 @@
 
 use std::sync::Mutex;
 
-use dmuc::mirror::{Mirror, MirrorConfig, Verdict};
+use dmuc::mirror::{Mirror, MirrorConfig, StoreOp, Verdict};
 use dmuc::Timestamp;
 use rustler::ResourceArc;
 
 use crate::error::NifError;
 use crate::master::domain_list;
 
-rustler::atoms! { consumed, pass }
+rustler::atoms! { consumed, pass, put, delete }
 
 pub struct MirrorRes(Mutex<Mirror>);
 
@@ -138,15 +138,19 @@ fn mirror_import(
     })
 }
 
-/// `{Changed, [Item]}`: the queue to store, if it changed since the last call.
+/// `[{put, Key, Item} | {delete, Key, <<>>}]`: the changes to the stored queue since the last
+/// call, one row each.
 #[rustler::nif]
-fn mirror_persist(r: ResourceArc<MirrorRes>) -> Result<(bool, Vec<String>), NifError> {
+fn mirror_persist(
+    r: ResourceArc<MirrorRes>,
+) -> Result<Vec<(rustler::Atom, u64, String)>, NifError> {
     let mut m = r.0.lock().map_err(|_| NifError::Poisoned)?;
-    if m.take_queue_dirty() {
-        Ok((true, m.export_queue()))
-    } else {
-        Ok((false, Vec::new()))
-    }
+    Ok(std::iter::from_fn(|| m.poll_store())
+        .map(|op| match op {
+            StoreOp::Put { key, item } => (put(), key, item),
+            StoreOp::Delete { key } => (delete(), key, String::new()),
+        })
+        .collect())
 }
 
 /// `[{{Master, Up}, {Rooms, Queued, InFlight, Outages}, {LastPongMs, LastResyncMs, DownSinceMs}}]`,

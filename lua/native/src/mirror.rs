@@ -1,6 +1,6 @@
 //! The mirror role as Lua userdata: `native.mirror{ service = ..., masters = {...}, ... }`.
 
-use dmuc::mirror::{Mirror, MirrorConfig, Verdict};
+use dmuc::mirror::{Mirror, MirrorConfig, StoreOp, Verdict};
 use dmuc::Timestamp;
 use mlua::prelude::*;
 
@@ -124,9 +124,13 @@ impl LuaUserData for LuaMirror {
                 Ok(n)
             },
         );
-        methods.add_method("export_queue", |_, this, ()| Ok(this.0.export_queue()));
-        methods.add_method_mut("take_queue_dirty", |_, this, ()| {
-            Ok(this.0.take_queue_dirty())
+        // `"put", key, item` or `"delete", key`, or nothing: one change to the stored queue.
+        methods.add_method_mut("poll_store", |_, this, ()| {
+            Ok(match this.0.poll_store() {
+                Some(StoreOp::Put { key, item }) => (Some("put"), Some(key), Some(item)),
+                Some(StoreOp::Delete { key }) => (Some("delete"), Some(key), None),
+                None => (None, None, None),
+            })
         });
         methods.add_method("status", |lua, this, ()| {
             let list = lua.create_table()?;
