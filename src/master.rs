@@ -36,6 +36,7 @@ use jid::Jid;
 use minidom::Element;
 use tracing::{debug, info, warn};
 
+use crate::bounds::Limits;
 use crate::elements::{
     Affiliation, Config, Dmuc, HistoryResult, Role, Room, Roster, RosterAffiliation, RosterItem,
     Whois,
@@ -115,6 +116,9 @@ pub struct MasterConfig {
     /// Does the host's archive also put XEP-0313 v0.2's `<archived xmlns='urn:xmpp:mam:tmp'/>`
     /// on each message it archives (ejabberd's mod_mam)? Mirrors then add it to their copies.
     pub archived_element: bool,
+    /// Depth and size of the stanzas the master accepts from users, outsiders and mirrors
+    /// (see [`crate::bounds`]).
+    pub limits: Limits,
 }
 
 impl Default for MasterConfig {
@@ -126,6 +130,7 @@ impl Default for MasterConfig {
             link_timeout_ms: 120_000,
             stanza_ids: Adoption::Never,
             archived_element: false,
+            limits: Limits::default(),
         }
     }
 }
@@ -489,7 +494,7 @@ impl Master {
         xml: &str,
         granted_nick: Option<&str>,
     ) -> Result<PresenceVerdict, Error> {
-        let p = stanza::parse(xml)?;
+        let p = stanza::parse_within(xml, &self.config.limits)?;
         if p.name() != "presence" {
             return Err(Error::UnexpectedElement {
                 expected: "presence",
@@ -656,7 +661,7 @@ impl Master {
 
     /// An IQ addressed to a room or occupant JID of this service.
     pub fn handle_iq(&mut self, _now: Timestamp, xml: &str) -> Result<IqVerdict, Error> {
-        let iq = stanza::parse(xml)?;
+        let iq = stanza::parse_within(xml, &self.config.limits)?;
         if iq.name() != "iq" {
             return Err(Error::UnexpectedElement {
                 expected: "iq",
@@ -968,7 +973,7 @@ impl Master {
     /// A stanza the MUC is about to send to a remote domain (the host calls this for stanzas
     /// whose `to` makes [`Master::routes_via_mirror`] true).
     pub fn handle_outbound(&mut self, _now: Timestamp, xml: &str) -> Result<Outbound, Error> {
-        let el = stanza::parse(xml)?;
+        let el = stanza::parse_within(xml, &self.config.limits)?;
         let Some(to) = el.attr("to") else {
             return Ok(Outbound::Send);
         };
@@ -1187,7 +1192,7 @@ impl Master {
         now: Timestamp,
         xml: &str,
     ) -> Result<GroupchatVerdict, Error> {
-        let m = stanza::parse(xml)?;
+        let m = stanza::parse_within(xml, &self.config.limits)?;
         let from = stanza::jid_attr(&m, "message", "from")?.to_string();
         let own_id = GroupchatVerdict::Broadcast { stanza_id: None };
         let Some(to) = m.attr("to").and_then(|t| Jid::new(t).ok()) else {

@@ -59,6 +59,7 @@ use jid::Jid;
 use minidom::Element;
 use tracing::{debug, info, warn};
 
+use crate::bounds::Limits;
 use crate::error::Error;
 use crate::link::Link;
 use crate::ns;
@@ -95,11 +96,15 @@ pub struct MirrorConfig {
     /// A catch-up after an outage asks for history from this long before the newest message the
     /// mirror had (covers clock skew and second-precision stamps); duplicates are dropped.
     pub catch_up_margin_ms: u64,
+    /// Depth and size of the stanzas the mirror accepts from local users, masters and
+    /// outsiders (see [`crate::bounds`]).
+    pub limits: Limits,
 }
 
 impl MirrorConfig {
     /// Defaults: a queue of 1000 messages, joins time out after 30 s, 20 messages of history, a
-    /// ping every 30 s answered within 20 s, a catch-up margin of 30 s.
+    /// ping every 30 s answered within 20 s, a catch-up margin of 30 s, the default
+    /// [`Limits`].
     pub fn new(service: impl Into<String>, masters: Vec<String>) -> Self {
         MirrorConfig {
             service: service.into().to_ascii_lowercase(),
@@ -113,6 +118,7 @@ impl MirrorConfig {
             ping_interval_ms: 30_000,
             ping_timeout_ms: 20_000,
             catch_up_margin_ms: 30_000,
+            limits: Limits::default(),
         }
     }
 }
@@ -328,7 +334,7 @@ impl Mirror {
 
     /// A stanza from a local user addressed to a mirrored service.
     pub fn handle_local(&mut self, now: Timestamp, xml: &str) -> Result<Verdict, Error> {
-        let el = stanza::parse(xml)?;
+        let el = stanza::parse_within(xml, &self.config.limits)?;
         let from = stanza::jid_attr(&el, "stanza", "from")?;
         let to = el.attr("to").ok_or(Error::MissingAttribute {
             element: "stanza",
@@ -385,7 +391,7 @@ impl Mirror {
     /// A stanza from a mirrored service: to the mirror service itself, to a user's escaped JID at
     /// the mirror, or to a local user (which the mirror only observes).
     pub fn handle_remote(&mut self, now: Timestamp, xml: &str) -> Result<Verdict, Error> {
-        let el = stanza::parse(xml)?;
+        let el = stanza::parse_within(xml, &self.config.limits)?;
         let from = el.attr("from").ok_or(Error::MissingAttribute {
             element: "stanza",
             attribute: "from",
