@@ -40,6 +40,10 @@
 -define(NS_DMUC, <<"http://tridsys.com/protocol/dmuc">>).
 -define(NS_LINK, <<"urn:xmpp:dmuc:link:0">>).
 -define(MASTER_KEY, dmuc_master).
+-define(LIMITS_KEY, dmuc_limits).
+%% Bounded input (docs/security.md, "Bounded input"): the engine's defaults (src/bounds.rs).
+-define(DEFAULT_MAX_DEPTH, 64).
+-define(DEFAULT_MAX_SIZE, 524288).
 %% Local users' stanzas are taken after mod_vcard_xupdate (50) has added the avatar hash to
 %% their presence, so that the room gets the presence a direct user would send.
 -define(SEND_PRIO, 90).
@@ -51,11 +55,13 @@
 %%% gen_mod
 %%%===================================================================
 start(Host, Opts) ->
+    Limits = {gen_mod:get_opt(max_stanza_depth, Opts), gen_mod:get_opt(max_stanza_size, Opts)},
+    persistent_term:put({?MODULE, limits, Host}, Limits),
     case gen_mod:get_opt(trusted_mirrors, Opts) of
         [] -> ok;
         Trusted ->
             %% Fail now, with the option named, rather than in the first room.
-            case dmuc_nif:master_new(Trusted) of
+            case dmuc_nif:master_new(Trusted, element(1, Limits), element(2, Limits)) of
                 {ok, _} -> ok;
                 {error, Reason} -> erlang:error({bad_option, Reason})
             end,
@@ -105,7 +111,9 @@ mod_opt_type(history_size) -> econf:pos_int();
 mod_opt_type(link_timeout) -> econf:pos_int();
 mod_opt_type(ping_interval) -> econf:pos_int();
 mod_opt_type(ping_timeout) -> econf:pos_int();
-mod_opt_type(catch_up_margin) -> econf:pos_int().
+mod_opt_type(catch_up_margin) -> econf:pos_int();
+mod_opt_type(max_stanza_depth) -> econf:pos_int();
+mod_opt_type(max_stanza_size) -> econf:pos_int().
 
 mod_options(Host) ->
     [{trusted_mirrors, []},
@@ -117,7 +125,9 @@ mod_options(Host) ->
      {link_timeout, 120},
      {ping_interval, 30},
      {ping_timeout, 20},
-     {catch_up_margin, 30}].
+     {catch_up_margin, 30},
+     {max_stanza_depth, ?DEFAULT_MAX_DEPTH},
+     {max_stanza_size, ?DEFAULT_MAX_SIZE}].
 
 mod_doc() ->
     #{desc =>
@@ -160,14 +170,64 @@ mod_doc() ->
            {catch_up_margin,
             #{value => ?T("Seconds"),
               desc => ?T("Mirror role: after an outage the mirror asks for history from this "
-                         "long before the newest message it has (clock skew). The default is 30.")}}]}.
+                         "long before the newest message it has (clock skew). The default is 30.")}},
+           {max_stanza_depth,
+            #{value => ?T("Number"),
+              desc => ?T("Both roles: stanzas for the engine nesting deeper than this are refused "
+                         "with policy-violation before they are serialized (at most 256). "
+                         "The default is 64.")}},
+           {max_stanza_size,
+            #{value => ?T("Bytes"),
+              desc => ?T("Both roles: stanzas for the engine longer than this are refused with "
+                         "policy-violation (at most 16 MiB). The default is 524288.")}}]}.
 
 %%%===================================================================
 %%% Shared plumbing
 %%%===================================================================
 now_ms() -> erlang:system_time(millisecond).
 
+%% The host's own data (history, occupants' presences, forms): already bounded on the way in.
 enc(Pkt) -> fxml:element_to_binary(xmpp:encode(Pkt, ?NS_CLIENT)).
+
+%% A stanza from a user, an outsider or a peer, as text for the engine. Past the limits it is
+%% refused before it is serialized (fxml's serializer recurses per level, in C): this throws
+%% {dmuc_limit, Why}, which call/1 turns into {error, {limit, Why}}.
+enc({MaxDepth, MaxSize}, Pkt) ->
+    El = xmpp:encode(Pkt, ?NS_CLIENT),
+    case deeper_than(El, MaxDepth) of
+        true ->
+            throw({dmuc_limit, iolist_to_binary(io_lib:format("stanza nests deeper than ~b levels", [MaxDepth]))});
+        false ->
+            Bin = fxml:element_to_binary(El),
+            case byte_size(Bin) > MaxSize of
+                true ->
+                    throw({dmuc_limit, iolist_to_binary(io_lib:format("stanza of ~b bytes exceeds the limit of ~b bytes",
+                                                                      [byte_size(Bin), MaxSize]))});
+                false -> Bin
+            end
+    end.
+
+%% Does the element nest deeper than Max levels (itself being level 1)? The recursion stops one
+%% level past Max, so it is bounded by the limit, not by the stanza.
+deeper_than(#xmlel{}, 0) -> true;
+deeper_than(#xmlel{children = Els}, Max) -> lists:any(fun(E) -> deeper_than(E, Max - 1) end, Els);
+deeper_than(_, _) -> false.
+
+limits(Host) -> persistent_term:get({?MODULE, limits, Host}, {?DEFAULT_MAX_DEPTH, ?DEFAULT_MAX_SIZE}).
+
+%% The limits of the room process's master (set with it), else the defaults.
+room_limits() ->
+    case get(?LIMITS_KEY) of
+        undefined -> {?DEFAULT_MAX_DEPTH, ?DEFAULT_MAX_SIZE};
+        L -> L
+    end.
+
+%% Answer a stanza the engine refused: policy-violation for one past the limits (logged at warn
+%% by call/1), bad-request otherwise. The error carries none of the payload: a bomb is not echoed.
+refuse(Pkt, {limit, Why}) ->
+    ejabberd_router:route_error(xmpp:set_els(Pkt, []), xmpp:err_policy_violation(Why, <<"en">>));
+refuse(Pkt, _) ->
+    ejabberd_router:route_error(Pkt, xmpp:err_bad_request()).
 
 %% Route every stanza the engine produced.
 route_out(Xmls) ->
@@ -195,13 +255,16 @@ flush_logs() ->
 %% come as {ok, Value} or {error, Reason}; this returns Value or {error, Reason}.
 call(F) ->
     Result = try F()
-             catch Class:Reason:Stack ->
+             catch throw:{dmuc_limit, Limit} ->
+                     {error, {limit, Limit}};
+                   Class:Reason:Stack ->
                      ?ERROR_MSG("dmuc: engine call failed: ~p:~p ~p", [Class, Reason, Stack]),
                      {error, Reason}
              end,
     flush_logs(),
     case Result of
         {ok, Value} -> Value;
+        {error, {limit, Why}} -> ?WARNING_MSG("dmuc refused a stanza: ~ts", [Why]), {error, {limit, Why}};
         {error, Why} -> ?WARNING_MSG("dmuc refused input: ~p", [Why]), {error, Why};
         Other -> Other
     end.
@@ -221,8 +284,10 @@ master(ServerHost) ->
     case get(?MASTER_KEY) of
         undefined ->
             Trusted = persistent_term:get({?MODULE, master_config, ServerHost}, []),
-            {ok, M} = dmuc_nif:master_new(Trusted),
+            {MaxDepth, MaxSize} = Limits = limits(ServerHost),
+            {ok, M} = dmuc_nif:master_new(Trusted, MaxDepth, MaxSize),
             put(?MASTER_KEY, M),
+            put(?LIMITS_KEY, Limits),
             M;
         M -> M
     end.
@@ -230,9 +295,9 @@ master(ServerHost) ->
 muc_filter_presence(drop, _State, _Nick) -> drop;
 muc_filter_presence(#presence{} = Pkt, #state{server_host = SH} = State, Nick) ->
     M = master(SH),
-    case call(fun() -> dmuc_nif:master_presence(M, now_ms(), enc(Pkt), Nick) end) of
-        {error, _} ->
-            ejabberd_router:route_error(Pkt, xmpp:err_bad_request()),
+    case call(fun() -> dmuc_nif:master_presence(M, now_ms(), enc(limits(SH), Pkt), Nick) end) of
+        {error, Why} ->
+            refuse(Pkt, Why),
             drop;
         {refused, Out} ->
             route_out(Out),
@@ -295,7 +360,7 @@ muc_process_iq(#iq{type = get} = IQ, #state{server_host = SH, jid = RoomJID} = S
         [] -> IQ;
         _ ->
             M = master(SH),
-            case call(fun() -> dmuc_nif:master_iq(M, now_ms(), enc(IQ)) end) of
+            case call(fun() -> dmuc_nif:master_iq(M, now_ms(), enc(limits(SH), IQ)) end) of
                 {{history, Req}, Out} ->
                     route_out(Out),
                     history(M, Req, RoomJID, State),
@@ -305,6 +370,8 @@ muc_process_iq(#iq{type = get} = IQ, #state{server_host = SH, jid = RoomJID} = S
                     route_out(Out),
                     snapshot(M, State, Mirror, <<>>),
                     ignore;
+                {error, {limit, Why}} ->
+                    xmpp:make_error(xmpp:set_els(IQ, []), xmpp:err_policy_violation(Why, <<"en">>));
                 {error, _} ->
                     xmpp:make_error(IQ, xmpp:err_bad_request());
                 {_, Out} ->
@@ -358,9 +425,16 @@ muc_filter_message(#message{} = Pkt, #state{server_host = SH}, _FromNick) ->
         undefined -> Clean;
         M ->
             case dmuc_nif:master_routes(M, jid:encode(xmpp:get_from(Pkt))) of
-                false -> Clean;
+                false ->
+                    %% A room with mirrors sends every message through them: one past the limits
+                    %% is refused, whoever sent it, rather than shown to some occupants only.
+                    case call(fun() -> {ok, enc(limits(SH), Pkt)} end) of
+                        {error, {limit, _} = Why} -> refuse(Pkt, Why), drop;
+                        _ -> Clean
+                    end;
                 true ->
-                    case call(fun() -> dmuc_nif:master_groupchat(master(SH), now_ms(), enc(Pkt)) end) of
+                    case call(fun() -> dmuc_nif:master_groupchat(master(SH), now_ms(), enc(limits(SH), Pkt)) end) of
+                        {error, {limit, _} = Why} -> refuse(Pkt, Why), drop;
                         {duplicate, Out} -> route_out(Out), drop;
                         {{broadcast, undefined}, Out} -> route_out(Out), Clean;
                         {{broadcast, Id}, Out} when is_integer(Id) ->
@@ -403,7 +477,7 @@ multicast_route({From, Domain, Dests, Packet, Wrapped} = Acc) ->
                                    false -> true;
                                    true ->
                                        Copy = xmpp:set_from_to(Packet, From, To),
-                                       case call(fun() -> dmuc_nif:master_outbound(M, now_ms(), enc(Copy)) end) of
+                                       case call(fun() -> dmuc_nif:master_outbound(M, now_ms(), enc(room_limits(), Copy)) end) of
                                            {error, _} -> true;
                                            {drop, Out} -> route_out(Out), false;
                                            {{replace, Xml}, Out} -> route_out(Out ++ [Xml]), false;
@@ -447,7 +521,8 @@ filter_packet(#iq{type = get, to = #jid{luser = <<>>, lresource = <<>>, lserver 
             case xmpp:get_subtag(IQ, #ping{}) of
                 false -> IQ;
                 _ ->
-                    case call(fun() -> dmuc_nif:watch_ping(W, now_ms(), enc(IQ)) end) of
+                    case call(fun() -> dmuc_nif:watch_ping(W, now_ms(), enc(limits(ejabberd_router:host_of_route(Service)), IQ)) end) of
+                        {error, {limit, _} = Why} -> refuse(IQ, Why), drop;
                         {<<>>, _, _} -> IQ;
                         {Reply, Events, At} ->
                             route_out([Reply]),
@@ -481,7 +556,9 @@ filter_packet(Pkt) ->
                     case dmuc_nif:master_routes(M, jid:encode(To)) of
                         false -> Pkt;
                         true ->
-                            case call(fun() -> dmuc_nif:master_outbound(M, now_ms(), enc(Pkt)) end) of
+                            case call(fun() -> dmuc_nif:master_outbound(M, now_ms(), enc(room_limits(), Pkt)) end) of
+                                %% The mirror could not take it either (logged by call/1).
+                                {error, {limit, _}} -> drop;
                                 {error, _} -> Pkt;
                                 {drop, Out} -> route_out(Out), drop;
                                 {{replace, Xml}, Out} -> route_out(Out ++ [Xml]), drop;
@@ -546,12 +623,14 @@ init_mirror(Host, Opts, Proc) ->
             case dmuc_nif:mirror_new(Service, Masters, gen_mod:get_opt(queue_limit, Opts),
                                      gen_mod:get_opt(join_timeout, Opts), gen_mod:get_opt(history_size, Opts),
                                      gen_mod:get_opt(ping_interval, Opts), gen_mod:get_opt(ping_timeout, Opts),
-                                     gen_mod:get_opt(catch_up_margin, Opts)) of
+                                     gen_mod:get_opt(catch_up_margin, Opts),
+                                     gen_mod:get_opt(max_stanza_depth, Opts), gen_mod:get_opt(max_stanza_size, Opts)) of
                 {error, Reason} ->
                     {error, Reason};
                 {ok, M} ->
                     persistent_term:put({?MODULE, mirror, Host}, {M, Proc}),
                     persistent_term:put({?MODULE, mirror_service, Service}, {M, Proc}),
+                    persistent_term:put({?MODULE, limits, Service}, limits(Host)),
                     ejabberd_mnesia:create(?MODULE, dmuc_queue,
                                            [{disc_only_copies, [node()]},
                                             {attributes, record_info(fields, dmuc_queue)}]),
@@ -716,8 +795,8 @@ mirror_run(_M, Proc, F) ->
         {Verdict, _, _} ->
             gen_server:cast(Proc, drain),
             Verdict;
-        {error, _} ->
-            error
+        {error, Why} ->
+            {error, Why}
     end.
 
 %% Local users' presences to occupant JIDs and groupchat messages go through the mirror.
@@ -727,10 +806,10 @@ user_send_packet({Pkt, #{lserver := LServer} = C2S} = Acc) ->
         {M, Proc} ->
             case is_mirror_stanza(Pkt) andalso dmuc_nif:mirror_handles(M, jid:encode(xmpp:get_to(Pkt))) of
                 true ->
-                    case mirror_run(M, Proc, fun() -> dmuc_nif:mirror_local(M, now_ms(), enc(Pkt)) end) of
+                    case mirror_run(M, Proc, fun() -> dmuc_nif:mirror_local(M, now_ms(), enc(limits(LServer), Pkt)) end) of
                         consumed -> {drop, C2S};
-                        error ->
-                            ejabberd_router:route_error(Pkt, xmpp:err_bad_request()),
+                        {error, Why} ->
+                            refuse(Pkt, Why),
                             {drop, C2S};
                         _ -> Acc
                     end;
@@ -757,7 +836,7 @@ user_receive_packet({Pkt, #{lserver := LServer} = C2S} = Acc)
         {M, Proc} ->
             case dmuc_nif:mirror_handles(M, jid:encode(xmpp:get_from(Pkt))) of
                 true ->
-                    case mirror_run(M, Proc, fun() -> dmuc_nif:mirror_remote(M, now_ms(), enc(Pkt)) end) of
+                    case mirror_run(M, Proc, fun() -> dmuc_nif:mirror_remote(M, now_ms(), enc(limits(LServer), Pkt)) end) of
                         consumed when is_record(Pkt, message) -> {drop, C2S};
                         _ -> Acc
                     end;
@@ -775,7 +854,7 @@ filter_pong(#iq{type = T, to = #jid{luser = <<>>, lresource = <<>>, lserver = LS
         {M, Proc} ->
             case dmuc_nif:mirror_handles(M, jid:encode(From)) of
                 true ->
-                    case mirror_run(M, Proc, fun() -> dmuc_nif:mirror_remote(M, now_ms(), enc(IQ)) end) of
+                    case mirror_run(M, Proc, fun() -> dmuc_nif:mirror_remote(M, now_ms(), enc(limits(LServer), IQ)) end) of
                         consumed -> drop;
                         _ -> IQ
                     end;
@@ -854,9 +933,9 @@ route(Pkt) ->
     case persistent_term:get({?MODULE, mirror_service, To#jid.lserver}, undefined) of
         undefined -> ok;
         {M, Proc} ->
-            case mirror_run(M, Proc, fun() -> dmuc_nif:mirror_remote(M, now_ms(), enc(Pkt)) end) of
+            case mirror_run(M, Proc, fun() -> dmuc_nif:mirror_remote(M, now_ms(), enc(limits(To#jid.lserver), Pkt)) end) of
                 consumed -> ok;
-                error -> ejabberd_router:route_error(Pkt, xmpp:err_bad_request());
+                {error, Why} -> refuse(Pkt, Why);
                 pass ->
                     ejabberd_router:route_error(Pkt, xmpp:err_service_unavailable())
             end
