@@ -28,7 +28,7 @@
 -export([muc_filter_presence/3, muc_process_iq/2, multicast_route/1, filter_packet/1,
          leave_room/4, user_send_packet/1, user_receive_packet/1, route/1,
          muc_filter_message/3, filter_pong/1, s2s_out_closed/2, s2s_in_closed/2, get_commands_spec/0,
-         dmuc_status/0]).
+         dmuc_status/0, guard_send/1, guard_s2s/1]).
 
 -include("logger.hrl").
 -include("xmpp.hrl").
@@ -47,6 +47,8 @@
 %% Local users' stanzas are taken after mod_vcard_xupdate (50) has added the avatar hash to
 %% their presence, so that the room gets the presence a direct user would send.
 -define(SEND_PRIO, 90).
+%% The depth guard runs before everything else that looks at a stanza.
+-define(GUARD_PRIO, 1).
 
 %% The mirror's outbound queue, stored so that a restart loses nothing.
 -record(dmuc_queue, {service :: binary(), items = [] :: [binary()]}).
@@ -66,6 +68,14 @@ start(Host, Opts) ->
                 {error, Reason} -> erlang:error({bad_option, Reason})
             end,
             persistent_term:put({?MODULE, master_config, Host}, Trusted),
+            %% ejabberd 23.01 itself dies on deep stanzas: its rooms size every message and
+            %% bounce payloads with fxml's serializer, which recurses in C on a scheduler's
+            %% stack (10,000 levels kill the VM, with or without mod_dmuc). Stanzas for the MUC
+            %% services dmuc serves are checked on the stream, before a room sees them.
+            [persistent_term:put({?MODULE, guarded, S}, Limits)
+             || S <- gen_mod:get_module_opt_hosts(Host, mod_muc)],
+            ejabberd_hooks:add(user_send_packet, Host, ?MODULE, guard_send, ?GUARD_PRIO),
+            ejabberd_hooks:add(s2s_receive_packet, Host, ?MODULE, guard_s2s, ?GUARD_PRIO),
             ejabberd_hooks:add(muc_filter_presence, Host, ?MODULE, muc_filter_presence, 50),
             %% Before mod_mam's (50): it must not archive a duplicate, and takes our stanza_id.
             ejabberd_hooks:add(muc_filter_message, Host, ?MODULE, muc_filter_message, 40),
@@ -91,6 +101,9 @@ stop(Host) ->
             ejabberd_hooks:delete(multicast_route, Host, ?MODULE, multicast_route, 50),
             ejabberd_hooks:delete(leave_room, Host, ?MODULE, leave_room, 50),
             ejabberd_hooks:delete(filter_packet, ?MODULE, filter_packet, 50),
+            ejabberd_hooks:delete(user_send_packet, Host, ?MODULE, guard_send, ?GUARD_PRIO),
+            ejabberd_hooks:delete(s2s_receive_packet, Host, ?MODULE, guard_s2s, ?GUARD_PRIO),
+            [persistent_term:erase({?MODULE, guarded, S}) || S <- gen_mod:get_module_opt_hosts(Host, mod_muc)],
             persistent_term:erase({?MODULE, master_config, Host})
     end,
     %% This module's process, if this host has one (its terminate/2 unhooks what it hooked).
@@ -214,6 +227,42 @@ deeper_than(#xmlel{children = Els}, Max) -> lists:any(fun(E) -> deeper_than(E, M
 deeper_than(_, _) -> false.
 
 limits(Host) -> persistent_term:get({?MODULE, limits, Host}, {?DEFAULT_MAX_DEPTH, ?DEFAULT_MAX_SIZE}).
+
+%% A local user's or a peer's stanza for a guarded MUC service, past the depth limit: refused
+%% with policy-violation before the room (or anything else) walks it.
+guard_send({Pkt, C2S} = Acc) ->
+    case guard(Pkt) of
+        ok -> Acc;
+        refused -> {drop, C2S}
+    end;
+guard_send(Acc) -> Acc.
+
+guard_s2s({Pkt, State} = Acc) ->
+    case guard(Pkt) of
+        ok -> Acc;
+        refused -> {drop, State}
+    end;
+guard_s2s(Acc) -> Acc.
+
+guard(Pkt) ->
+    case xmpp:get_to(Pkt) of
+        #jid{lserver = Domain} ->
+            case persistent_term:get({?MODULE, guarded, Domain}, undefined) of
+                undefined -> ok;
+                {MaxDepth, _} ->
+                    %% The stanza itself is level 1; decoded children are shallow records.
+                    case lists:any(fun(E) -> deeper_than(E, MaxDepth - 1) end, xmpp:get_els(Pkt)) of
+                        false -> ok;
+                        true ->
+                            Why = iolist_to_binary(io_lib:format("stanza nests deeper than ~b levels", [MaxDepth])),
+                            ?WARNING_MSG("dmuc refused a stanza from ~ts to ~ts: ~ts",
+                                         [jid:encode(xmpp:get_from(Pkt)), jid:encode(xmpp:get_to(Pkt)), Why]),
+                            refuse(Pkt, {limit, Why}),
+                            refused
+                    end
+            end;
+        _ -> ok
+    end.
 
 %% The limits of the room process's master (set with it), else the defaults.
 room_limits() ->

@@ -63,7 +63,11 @@ def bomb_pair(make_mixed_servers, master, mirror, big_streams=True):
     """A dmuc pair (as test_dmuc_ejabberd.dmuc_pair) with room for the bombs in Prosody's
     streams and, on a Prosody mirror's server, a plain vhost for the outsider."""
     kw = dict(master=master, mirror=mirror, plugin_paths=[PROSODY_DIST],
-              contrib_modules={"mod_dmuc": EJABBERD_DIST})
+              contrib_modules={"mod_dmuc": EJABBERD_DIST},
+              # At debug level ejabberd's router pretty-prints every stanza it routes; for a
+              # 60,000-level one that never ends, and the receiving connection's process hangs
+              # in it (the VM lives; so it does without mod_dmuc). Production runs at info.
+              loglevel="info")
     streams = BIG_STREAMS if big_streams else []
     if master == "ejabberd":
         kw["master_modules"] = {"mod_dmuc": {"trusted_mirrors": [MIRROR]}}
@@ -105,10 +109,6 @@ async def room_works(hub, a, b):
         await hub.wait_for(lambda: receiver.groupchat(ROOM, body), 20, f"{receiver.jid} gets {body}")
 
 
-def refusals(server):
-    return server.log_text().count("dmuc refused")
-
-
 POLICY = ("modify", ["policy-violation"])
 
 
@@ -135,10 +135,11 @@ def test_bombs_at_a_master(make_mixed_servers, master):
                     ("occupant's groupchat", alice, message_bomb(ROOM, "b3", "groupchat"), "b3", "message"),
                 ]
                 for what, client, xml, sid, kind in cases:
-                    before = refusals(env.fairfax)
+                    offset = env.fairfax.log_offset()
                     assert await bomb(hub, client, xml, sid, kind) == POLICY, what
                     assert env.fairfax.running, f"{master} master died on the {what}"
-                    assert refusals(env.fairfax) > before, f"no warning logged for the {what}"
+                    # Log files are written asynchronously: wait for the line, with a deadline.
+                    await env.fairfax.wait_for_log_async(r"(warn|warning).*dmuc refused", 10, since=offset)
                     await room_works(hub, alice, wayne)
                 assert "Mallory" not in alice.occupants(ROOM) and "Bob" not in alice.occupants(ROOM)
             except AssertionError as e:
@@ -170,10 +171,11 @@ def test_bombs_at_a_mirror(make_mixed_servers, mirror):
                     ("local user's join", keith, join_bomb(f"{ROOM}/Keith", "m3"), "m3", "presence"),
                 ]
                 for what, client, xml, sid, kind in cases:
-                    before = refusals(env.raleigh)
+                    offset = env.raleigh.log_offset()
                     assert await bomb(hub, client, xml, sid, kind) == POLICY, what
                     assert env.raleigh.running, f"{mirror} mirror died on the {what}"
-                    assert refusals(env.raleigh) > before, f"no warning logged for the {what}"
+                    # Log files are written asynchronously: wait for the line, with a deadline.
+                    await env.raleigh.wait_for_log_async(r"(warn|warning).*dmuc refused", 10, since=offset)
                     await room_works(hub, alice, wayne)
                 assert "Keith" not in alice.occupants(ROOM)
             except AssertionError as e:
