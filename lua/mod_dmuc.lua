@@ -53,6 +53,53 @@ local function to_stanza(text)
 	return stanza;
 end
 
+-- Bounded input (docs/security.md, "Bounded input"). util.stanza's tostring, and every tree walk
+-- after it, recurse once per level of nesting; the engine refuses deep text too, but the text
+-- must first be made. So depth is counted here without recursion, and stops one level past the
+-- limit: a 100,000-level stanza costs what its first levels do. Size is checked on the text.
+local max_depth = module:get_option_number("dmuc_max_stanza_depth", native.limits.depth);
+local max_size = module:get_option_number("dmuc_max_stanza_size", native.limits.size);
+
+local function deeper_than(stanza, limit)
+	local stack, depths, n = { stanza }, { 1 }, 1;
+	while n > 0 do
+		local el, d = stack[n], depths[n];
+		stack[n], depths[n], n = nil, nil, n - 1;
+		if d > limit then return true end
+		local tags = el.tags;
+		if tags then
+			for i = 1, #tags do
+				n = n + 1;
+				stack[n], depths[n] = tags[i], d + 1;
+			end
+		end
+	end
+	return false;
+end
+
+-- The stanza as text for the engine, or nil and why it is refused.
+local function bounded_text(stanza)
+	if deeper_than(stanza, max_depth) then
+		return nil, string.format("stanza nests deeper than %d levels", max_depth);
+	end
+	local text = tostring(stanza);
+	if #text > max_size then
+		return nil, string.format("stanza of %d bytes exceeds the limit of %d bytes", #text, max_size);
+	end
+	return text;
+end
+
+-- A stanza past the limits: logged at warn and answered with policy-violation (RFC 6120 8.3.3.12),
+-- unless it is an error or a result itself. The reply carries none of the payload.
+local function refuse(origin, stanza, why)
+	local a = stanza.attr;
+	module:log("warn", "dmuc refused a %s from %s to %s: %s", stanza.name, tostring(a.from), tostring(a.to), why);
+	if a.type ~= "error" and a.type ~= "result" then
+		local reply = st.error_reply(stanza, "modify", "policy-violation", why);
+		if origin and origin.type == "c2s" and origin.send then origin.send(reply) else module:send(reply) end
+	end
+end
+
 -- Call into the engine; an error is logged, never raised into Prosody's stanza processing.
 local function call(engine, method, ...)
 	local result = table.pack(pcall(engine[method], engine, ...));
@@ -162,6 +209,8 @@ if host_type == "component" and component_module == "muc" then
 		mirror_join_rate = module:get_option("dmuc_mirror_join_rate");
 		mirror_join_burst = module:get_option("dmuc_mirror_join_burst");
 		adopt_stanza_ids = archive_methods ~= nil;
+		max_stanza_depth = max_depth;
+		max_stanza_size = max_size;
 	});
 	if not ok then error("mod_dmuc: " .. tostring(master)); end
 
@@ -252,7 +301,9 @@ if host_type == "component" and component_module == "muc" then
 	module:hook("iq/host", function(event)
 		local stanza = event.stanza;
 		if stanza.attr.type ~= "get" or not stanza:get_child("ping", "urn:xmpp:ping") then return end
-		local mine = call(master, "handle_ping", time_now(), tostring(stanza));
+		local text, why = bounded_text(stanza);
+		if not text then refuse(event.origin, stanza, why); return true; end
+		local mine = call(master, "handle_ping", time_now(), text);
 		drain_master();
 		status_lines[module.host]();
 		if mine then return true; end
@@ -264,8 +315,12 @@ if host_type == "component" and component_module == "muc" then
 	module:hook("muc-occupant-groupchat", function(event)
 		local stanza = event.stanza;
 		local duplicate, stanza_id;
+		-- Every message of a room here may have to go through a mirror: one past the limits is
+		-- refused, whoever sent it, rather than shown to some occupants only.
+		local text, why = bounded_text(stanza);
+		if not text then refuse(event.origin, stanza, why); return true; end
 		if master:routes_via_mirror(stanza.attr.from or "") then
-			duplicate, stanza_id = call(master, "handle_groupchat", time_now(), tostring(stanza));
+			duplicate, stanza_id = call(master, "handle_groupchat", time_now(), text);
 		end
 		-- A proposal is for the master, whoever sent it: no occupant sees it.
 		stanza:remove_children("stanza-id", "urn:xmpp:dmuc:0");
@@ -314,7 +369,9 @@ if host_type == "component" and component_module == "muc" then
 		local stanza = event.stanza;
 		local occupant = event.occupant or event.dest_occupant;
 		local granted = occupant and jid_resource(occupant.nick);
-		local verdict, mirror, sync = call(master, "handle_presence", time_now(), tostring(stanza), granted);
+		local text, why = bounded_text(stanza);
+		if not text then refuse(event.origin, stanza, why); return true; end
+		local verdict, mirror, sync = call(master, "handle_presence", time_now(), text, granted);
 		if verdict == nil then
 			bounce(event.origin, stanza, "Malformed presence");
 			return true;
@@ -349,7 +406,9 @@ if host_type == "component" and component_module == "muc" then
 		if stanza.attr.type == "set" then return end
 		if stanza.attr.type == "get" and not (stanza:get_child("room", "urn:xmpp:dmuc:0")
 			or stanza:get_child("roster", "urn:xmpp:dmuc:0")) then return end
-		local verdict, request, snap_room, snap_mirror = call(master, "handle_iq", time_now(), tostring(stanza));
+		local text, why = bounded_text(stanza);
+		if not text then refuse(event.origin, stanza, why); return true; end
+		local verdict, request, snap_room, snap_mirror = call(master, "handle_iq", time_now(), text);
 		if verdict == nil then
 			bounce(event.origin, stanza, "Malformed request");
 			return true;
@@ -411,7 +470,14 @@ if host_type == "component" and component_module == "muc" then
 	module:hook("route/remote", function(event)
 		local stanza = event.stanza;
 		if not master:routes_via_mirror(stanza.attr.to or "") then return end
-		local verdict, replacement = call(master, "handle_outbound", time_now(), tostring(stanza));
+		-- The room's own output: what came in was bounded, so this is only a backstop. The
+		-- mirror could not take it either; it is dropped, with a warning.
+		local text, why = bounded_text(stanza);
+		if not text then
+			module:log("warn", "dmuc dropped a %s from %s to %s: %s", stanza.name, tostring(stanza.attr.from), tostring(stanza.attr.to), why);
+			return true;
+		end
+		local verdict, replacement = call(master, "handle_outbound", time_now(), text);
 		-- What the engine queued meanwhile (an announcement it held) goes first. Only stanzas:
 		-- this may run inside a broadcast, where the room must not be acted on.
 		drain(master);
@@ -442,6 +508,8 @@ elseif host_type == "component" and component_module == "dmuc" then
 		catch_up_margin = module:get_option("dmuc_catch_up_margin");
 		max_local_occupants = module:get_option("dmuc_max_local_occupants");
 		max_rooms = module:get_option("dmuc_max_rooms");
+		max_stanza_depth = max_depth;
+		max_stanza_size = max_size;
 	});
 	if not ok then error("mod_dmuc: " .. tostring(mirror)); end
 
@@ -497,7 +565,12 @@ elseif host_type == "component" and component_module == "dmuc" then
 	end);
 
 	local function run(method, origin, stanza)
-		local consumed = call(mirror, method, time_now(), tostring(stanza));
+		local text, why = bounded_text(stanza);
+		if not text then
+			refuse(origin, stanza, why);
+			return true;
+		end
+		local consumed = call(mirror, method, time_now(), text);
 		if consumed == nil then
 			bounce(origin, stanza, "Malformed stanza");
 			return true;

@@ -53,12 +53,33 @@ pub enum Error {
         /// What the jid crate said.
         reason: String,
     },
+    /// The stanza nests deeper than the configured limit (see [`crate::bounds`]). Refused
+    /// before any tree is built.
+    #[error("stanza nests deeper than {limit} levels")]
+    TooDeep {
+        /// The limit in force.
+        limit: usize,
+    },
+    /// The stanza's text is longer than the configured limit (see [`crate::bounds`]).
+    #[error("stanza of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// The stanza's size in bytes.
+        size: usize,
+        /// The limit in force.
+        limit: usize,
+    },
     /// Configuration handed to the engine at start is unusable.
     #[error("bad configuration: {0}")]
     Config(String),
 }
 
 impl Error {
+    /// Is this a refusal under the depth or size limits? Hosts answer those with
+    /// `policy-violation` rather than `bad-request`.
+    pub fn is_limit(&self) -> bool {
+        matches!(self, Error::TooDeep { .. } | Error::TooLarge { .. })
+    }
+
     pub(crate) fn invalid(element: &'static str, reason: impl ToString) -> Self {
         Error::InvalidElement {
             element,

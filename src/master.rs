@@ -36,6 +36,7 @@ use jid::Jid;
 use minidom::Element;
 use tracing::{debug, info, warn};
 
+use crate::bounds::Limits;
 use crate::elements::{
     Affiliation, Config, Dmuc, HistoryResult, Role, Room, Roster, RosterAffiliation, RosterItem,
     Whois,
@@ -128,6 +129,9 @@ pub struct MasterConfig {
     pub mirror_join_rate: u32,
     /// See [`MasterConfig::mirror_join_rate`].
     pub mirror_join_burst: u32,
+    /// Depth and size of the stanzas the master accepts from users, outsiders and mirrors
+    /// (see [`crate::bounds`]).
+    pub limits: Limits,
 }
 
 impl Default for MasterConfig {
@@ -143,6 +147,7 @@ impl Default for MasterConfig {
             max_rooms_per_mirror: 1000,
             mirror_join_rate: 20,
             mirror_join_burst: 500,
+            limits: Limits::default(),
         }
     }
 }
@@ -531,7 +536,7 @@ impl Master {
         xml: &str,
         granted_nick: Option<&str>,
     ) -> Result<PresenceVerdict, Error> {
-        let p = stanza::parse(xml)?;
+        let p = stanza::parse_within(xml, &self.config.limits)?;
         if p.name() != "presence" {
             return Err(Error::UnexpectedElement {
                 expected: "presence",
@@ -773,7 +778,7 @@ impl Master {
 
     /// An IQ addressed to a room or occupant JID of this service.
     pub fn handle_iq(&mut self, now: Timestamp, xml: &str) -> Result<IqVerdict, Error> {
-        let iq = stanza::parse(xml)?;
+        let iq = stanza::parse_within(xml, &self.config.limits)?;
         if iq.name() != "iq" {
             return Err(Error::UnexpectedElement {
                 expected: "iq",
@@ -1104,7 +1109,7 @@ impl Master {
     /// A stanza the MUC is about to send to a remote domain (the host calls this for stanzas
     /// whose `to` makes [`Master::routes_via_mirror`] true).
     pub fn handle_outbound(&mut self, _now: Timestamp, xml: &str) -> Result<Outbound, Error> {
-        let el = stanza::parse(xml)?;
+        let el = stanza::parse_within(xml, &self.config.limits)?;
         let Some(to) = el.attr("to") else {
             return Ok(Outbound::Send);
         };
@@ -1311,7 +1316,7 @@ impl Master {
         now: Timestamp,
         xml: &str,
     ) -> Result<GroupchatVerdict, Error> {
-        let m = stanza::parse(xml)?;
+        let m = stanza::parse_within(xml, &self.config.limits)?;
         let from = stanza::jid_attr(&m, "message", "from")?.to_string();
         let own_id = GroupchatVerdict::Broadcast { stanza_id: None };
         let Some(to) = m.attr("to").and_then(|t| Jid::new(t).ok()) else {

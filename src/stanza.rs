@@ -9,6 +9,7 @@ use minidom::Element;
 use rxml::{Namespace, NcName};
 use xmpp_parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
 
+use crate::bounds::{self, Limits};
 use crate::error::Error;
 use crate::ns;
 
@@ -16,7 +17,16 @@ const WRAP_OPEN: &str = "<dmuc-wrap xmlns='jabber:client'>";
 const WRAP_CLOSE: &str = "</dmuc-wrap>";
 
 /// Parse one stanza (or any one element) from text. The top element defaults to `jabber:client`.
+/// Text past [`Limits::CEILING`] is refused before any tree is built: no tree the engine holds
+/// can nest deep enough to overflow a host thread's stack when it is cloned or dropped.
 pub fn parse(xml: &str) -> Result<Element, Error> {
+    parse_within(xml, &Limits::CEILING)
+}
+
+/// [`parse`], refusing text past the given limits (the host's configured ones: entry points for
+/// stanzas from users, outsiders and peers use this).
+pub fn parse_within(xml: &str, limits: &Limits) -> Result<Element, Error> {
+    bounds::check(xml, limits)?;
     let mut text = String::with_capacity(xml.len() + WRAP_OPEN.len() + WRAP_CLOSE.len());
     text.push_str(WRAP_OPEN);
     text.push_str(xml);

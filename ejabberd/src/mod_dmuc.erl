@@ -28,7 +28,7 @@
 -export([muc_filter_presence/3, muc_process_iq/2, multicast_route/1, filter_packet/1,
          leave_room/4, user_send_packet/1, user_receive_packet/1, route/1,
          muc_filter_message/3, filter_pong/1, s2s_out_closed/2, s2s_in_closed/2, get_commands_spec/0,
-         dmuc_status/0]).
+         dmuc_status/0, guard_send/1, guard_s2s/1]).
 
 -include("logger.hrl").
 -include("xmpp.hrl").
@@ -40,9 +40,15 @@
 -define(NS_DMUC, <<"http://tridsys.com/protocol/dmuc">>).
 -define(NS_LINK, <<"urn:xmpp:dmuc:link:0">>).
 -define(MASTER_KEY, dmuc_master).
+-define(LIMITS_KEY, dmuc_limits).
+%% Bounded input (docs/security.md, "Bounded input"): the engine's defaults (src/bounds.rs).
+-define(DEFAULT_MAX_DEPTH, 64).
+-define(DEFAULT_MAX_SIZE, 524288).
 %% Local users' stanzas are taken after mod_vcard_xupdate (50) has added the avatar hash to
 %% their presence, so that the room gets the presence a direct user would send.
 -define(SEND_PRIO, 90).
+%% The depth guard runs before everything else that looks at a stanza.
+-define(GUARD_PRIO, 1).
 
 %% The mirror's outbound queue, stored so that a restart loses nothing: one row per item, keyed
 %% by the mirror service and the item's sequence number (the engine orders them on import).
@@ -54,15 +60,25 @@
 %%% gen_mod
 %%%===================================================================
 start(Host, Opts) ->
+    Limits = {gen_mod:get_opt(max_stanza_depth, Opts), gen_mod:get_opt(max_stanza_size, Opts)},
+    persistent_term:put({?MODULE, limits, Host}, Limits),
     case gen_mod:get_opt(trusted_mirrors, Opts) of
         [] -> ok;
         Trusted ->
             %% Fail now, with the option named, rather than in the first room.
-            case dmuc_nif:master_new(Trusted) of
+            case dmuc_nif:master_new(Trusted, element(1, Limits), element(2, Limits)) of
                 {ok, _} -> ok;
                 {error, Reason} -> erlang:error({bad_option, Reason})
             end,
             persistent_term:put({?MODULE, master_config, Host}, Trusted),
+            %% ejabberd 23.01 itself dies on deep stanzas: its rooms size every message and
+            %% bounce payloads with fxml's serializer, which recurses in C on a scheduler's
+            %% stack (10,000 levels kill the VM, with or without mod_dmuc). Stanzas for the MUC
+            %% services dmuc serves are checked on the stream, before a room sees them.
+            [persistent_term:put({?MODULE, guarded, S}, Limits)
+             || S <- gen_mod:get_module_opt_hosts(Host, mod_muc)],
+            ejabberd_hooks:add(user_send_packet, Host, ?MODULE, guard_send, ?GUARD_PRIO),
+            ejabberd_hooks:add(s2s_receive_packet, Host, ?MODULE, guard_s2s, ?GUARD_PRIO),
             ejabberd_hooks:add(muc_filter_presence, Host, ?MODULE, muc_filter_presence, 50),
             %% Before mod_mam's (50): it must not archive a duplicate, and takes our stanza_id.
             ejabberd_hooks:add(muc_filter_message, Host, ?MODULE, muc_filter_message, 40),
@@ -88,6 +104,9 @@ stop(Host) ->
             ejabberd_hooks:delete(multicast_route, Host, ?MODULE, multicast_route, 50),
             ejabberd_hooks:delete(leave_room, Host, ?MODULE, leave_room, 50),
             ejabberd_hooks:delete(filter_packet, ?MODULE, filter_packet, 50),
+            ejabberd_hooks:delete(user_send_packet, Host, ?MODULE, guard_send, ?GUARD_PRIO),
+            ejabberd_hooks:delete(s2s_receive_packet, Host, ?MODULE, guard_s2s, ?GUARD_PRIO),
+            [persistent_term:erase({?MODULE, guarded, S}) || S <- gen_mod:get_module_opt_hosts(Host, mod_muc)],
             persistent_term:erase({?MODULE, master_config, Host})
     end,
     %% This module's process, if this host has one (its terminate/2 unhooks what it hooked).
@@ -108,7 +127,9 @@ mod_opt_type(history_size) -> econf:pos_int();
 mod_opt_type(link_timeout) -> econf:pos_int();
 mod_opt_type(ping_interval) -> econf:pos_int();
 mod_opt_type(ping_timeout) -> econf:pos_int();
-mod_opt_type(catch_up_margin) -> econf:pos_int().
+mod_opt_type(catch_up_margin) -> econf:pos_int();
+mod_opt_type(max_stanza_depth) -> econf:pos_int();
+mod_opt_type(max_stanza_size) -> econf:pos_int().
 
 mod_options(Host) ->
     [{trusted_mirrors, []},
@@ -120,7 +141,9 @@ mod_options(Host) ->
      {link_timeout, 120},
      {ping_interval, 30},
      {ping_timeout, 20},
-     {catch_up_margin, 30}].
+     {catch_up_margin, 30},
+     {max_stanza_depth, ?DEFAULT_MAX_DEPTH},
+     {max_stanza_size, ?DEFAULT_MAX_SIZE}].
 
 mod_doc() ->
     #{desc =>
@@ -163,14 +186,100 @@ mod_doc() ->
            {catch_up_margin,
             #{value => ?T("Seconds"),
               desc => ?T("Mirror role: after an outage the mirror asks for history from this "
-                         "long before the newest message it has (clock skew). The default is 30.")}}]}.
+                         "long before the newest message it has (clock skew). The default is 30.")}},
+           {max_stanza_depth,
+            #{value => ?T("Number"),
+              desc => ?T("Both roles: stanzas for the engine nesting deeper than this are refused "
+                         "with policy-violation before they are serialized (at most 256). "
+                         "The default is 64.")}},
+           {max_stanza_size,
+            #{value => ?T("Bytes"),
+              desc => ?T("Both roles: stanzas for the engine longer than this are refused with "
+                         "policy-violation (at most 16 MiB). The default is 524288.")}}]}.
 
 %%%===================================================================
 %%% Shared plumbing
 %%%===================================================================
 now_ms() -> erlang:system_time(millisecond).
 
+%% The host's own data (history, occupants' presences, forms): already bounded on the way in.
 enc(Pkt) -> fxml:element_to_binary(xmpp:encode(Pkt, ?NS_CLIENT)).
+
+%% A stanza from a user, an outsider or a peer, as text for the engine. Past the limits it is
+%% refused before it is serialized (fxml's serializer recurses per level, in C): this throws
+%% {dmuc_limit, Why}, which call/1 turns into {error, {limit, Why}}.
+enc({MaxDepth, MaxSize}, Pkt) ->
+    El = xmpp:encode(Pkt, ?NS_CLIENT),
+    case deeper_than(El, MaxDepth) of
+        true ->
+            throw({dmuc_limit, iolist_to_binary(io_lib:format("stanza nests deeper than ~b levels", [MaxDepth]))});
+        false ->
+            Bin = fxml:element_to_binary(El),
+            case byte_size(Bin) > MaxSize of
+                true ->
+                    throw({dmuc_limit, iolist_to_binary(io_lib:format("stanza of ~b bytes exceeds the limit of ~b bytes",
+                                                                      [byte_size(Bin), MaxSize]))});
+                false -> Bin
+            end
+    end.
+
+%% Does the element nest deeper than Max levels (itself being level 1)? The recursion stops one
+%% level past Max, so it is bounded by the limit, not by the stanza.
+deeper_than(#xmlel{}, 0) -> true;
+deeper_than(#xmlel{children = Els}, Max) -> lists:any(fun(E) -> deeper_than(E, Max - 1) end, Els);
+deeper_than(_, _) -> false.
+
+limits(Host) -> persistent_term:get({?MODULE, limits, Host}, {?DEFAULT_MAX_DEPTH, ?DEFAULT_MAX_SIZE}).
+
+%% A local user's or a peer's stanza for a guarded MUC service, past the depth limit: refused
+%% with policy-violation before the room (or anything else) walks it.
+guard_send({Pkt, C2S} = Acc) ->
+    case guard(Pkt) of
+        ok -> Acc;
+        refused -> {drop, C2S}
+    end;
+guard_send(Acc) -> Acc.
+
+guard_s2s({Pkt, State} = Acc) ->
+    case guard(Pkt) of
+        ok -> Acc;
+        refused -> {drop, State}
+    end;
+guard_s2s(Acc) -> Acc.
+
+guard(Pkt) ->
+    case xmpp:get_to(Pkt) of
+        #jid{lserver = Domain} ->
+            case persistent_term:get({?MODULE, guarded, Domain}, undefined) of
+                undefined -> ok;
+                {MaxDepth, _} ->
+                    %% The stanza itself is level 1; decoded children are shallow records.
+                    case lists:any(fun(E) -> deeper_than(E, MaxDepth - 1) end, xmpp:get_els(Pkt)) of
+                        false -> ok;
+                        true ->
+                            Why = iolist_to_binary(io_lib:format("stanza nests deeper than ~b levels", [MaxDepth])),
+                            ?WARNING_MSG("dmuc refused a stanza from ~ts to ~ts: ~ts",
+                                         [jid:encode(xmpp:get_from(Pkt)), jid:encode(xmpp:get_to(Pkt)), Why]),
+                            refuse(Pkt, {limit, Why}),
+                            refused
+                    end
+            end;
+        _ -> ok
+    end.
+
+%% The limits of the room process's master (set with it), else the defaults.
+room_limits() ->
+    case get(?LIMITS_KEY) of
+        undefined -> {?DEFAULT_MAX_DEPTH, ?DEFAULT_MAX_SIZE};
+        L -> L
+    end.
+
+%% Answer a stanza the engine refused: policy-violation for one past the limits (logged at warn
+%% by call/1), bad-request otherwise. The error carries none of the payload: a bomb is not echoed.
+refuse(Pkt, {limit, Why}) ->
+    ejabberd_router:route_error(xmpp:set_els(Pkt, []), xmpp:err_policy_violation(Why, <<"en">>));
+refuse(Pkt, _) ->
+    ejabberd_router:route_error(Pkt, xmpp:err_bad_request()).
 
 %% Route every stanza the engine produced.
 route_out(Xmls) ->
@@ -198,13 +307,16 @@ flush_logs() ->
 %% come as {ok, Value} or {error, Reason}; this returns Value or {error, Reason}.
 call(F) ->
     Result = try F()
-             catch Class:Reason:Stack ->
+             catch throw:{dmuc_limit, Limit} ->
+                     {error, {limit, Limit}};
+                   Class:Reason:Stack ->
                      ?ERROR_MSG("dmuc: engine call failed: ~p:~p ~p", [Class, Reason, Stack]),
                      {error, Reason}
              end,
     flush_logs(),
     case Result of
         {ok, Value} -> Value;
+        {error, {limit, Why}} -> ?WARNING_MSG("dmuc refused a stanza: ~ts", [Why]), {error, {limit, Why}};
         {error, Why} -> ?WARNING_MSG("dmuc refused input: ~p", [Why]), {error, Why};
         Other -> Other
     end.
@@ -224,8 +336,10 @@ master(ServerHost) ->
     case get(?MASTER_KEY) of
         undefined ->
             Trusted = persistent_term:get({?MODULE, master_config, ServerHost}, []),
-            {ok, M} = dmuc_nif:master_new(Trusted),
+            {MaxDepth, MaxSize} = Limits = limits(ServerHost),
+            {ok, M} = dmuc_nif:master_new(Trusted, MaxDepth, MaxSize),
             put(?MASTER_KEY, M),
+            put(?LIMITS_KEY, Limits),
             M;
         M -> M
     end.
@@ -233,9 +347,9 @@ master(ServerHost) ->
 muc_filter_presence(drop, _State, _Nick) -> drop;
 muc_filter_presence(#presence{} = Pkt, #state{server_host = SH} = State, Nick) ->
     M = master(SH),
-    case call(fun() -> dmuc_nif:master_presence(M, now_ms(), enc(Pkt), Nick) end) of
-        {error, _} ->
-            ejabberd_router:route_error(Pkt, xmpp:err_bad_request()),
+    case call(fun() -> dmuc_nif:master_presence(M, now_ms(), enc(limits(SH), Pkt), Nick) end) of
+        {error, Why} ->
+            refuse(Pkt, Why),
             drop;
         {refused, Out} ->
             route_out(Out),
@@ -298,7 +412,7 @@ muc_process_iq(#iq{type = get} = IQ, #state{server_host = SH, jid = RoomJID} = S
         [] -> IQ;
         _ ->
             M = master(SH),
-            case call(fun() -> dmuc_nif:master_iq(M, now_ms(), enc(IQ)) end) of
+            case call(fun() -> dmuc_nif:master_iq(M, now_ms(), enc(limits(SH), IQ)) end) of
                 {{history, Req}, Out} ->
                     route_out(Out),
                     history(M, Req, RoomJID, State),
@@ -308,6 +422,8 @@ muc_process_iq(#iq{type = get} = IQ, #state{server_host = SH, jid = RoomJID} = S
                     route_out(Out),
                     snapshot(M, State, Mirror, <<>>),
                     ignore;
+                {error, {limit, Why}} ->
+                    xmpp:make_error(xmpp:set_els(IQ, []), xmpp:err_policy_violation(Why, <<"en">>));
                 {error, _} ->
                     xmpp:make_error(IQ, xmpp:err_bad_request());
                 {_, Out} ->
@@ -361,9 +477,16 @@ muc_filter_message(#message{} = Pkt, #state{server_host = SH}, _FromNick) ->
         undefined -> Clean;
         M ->
             case dmuc_nif:master_routes(M, jid:encode(xmpp:get_from(Pkt))) of
-                false -> Clean;
+                false ->
+                    %% A room with mirrors sends every message through them: one past the limits
+                    %% is refused, whoever sent it, rather than shown to some occupants only.
+                    case call(fun() -> {ok, enc(limits(SH), Pkt)} end) of
+                        {error, {limit, _} = Why} -> refuse(Pkt, Why), drop;
+                        _ -> Clean
+                    end;
                 true ->
-                    case call(fun() -> dmuc_nif:master_groupchat(master(SH), now_ms(), enc(Pkt)) end) of
+                    case call(fun() -> dmuc_nif:master_groupchat(master(SH), now_ms(), enc(limits(SH), Pkt)) end) of
+                        {error, {limit, _} = Why} -> refuse(Pkt, Why), drop;
                         {duplicate, Out} -> route_out(Out), drop;
                         {{broadcast, undefined}, Out} -> route_out(Out), Clean;
                         {{broadcast, Id}, Out} when is_integer(Id) ->
@@ -406,7 +529,7 @@ multicast_route({From, Domain, Dests, Packet, Wrapped} = Acc) ->
                                    false -> true;
                                    true ->
                                        Copy = xmpp:set_from_to(Packet, From, To),
-                                       case call(fun() -> dmuc_nif:master_outbound(M, now_ms(), enc(Copy)) end) of
+                                       case call(fun() -> dmuc_nif:master_outbound(M, now_ms(), enc(room_limits(), Copy)) end) of
                                            {error, _} -> true;
                                            {drop, Out} -> route_out(Out), false;
                                            {{replace, Xml}, Out} -> route_out(Out ++ [Xml]), false;
@@ -450,7 +573,8 @@ filter_packet(#iq{type = get, to = #jid{luser = <<>>, lresource = <<>>, lserver 
             case xmpp:get_subtag(IQ, #ping{}) of
                 false -> IQ;
                 _ ->
-                    case call(fun() -> dmuc_nif:watch_ping(W, now_ms(), enc(IQ)) end) of
+                    case call(fun() -> dmuc_nif:watch_ping(W, now_ms(), enc(limits(ejabberd_router:host_of_route(Service)), IQ)) end) of
+                        {error, {limit, _} = Why} -> refuse(IQ, Why), drop;
                         {<<>>, _, _} -> IQ;
                         {Reply, Events, At} ->
                             route_out([Reply]),
@@ -484,7 +608,9 @@ filter_packet(Pkt) ->
                     case dmuc_nif:master_routes(M, jid:encode(To)) of
                         false -> Pkt;
                         true ->
-                            case call(fun() -> dmuc_nif:master_outbound(M, now_ms(), enc(Pkt)) end) of
+                            case call(fun() -> dmuc_nif:master_outbound(M, now_ms(), enc(room_limits(), Pkt)) end) of
+                                %% The mirror could not take it either (logged by call/1).
+                                {error, {limit, _}} -> drop;
                                 {error, _} -> Pkt;
                                 {drop, Out} -> route_out(Out), drop;
                                 {{replace, Xml}, Out} -> route_out(Out ++ [Xml]), drop;
@@ -549,12 +675,14 @@ init_mirror(Host, Opts, Proc) ->
             case dmuc_nif:mirror_new(Service, Masters, gen_mod:get_opt(queue_limit, Opts),
                                      gen_mod:get_opt(join_timeout, Opts), gen_mod:get_opt(history_size, Opts),
                                      gen_mod:get_opt(ping_interval, Opts), gen_mod:get_opt(ping_timeout, Opts),
-                                     gen_mod:get_opt(catch_up_margin, Opts)) of
+                                     gen_mod:get_opt(catch_up_margin, Opts),
+                                     gen_mod:get_opt(max_stanza_depth, Opts), gen_mod:get_opt(max_stanza_size, Opts)) of
                 {error, Reason} ->
                     {error, Reason};
                 {ok, M} ->
                     persistent_term:put({?MODULE, mirror, Host}, {M, Proc}),
                     persistent_term:put({?MODULE, mirror_service, Service}, {M, Proc}),
+                    persistent_term:put({?MODULE, limits, Service}, limits(Host)),
                     %% On disc like the old whole-queue table (each write reaches the file), but a
                     %% message now costs one small row written and one deleted.
                     ejabberd_mnesia:create(?MODULE, dmuc_queue_item,
@@ -753,8 +881,8 @@ mirror_run(_M, Proc, F) ->
         {Verdict, _, _} ->
             gen_server:cast(Proc, drain),
             Verdict;
-        {error, _} ->
-            error
+        {error, Why} ->
+            {error, Why}
     end.
 
 %% Local users' presences to occupant JIDs and groupchat messages go through the mirror.
@@ -764,10 +892,10 @@ user_send_packet({Pkt, #{lserver := LServer} = C2S} = Acc) ->
         {M, Proc} ->
             case is_mirror_stanza(Pkt) andalso dmuc_nif:mirror_handles(M, jid:encode(xmpp:get_to(Pkt))) of
                 true ->
-                    case mirror_run(M, Proc, fun() -> dmuc_nif:mirror_local(M, now_ms(), enc(Pkt)) end) of
+                    case mirror_run(M, Proc, fun() -> dmuc_nif:mirror_local(M, now_ms(), enc(limits(LServer), Pkt)) end) of
                         consumed -> {drop, C2S};
-                        error ->
-                            ejabberd_router:route_error(Pkt, xmpp:err_bad_request()),
+                        {error, Why} ->
+                            refuse(Pkt, Why),
                             {drop, C2S};
                         _ -> Acc
                     end;
@@ -794,7 +922,7 @@ user_receive_packet({Pkt, #{lserver := LServer} = C2S} = Acc)
         {M, Proc} ->
             case dmuc_nif:mirror_handles(M, jid:encode(xmpp:get_from(Pkt))) of
                 true ->
-                    case mirror_run(M, Proc, fun() -> dmuc_nif:mirror_remote(M, now_ms(), enc(Pkt)) end) of
+                    case mirror_run(M, Proc, fun() -> dmuc_nif:mirror_remote(M, now_ms(), enc(limits(LServer), Pkt)) end) of
                         consumed when is_record(Pkt, message) -> {drop, C2S};
                         _ -> Acc
                     end;
@@ -812,7 +940,7 @@ filter_pong(#iq{type = T, to = #jid{luser = <<>>, lresource = <<>>, lserver = LS
         {M, Proc} ->
             case dmuc_nif:mirror_handles(M, jid:encode(From)) of
                 true ->
-                    case mirror_run(M, Proc, fun() -> dmuc_nif:mirror_remote(M, now_ms(), enc(IQ)) end) of
+                    case mirror_run(M, Proc, fun() -> dmuc_nif:mirror_remote(M, now_ms(), enc(limits(LServer), IQ)) end) of
                         consumed -> drop;
                         _ -> IQ
                     end;
@@ -894,9 +1022,9 @@ route(Pkt) ->
     case persistent_term:get({?MODULE, mirror_service, To#jid.lserver}, undefined) of
         undefined -> ok;
         {M, Proc} ->
-            case mirror_run(M, Proc, fun() -> dmuc_nif:mirror_remote(M, now_ms(), enc(Pkt)) end) of
+            case mirror_run(M, Proc, fun() -> dmuc_nif:mirror_remote(M, now_ms(), enc(limits(To#jid.lserver), Pkt)) end) of
                 consumed -> ok;
-                error -> ejabberd_router:route_error(Pkt, xmpp:err_bad_request());
+                {error, Why} -> refuse(Pkt, Why);
                 pass ->
                     ejabberd_router:route_error(Pkt, xmpp:err_service_unavailable())
             end

@@ -64,6 +64,7 @@ use jid::Jid;
 use minidom::Element;
 use tracing::{debug, info, warn};
 
+use crate::bounds::Limits;
 use crate::error::Error;
 use crate::link::Link;
 use crate::ns;
@@ -105,12 +106,15 @@ pub struct MirrorConfig {
     pub max_local_occupants: usize,
     /// Mirrored rooms with local occupants; a join to one more gets `resource-constraint`.
     pub max_rooms: usize,
+    /// Depth and size of the stanzas the mirror accepts from local users, masters and
+    /// outsiders (see [`crate::bounds`]).
+    pub limits: Limits,
 }
 
 impl MirrorConfig {
     /// Defaults: a queue of 1000 messages, joins time out after 30 s, 20 messages of history, a
     /// ping every 30 s answered within 20 s, a catch-up margin of 30 s, 1000 local occupants per
-    /// room and 1000 rooms.
+    /// room and 1000 rooms, the default [`Limits`].
     pub fn new(service: impl Into<String>, masters: Vec<String>) -> Self {
         MirrorConfig {
             service: service.into().to_ascii_lowercase(),
@@ -126,6 +130,7 @@ impl MirrorConfig {
             catch_up_margin_ms: 30_000,
             max_local_occupants: 1000,
             max_rooms: 1000,
+            limits: Limits::default(),
         }
     }
 }
@@ -350,7 +355,7 @@ impl Mirror {
 
     /// A stanza from a local user addressed to a mirrored service.
     pub fn handle_local(&mut self, now: Timestamp, xml: &str) -> Result<Verdict, Error> {
-        let el = stanza::parse(xml)?;
+        let el = stanza::parse_within(xml, &self.config.limits)?;
         let from = stanza::jid_attr(&el, "stanza", "from")?;
         let to = el.attr("to").ok_or(Error::MissingAttribute {
             element: "stanza",
@@ -405,7 +410,7 @@ impl Mirror {
     /// A stanza from a mirrored service: to the mirror service itself, to a user's escaped JID at
     /// the mirror, or to a local user (which the mirror only observes).
     pub fn handle_remote(&mut self, now: Timestamp, xml: &str) -> Result<Verdict, Error> {
-        let el = stanza::parse(xml)?;
+        let el = stanza::parse_within(xml, &self.config.limits)?;
         let from = el.attr("from").ok_or(Error::MissingAttribute {
             element: "stanza",
             attribute: "from",

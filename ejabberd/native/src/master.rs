@@ -59,8 +59,13 @@ pub(crate) fn domain_list(
 }
 
 #[rustler::nif]
-fn master_new(trusted: Vec<String>) -> Result<ResourceArc<MasterRes>, NifError> {
+fn master_new(
+    trusted: Vec<String>,
+    max_depth: u64,
+    max_size: u64,
+) -> Result<ResourceArc<MasterRes>, NifError> {
     let trusted = domain_list("trusted_mirrors", trusted)?;
+    let limits = crate::mirror::limits(max_depth, max_size)?;
     Ok(ResourceArc::new(MasterRes(Mutex::new(Master::new(
         MasterConfig {
             trusted_mirrors: trusted.into_iter().map(TrustedMirror::new).collect(),
@@ -75,6 +80,7 @@ fn master_new(trusted: Vec<String>) -> Result<ResourceArc<MasterRes>, NifError> 
             rules: RoomRules {
                 answers_probes: false,
             },
+            limits,
             ..MasterConfig::default()
         },
     )))))

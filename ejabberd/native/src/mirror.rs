@@ -2,6 +2,7 @@
 
 use std::sync::Mutex;
 
+use dmuc::bounds::Limits;
 use dmuc::mirror::{Mirror, MirrorConfig, StoreOp, Verdict};
 use dmuc::Timestamp;
 use rustler::ResourceArc;
@@ -59,6 +60,8 @@ fn mirror_new(
     ping_interval_s: u64,
     ping_timeout_s: u64,
     catch_up_margin_s: u64,
+    max_depth: u64,
+    max_size: u64,
 ) -> Result<ResourceArc<MirrorRes>, NifError> {
     let masters = domain_list("masters", masters)?;
     if masters.is_empty() {
@@ -68,6 +71,7 @@ fn mirror_new(
         });
     }
     let mut c = MirrorConfig::new(service, masters);
+    c.limits = limits(max_depth, max_size)?;
     if queue_limit > 0 {
         c.queue_limit = queue_limit as usize;
     }
@@ -87,6 +91,14 @@ fn mirror_new(
         c.catch_up_margin_ms = catch_up_margin_s * 1000;
     }
     Ok(ResourceArc::new(MirrorRes(Mutex::new(Mirror::new(c)))))
+}
+
+/// `max_stanza_depth` / `max_stanza_size`, each within the engine's ceiling.
+pub(crate) fn limits(max_depth: u64, max_size: u64) -> Result<Limits, NifError> {
+    Limits::new(max_depth as usize, max_size as usize).map_err(|e| NifError::Option {
+        option: "max_stanza_depth/max_stanza_size",
+        reason: e.to_string(),
+    })
 }
 
 #[rustler::nif]

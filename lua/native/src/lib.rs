@@ -8,7 +8,8 @@ mod mirror;
 
 use mlua::prelude::*;
 
-/// `luaopen_dmuc_prosody`: returns `{ master = fn(config), mirror = fn(config), set_logger = fn(f) }`.
+/// `luaopen_dmuc_prosody`: returns `{ master = fn(config), mirror = fn(config), set_logger = fn(f),
+/// limits = { depth, size } }` (the engine's default limits).
 #[mlua::lua_module]
 fn dmuc_prosody(lua: &Lua) -> LuaResult<LuaTable> {
     log::install();
@@ -17,5 +18,11 @@ fn dmuc_prosody(lua: &Lua) -> LuaResult<LuaTable> {
     exports.set("mirror", lua.create_function(mirror::new)?)?;
     exports.set("set_logger", lua.create_function(log::set_logger)?)?;
     exports.set("version", env!("CARGO_PKG_VERSION"))?;
+    // The shim checks depth and size itself before it serializes a stanza (util.stanza's
+    // tostring recurses per level), with the same defaults as the engine.
+    let limits = lua.create_table()?;
+    limits.set("depth", dmuc::bounds::DEFAULT_MAX_DEPTH)?;
+    limits.set("size", dmuc::bounds::DEFAULT_MAX_SIZE)?;
+    exports.set("limits", limits)?;
     Ok(exports)
 }

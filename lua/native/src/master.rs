@@ -65,6 +65,7 @@ pub fn new(_: &Lua, config_table: LuaTable) -> LuaResult<LuaMaster> {
     let mut config = MasterConfig {
         trusted_mirrors: mirrors.into_iter().map(TrustedMirror::new).collect(),
         unbracketed_presence: false,
+        limits: crate::mirror::limits(&config_table)?,
         ..MasterConfig::default()
     };
     if let Some(s) = crate::mirror::positive(&config_table, "link_timeout", "dmuc_link_timeout")? {

@@ -1,5 +1,6 @@
 //! The mirror role as Lua userdata: `native.mirror{ service = ..., masters = {...}, ... }`.
 
+use dmuc::bounds::Limits;
 use dmuc::mirror::{Mirror, MirrorConfig, StoreOp, Verdict};
 use dmuc::Timestamp;
 use mlua::prelude::*;
@@ -25,6 +26,23 @@ pub(crate) fn positive(
         }
         .into()),
     }
+}
+
+/// `dmuc_max_stanza_depth` / `dmuc_max_stanza_size` (the shim passes them as `max_stanza_depth`
+/// and `max_stanza_size`); each within the engine's ceiling.
+pub(crate) fn limits(config: &LuaTable) -> Result<Limits, LuaError> {
+    let d = Limits::default();
+    let depth = positive(config, "max_stanza_depth", "dmuc_max_stanza_depth")?
+        .map_or(d.max_depth, |n| n as usize);
+    let size = positive(config, "max_stanza_size", "dmuc_max_stanza_size")?
+        .map_or(d.max_size, |n| n as usize);
+    Limits::new(depth, size).map_err(|e| {
+        ShimError::Option {
+            option: "dmuc_max_stanza_depth/dmuc_max_stanza_size",
+            reason: e.to_string(),
+        }
+        .into()
+    })
 }
 
 pub fn new(_: &Lua, config: LuaTable) -> LuaResult<LuaMirror> {
@@ -53,6 +71,7 @@ pub fn new(_: &Lua, config: LuaTable) -> LuaResult<LuaMirror> {
     if let Some(n) = positive(&config, "ping_timeout", "dmuc_ping_timeout")? {
         c.ping_timeout_ms = n * 1000;
     }
+    c.limits = limits(&config)?;
     if let Some(n) = positive(&config, "catch_up_margin", "dmuc_catch_up_margin")? {
         c.catch_up_margin_ms = n * 1000;
     }
