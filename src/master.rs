@@ -510,10 +510,9 @@ impl Master {
         cond: Condition,
         text: &str,
     ) {
-        let from = stanza.attr("to").unwrap_or_default().to_string();
-        let room = Jid::new(&from)
-            .map(|j| j.to_bare().to_string())
-            .unwrap_or(from);
+        // From the address the stanza went to: a refused join comes from the occupant JID it
+        // asked for (XEP-0045 §7.2), which is how clients match it to their join.
+        let room = stanza.attr("to").unwrap_or_default().to_string();
         let to = match mirror {
             Some(domain) => match escape::jid_at_service(user, domain) {
                 Ok(addr) => addr.to_string(),

@@ -128,6 +128,8 @@ mod_opt_type(link_timeout) -> econf:pos_int();
 mod_opt_type(ping_interval) -> econf:pos_int();
 mod_opt_type(ping_timeout) -> econf:pos_int();
 mod_opt_type(catch_up_margin) -> econf:pos_int();
+mod_opt_type(max_local_occupants) -> econf:pos_int();
+mod_opt_type(max_rooms) -> econf:pos_int();
 mod_opt_type(max_stanza_depth) -> econf:pos_int();
 mod_opt_type(max_stanza_size) -> econf:pos_int().
 
@@ -142,6 +144,8 @@ mod_options(Host) ->
      {ping_interval, 30},
      {ping_timeout, 20},
      {catch_up_margin, 30},
+     {max_local_occupants, 1000},
+     {max_rooms, 1000},
      {max_stanza_depth, ?DEFAULT_MAX_DEPTH},
      {max_stanza_size, ?DEFAULT_MAX_SIZE}].
 
@@ -187,6 +191,14 @@ mod_doc() ->
             #{value => ?T("Seconds"),
               desc => ?T("Mirror role: after an outage the mirror asks for history from this "
                          "long before the newest message it has (clock skew). The default is 30.")}},
+           {max_local_occupants,
+            #{value => ?T("Number"),
+              desc => ?T("Mirror role: local occupants per mirrored room; a join past it gets "
+                         "resource-constraint. The default is 1000.")}},
+           {max_rooms,
+            #{value => ?T("Number"),
+              desc => ?T("Mirror role: mirrored rooms with local occupants; a join to one more "
+                         "gets resource-constraint. The default is 1000.")}},
            {max_stanza_depth,
             #{value => ?T("Number"),
               desc => ?T("Both roles: stanzas for the engine nesting deeper than this are refused "
@@ -676,7 +688,8 @@ init_mirror(Host, Opts, Proc) ->
                                      gen_mod:get_opt(join_timeout, Opts), gen_mod:get_opt(history_size, Opts),
                                      gen_mod:get_opt(ping_interval, Opts), gen_mod:get_opt(ping_timeout, Opts),
                                      gen_mod:get_opt(catch_up_margin, Opts),
-                                     gen_mod:get_opt(max_stanza_depth, Opts), gen_mod:get_opt(max_stanza_size, Opts)) of
+                                     gen_mod:get_opt(max_stanza_depth, Opts), gen_mod:get_opt(max_stanza_size, Opts),
+                                     gen_mod:get_opt(max_local_occupants, Opts), gen_mod:get_opt(max_rooms, Opts)) of
                 {error, Reason} ->
                     {error, Reason};
                 {ok, M} ->

@@ -62,6 +62,8 @@ fn mirror_new(
     catch_up_margin_s: u64,
     max_depth: u64,
     max_size: u64,
+    max_local_occupants: u64,
+    max_rooms: u64,
 ) -> Result<ResourceArc<MirrorRes>, NifError> {
     let masters = domain_list("masters", masters)?;
     if masters.is_empty() {
@@ -72,6 +74,12 @@ fn mirror_new(
     }
     let mut c = MirrorConfig::new(service, masters);
     c.limits = limits(max_depth, max_size)?;
+    if max_local_occupants > 0 {
+        c.max_local_occupants = max_local_occupants as usize;
+    }
+    if max_rooms > 0 {
+        c.max_rooms = max_rooms as usize;
+    }
     if queue_limit > 0 {
         c.queue_limit = queue_limit as usize;
     }
