@@ -27,6 +27,11 @@ pub fn parse(xml: &str) -> Result<Element, Error> {
 /// stanzas from users, outsiders and peers use this).
 pub fn parse_within(xml: &str, limits: &Limits) -> Result<Element, Error> {
     bounds::check(xml, limits)?;
+    // Every entry point parses its input here: the one place a test build can fail on purpose.
+    #[cfg(feature = "panic-inject")]
+    if xml.contains("<dmuc-panic-test") {
+        panic!("dmuc-panic-test: a panic injected into the engine");
+    }
     let mut text = String::with_capacity(xml.len() + WRAP_OPEN.len() + WRAP_CLOSE.len());
     text.push_str(WRAP_OPEN);
     text.push_str(xml);

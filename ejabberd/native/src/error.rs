@@ -16,9 +16,6 @@ pub enum NifError {
         /// What is wrong with it.
         reason: String,
     },
-    /// The engine's lock was poisoned by an earlier panic.
-    #[error("dmuc: engine unavailable after an earlier failure")]
-    Poisoned,
 }
 
 rustler::atoms! { error }

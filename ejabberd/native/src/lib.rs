@@ -12,3 +12,13 @@ mod mirror;
 mod watch;
 
 rustler::init!("dmuc_nif", load = log::load);
+
+/// The engine behind a resource. A panic in an earlier call (rustler turned it into
+/// `nif_panicked` for that caller) poisons the lock; the engine then goes on with the state that
+/// call left, rather than every room and the mirror losing dmuc until the server restarts.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| {
+        m.clear_poison();
+        poisoned.into_inner()
+    })
+}

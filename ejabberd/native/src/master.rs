@@ -26,7 +26,7 @@ pub struct HistoryRes(HistoryRequest);
 impl rustler::Resource for HistoryRes {}
 
 fn with<T>(r: &MasterRes, f: impl FnOnce(&mut Master) -> T) -> Result<(T, Vec<String>), NifError> {
-    let mut m = r.0.lock().map_err(|_| NifError::Poisoned)?;
+    let mut m = crate::lock(&r.0);
     let out = f(&mut m);
     let mut sent = Vec::new();
     while let Some(x) = m.poll_transmit() {
@@ -116,9 +116,7 @@ fn master_groupchat<'a>(
 
 #[rustler::nif]
 fn master_routes(r: ResourceArc<MasterRes>, to: String) -> bool {
-    r.0.lock()
-        .map(|m| m.routes_via_mirror(&to))
-        .unwrap_or(false)
+    crate::lock(&r.0).routes_via_mirror(&to)
 }
 
 #[rustler::nif]
@@ -242,7 +240,7 @@ fn master_link<'a>(
     domain: String,
     up: bool,
 ) -> Result<Term<'a>, NifError> {
-    let mut m = r.0.lock().map_err(|_| NifError::Poisoned)?;
+    let mut m = crate::lock(&r.0);
     m.handle_link(Timestamp(now), &domain, up);
     Ok(take_actions(env, &mut m).encode(env))
 }
@@ -250,7 +248,7 @@ fn master_link<'a>(
 /// The engine's pending actions (see `take_actions`).
 #[rustler::nif]
 fn master_actions<'a>(env: Env<'a>, r: ResourceArc<MasterRes>) -> Result<Term<'a>, NifError> {
-    let mut m = r.0.lock().map_err(|_| NifError::Poisoned)?;
+    let mut m = crate::lock(&r.0);
     Ok(take_actions(env, &mut m).encode(env))
 }
 

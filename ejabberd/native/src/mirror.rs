@@ -26,7 +26,7 @@ fn run(
     r: &MirrorRes,
     f: impl FnOnce(&mut Mirror) -> Result<Verdict, dmuc::Error>,
 ) -> Result<Outcome, NifError> {
-    let mut m = r.0.lock().map_err(|_| NifError::Poisoned)?;
+    let mut m = crate::lock(&r.0);
     let v = f(&mut m)?;
     let at = m.poll_timeout().map(|t| t.0).unwrap_or(0);
     let verdict = if v == Verdict::Consumed {
@@ -40,7 +40,7 @@ fn run(
 /// `{[Xml], NextTimeoutMs | 0}`: everything the engine wants routed, in order.
 #[rustler::nif]
 fn mirror_drain(r: ResourceArc<MirrorRes>) -> Result<(Vec<String>, u64), NifError> {
-    let mut m = r.0.lock().map_err(|_| NifError::Poisoned)?;
+    let mut m = crate::lock(&r.0);
     let mut sent = Vec::new();
     while let Some(x) = m.poll_transmit() {
         sent.push(x);
@@ -111,7 +111,7 @@ pub(crate) fn limits(max_depth: u64, max_size: u64) -> Result<Limits, NifError> 
 
 #[rustler::nif]
 fn mirror_handles(r: ResourceArc<MirrorRes>, jid: String) -> bool {
-    r.0.lock().map(|m| m.handles(&jid)).unwrap_or(false)
+    crate::lock(&r.0).handles(&jid)
 }
 
 #[rustler::nif]
@@ -164,7 +164,7 @@ fn mirror_import(
 fn mirror_persist(
     r: ResourceArc<MirrorRes>,
 ) -> Result<Vec<(rustler::Atom, u64, String)>, NifError> {
-    let mut m = r.0.lock().map_err(|_| NifError::Poisoned)?;
+    let mut m = crate::lock(&r.0);
     Ok(std::iter::from_fn(|| m.poll_store())
         .map(|op| match op {
             StoreOp::Put { key, item } => (put(), key, item),
@@ -180,7 +180,7 @@ fn mirror_persist(
 fn mirror_status(
     r: ResourceArc<MirrorRes>,
 ) -> Result<Vec<((String, bool), (usize, usize, usize, u64), (u64, u64, u64))>, NifError> {
-    let m = r.0.lock().map_err(|_| NifError::Poisoned)?;
+    let m = crate::lock(&r.0);
     let ms = |t: Option<Timestamp>| t.map(|t| t.0).unwrap_or(0);
     Ok(m.status()
         .into_iter()

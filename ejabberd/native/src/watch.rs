@@ -24,7 +24,7 @@ fn run(
     r: &WatchRes,
     f: impl FnOnce(&mut LinkWatch) -> Result<Option<String>, dmuc::Error>,
 ) -> Result<Outcome, NifError> {
-    let mut w = r.0.lock().map_err(|_| NifError::Poisoned)?;
+    let mut w = crate::lock(&r.0);
     let reply = f(&mut w)?.unwrap_or_default();
     let mut events = Vec::new();
     while let Some(e) = w.poll_event() {
@@ -59,7 +59,7 @@ fn watch_timeout(r: ResourceArc<WatchRes>, now: u64) -> Result<Outcome, NifError
 /// `[{Mirror, Up, LastSeenMs, Outages}]`.
 #[rustler::nif]
 fn watch_status(r: ResourceArc<WatchRes>) -> Result<Vec<(String, bool, u64, u64)>, NifError> {
-    let w = r.0.lock().map_err(|_| NifError::Poisoned)?;
+    let w = crate::lock(&r.0);
     Ok(w.status()
         .into_iter()
         .map(|s| (s.mirror, s.up, s.last_seen.0, s.outages))
