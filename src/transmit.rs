@@ -128,10 +128,7 @@ mod tests {
         assert_eq!(texts[0], "<a/>");
         let first = stanza::parse(&texts[1]).unwrap();
         assert_eq!(first.attr("to"), Some("u@h/1"));
-        assert_eq!(
-            stanza::parse(&texts[2]).unwrap().attr("to"),
-            Some("v@h/2")
-        );
+        assert_eq!(stanza::parse(&texts[2]).unwrap().attr("to"), Some("v@h/2"));
         assert_eq!(texts[3], "<b/>");
         assert!(t.is_empty());
     }
@@ -153,7 +150,10 @@ mod tests {
         for to in &to {
             let mut el = stanza::parse(&text).unwrap();
             stanza::set_attr(&mut el, "to", to.as_str());
-            assert_eq!(Some(el), copies.pop_text().map(|c| stanza::parse(&c).unwrap()));
+            assert_eq!(
+                Some(el),
+                copies.pop_text().map(|c| stanza::parse(&c).unwrap())
+            );
         }
         assert_eq!(t.pop(), Some(Transmit::Stanza("<b/>".into())));
         assert_eq!(t.pop(), None);
