@@ -118,12 +118,23 @@ local function bounce(origin, stanza, text)
 	end
 end
 
+-- A fan-out (the same stanza for each of `recipients`) is parsed once and routed once per
+-- recipient, its `to` set in turn, as a MUC room routes a broadcast (room_mt:route_to_occupant):
+-- each copy is on its way before the next is addressed. Parsing a copy per recipient was most of
+-- the mirror's CPU under a flood.
 local function drain(engine)
 	while true do
-		local text = engine:poll_transmit();
+		local text, recipients = engine:poll_transmit_batch();
 		if not text then break end
 		local stanza = to_stanza(text);
-		if stanza then module:send(stanza); end
+		if stanza and recipients then
+			for _, to in ipairs(recipients) do
+				stanza.attr.to = to;
+				module:send(stanza);
+			end
+		elseif stanza then
+			module:send(stanza);
+		end
 	end
 end
 

@@ -64,6 +64,7 @@ pub mod room_rules;
 pub mod stanza;
 pub mod stanza_ids;
 pub mod time;
+pub mod transmit;
 
 pub use error::Error;
 pub use time::Timestamp;

@@ -63,30 +63,33 @@ pub fn copies_to<'a>(
     name: &str,
     recipients: impl IntoIterator<Item = &'a str>,
 ) -> Vec<String> {
+    recipients
+        .into_iter()
+        .map(|to| copy_to(text, name, to))
+        .collect()
+}
+
+/// One copy of [`copies_to`]: `text` (an element called `name`, without `to`) addressed to `to`.
+pub fn copy_to(text: &str, name: &str, to: &str) -> String {
     // `serialize` writes `<name` first; the attribute goes right after it.
     let cut = (1 + name.len()).min(text.len());
     let (head, tail) = text.split_at(cut);
-    recipients
-        .into_iter()
-        .map(|to| {
-            let mut s = String::with_capacity(text.len() + to.len() + 8);
-            s.push_str(head);
-            s.push_str(" to='");
-            for c in to.chars() {
-                match c {
-                    '\'' => s.push_str("&apos;"),
-                    '&' => s.push_str("&amp;"),
-                    '<' => s.push_str("&lt;"),
-                    '>' => s.push_str("&gt;"),
-                    '"' => s.push_str("&quot;"),
-                    c => s.push(c),
-                }
-            }
-            s.push('\'');
-            s.push_str(tail);
-            s
-        })
-        .collect()
+    let mut s = String::with_capacity(text.len() + to.len() + 8);
+    s.push_str(head);
+    s.push_str(" to='");
+    for c in to.chars() {
+        match c {
+            '\'' => s.push_str("&apos;"),
+            '&' => s.push_str("&amp;"),
+            '<' => s.push_str("&lt;"),
+            '>' => s.push_str("&gt;"),
+            '"' => s.push_str("&quot;"),
+            c => s.push(c),
+        }
+    }
+    s.push('\'');
+    s.push_str(tail);
+    s
 }
 
 /// An attribute without namespace.

@@ -622,12 +622,13 @@ impl Mirror {
             }
         }
         let text = stanza::serialize(&shown);
+        let name = shown.name().to_string();
         // A direct session (a second device on a nick) gets the room's own copy instead.
-        let copies = stanza::copies_to(&text, shown.name(), r.served().iter().map(String::as_str));
+        let served = r.served();
         if is_historic(&shown) {
             r.replica.history.push(Entry::with_text(shown, &text, now));
         }
-        self.transmits.extend(copies);
+        self.transmits.fan_out(text, &name, served);
         if !hold {
             self.send(&el);
         }

@@ -22,7 +22,8 @@
 //!   restart.
 //!
 //! Outputs (`poll_*`): [`Mirror::poll_transmit`] (stanzas to route: to local users, or to the
-//! master), [`Mirror::poll_timeout`], and [`Mirror::poll_store`] (one change at a time to the
+//! master; or [`Mirror::poll_transmit_batch`], the same with each fan-out as one stanza and its
+//! recipients), [`Mirror::poll_timeout`], and [`Mirror::poll_store`] (one change at a time to the
 //! stored outbound queue: put or delete one item).
 //!
 //! # Link loss
@@ -56,9 +57,10 @@ mod room;
 mod store;
 mod sync;
 
+pub use crate::transmit::Transmit;
 pub use store::StoreOp;
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 
 use jid::Jid;
 use minidom::Element;
@@ -76,6 +78,7 @@ use crate::stanza_ids::IdSource;
 const RECENTLY_LEFT: usize = 1000;
 use crate::stanza::{self, Condition};
 use crate::time::Timestamp;
+use crate::transmit::Transmits;
 
 use classify::{classify_local, classify_remote, is_bounce, FromLocal, FromMaster};
 use room::{MirrorRoom, Sync};
@@ -178,7 +181,7 @@ pub struct Mirror {
     config: MirrorConfig,
     rooms: BTreeMap<String, MirrorRoom>,
     links: BTreeMap<String, Link>,
-    transmits: VecDeque<String>,
+    transmits: Transmits,
     next_id: u64,
     /// Stanza-ids this mirror proposes for its users' messages.
     stanza_ids: IdSource,
@@ -209,7 +212,7 @@ impl Mirror {
             config,
             rooms: BTreeMap::new(),
             links: BTreeMap::new(),
-            transmits: VecDeque::new(),
+            transmits: Transmits::default(),
             next_id: 0,
             store: store::Journal::default(),
             recently_left: Recent::new(RECENTLY_LEFT),
@@ -324,9 +327,15 @@ impl Mirror {
             .collect()
     }
 
-    /// The next stanza to route.
+    /// The next stanza to route, as text: a fan-out comes one addressed copy per call.
     pub fn poll_transmit(&mut self) -> Option<String> {
-        self.transmits.pop_front()
+        self.transmits.pop_text()
+    }
+
+    /// The next stanza to route, a fan-out to local occupants as one text and its recipients
+    /// (see [`Transmit`]). Interleaves with [`Mirror::poll_transmit`]: the order is the same.
+    pub fn poll_transmit_batch(&mut self) -> Option<Transmit> {
+        self.transmits.pop()
     }
 
     /// When [`Mirror::handle_timeout`] should next be called.
@@ -345,7 +354,7 @@ impl Mirror {
     }
 
     fn send(&mut self, el: &Element) {
-        self.transmits.push_back(stanza::serialize(el));
+        self.transmits.push(stanza::serialize(el));
     }
 
     fn id(&mut self, prefix: &str) -> String {
@@ -484,12 +493,8 @@ impl Mirror {
                         r.replica.room_presence =
                             (stanza::stanza_type(&p) != Some("unavailable")).then_some(p.clone());
                         if changed {
-                            let text = stanza::serialize(&p);
-                            self.transmits.extend(stanza::copies_to(
-                                &text,
-                                "presence",
-                                users.iter().map(String::as_str),
-                            ));
+                            self.transmits
+                                .fan_out(stanza::serialize(&p), "presence", users);
                         }
                     }
                 }

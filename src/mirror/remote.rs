@@ -450,8 +450,8 @@ impl Mirror {
         let is_subject = el.get_child("subject", ns::JABBER_CLIENT).is_some()
             && el.get_child("body", ns::JABBER_CLIENT).is_none();
         let text = stanza::serialize(&el);
-        let copies =
-            stanza::copies_to(&text, el.name(), r.served().iter().map(String::as_str));
+        let name = el.name().to_string();
+        let served = r.served();
         if is_subject {
             r.replica.set_subject(&el, now, true);
         } else {
@@ -461,7 +461,7 @@ impl Mirror {
                 r.replica.history.push(entry);
             }
         }
-        self.transmits.extend(copies);
+        self.transmits.fan_out(text, &name, served);
     }
 
     pub(super) fn remote_iq(

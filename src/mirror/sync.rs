@@ -261,12 +261,8 @@ impl Mirror {
         let recipients = r.served();
         let awaiting = std::mem::take(&mut r.awaiting);
         for m in missed {
-            let text = stanza::serialize(&m);
-            self.transmits.extend(stanza::copies_to(
-                &text,
-                m.name(),
-                recipients.iter().map(String::as_str),
-            ));
+            self.transmits
+                .fan_out(stanza::serialize(&m), m.name(), recipients.clone());
         }
         for nick in awaiting {
             self.serve_join(now, room, &nick);

@@ -255,6 +255,10 @@ impl LuaUserData for LuaMaster {
             Ok(list)
         });
         methods.add_method_mut("poll_transmit", |_, this, ()| Ok(this.0.poll_transmit()));
+        // As the mirror's (`text, recipients`): the master makes no fan-outs, so never a list.
+        methods.add_method_mut("poll_transmit_batch", |_, this, ()| {
+            Ok((this.0.poll_transmit(), None::<Vec<String>>))
+        });
         methods.add_method_mut("poll_action", |lua, this, ()| {
             Ok(match this.0.poll_action() {
                 None => None,

@@ -1,7 +1,7 @@
 //! The mirror role as Lua userdata: `native.mirror{ service = ..., masters = {...}, ... }`.
 
 use dmuc::bounds::Limits;
-use dmuc::mirror::{Mirror, MirrorConfig, StoreOp, Verdict};
+use dmuc::mirror::{Mirror, MirrorConfig, StoreOp, Transmit, Verdict};
 use dmuc::Timestamp;
 use mlua::prelude::*;
 
@@ -135,6 +135,15 @@ impl LuaUserData for LuaMirror {
             Ok(())
         });
         methods.add_method_mut("poll_transmit", |_, this, ()| Ok(this.0.poll_transmit()));
+        // `text` (one addressed stanza), or `text, recipients` (a fan-out: the stanza without
+        // `to`, one copy for each recipient, in order), or nothing.
+        methods.add_method_mut("poll_transmit_batch", |_, this, ()| {
+            Ok(match this.0.poll_transmit_batch() {
+                Some(Transmit::Stanza(text)) => (Some(text), None),
+                Some(Transmit::FanOut { stanza, to }) => (Some(stanza), Some(to)),
+                None => (None, None),
+            })
+        });
         methods.add_method_mut(
             "import_queue",
             |lua, this, (t, items): (f64, Vec<String>)| {
