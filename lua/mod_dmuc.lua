@@ -100,20 +100,33 @@ local function refuse(origin, stanza, why)
 	end
 end
 
+-- Did the engine's last failure come from inside it (a panic, which mlua turns into a Lua
+-- error carrying the panic's message) rather than from its refusing the input ("dmuc: ...")?
+local last_failure_internal = false;
+
 -- Call into the engine; an error is logged, never raised into Prosody's stanza processing.
 local function call(engine, method, ...)
 	local result = table.pack(pcall(engine[method], engine, ...));
 	if not result[1] then
-		module:log("warn", "dmuc %s refused input: %s", method, tostring(result[2]));
-		return nil, tostring(result[2]);
+		local why = tostring(result[2]);
+		last_failure_internal = not why:find("dmuc: ", 1, true);
+		if last_failure_internal then
+			module:log("error", "dmuc %s failed inside the engine: %s", method, why);
+		else
+			module:log("warn", "dmuc %s refused input: %s", method, why);
+		end
+		return nil, why;
 	end
 	return table.unpack(result, 2, result.n);
 end
 
--- Answer a stanza the engine could not take with an XMPP error, so nothing is silently lost.
+-- Answer a stanza the engine could not take with an XMPP error, so nothing is silently lost:
+-- bad-request for input the engine refused, internal-server-error for its own failure.
 local function bounce(origin, stanza, text)
 	if stanza.attr.type ~= "error" and stanza.attr.type ~= "result" then
-		local reply = st.error_reply(stanza, "modify", "bad-request", text);
+		local reply = last_failure_internal
+			and st.error_reply(stanza, "cancel", "internal-server-error", "Internal error in dmuc")
+			or st.error_reply(stanza, "modify", "bad-request", text);
 		if origin and origin.send then origin.send(reply) else module:send(reply) end
 	end
 end

@@ -290,6 +290,11 @@ room_limits() ->
 %% by call/1), bad-request otherwise. The error carries none of the payload: a bomb is not echoed.
 refuse(Pkt, {limit, Why}) ->
     ejabberd_router:route_error(xmpp:set_els(Pkt, []), xmpp:err_policy_violation(Why, <<"en">>));
+refuse(Pkt, nif_panicked) ->
+    %% The engine failed inside (rustler turned its panic into this): not the sender's fault.
+    %% type cancel, as RFC 6120 §8.3.3.6 and Prosody give it (the xmpp library says wait).
+    Err = xmpp:err_internal_server_error(<<"Internal error in dmuc">>, <<"en">>),
+    ejabberd_router:route_error(Pkt, Err#stanza_error{type = cancel});
 refuse(Pkt, _) ->
     ejabberd_router:route_error(Pkt, xmpp:err_bad_request()).
 
