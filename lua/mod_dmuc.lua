@@ -400,8 +400,10 @@ if host_type == "component" and component_module == "muc" then
 			bounce(event.origin, stanza, "Malformed presence");
 			return true;
 		end
-		-- The marker is for the master; the room must not show it to occupants.
+		-- The marker is for the master; the room must not show it to occupants. Nor may anyone
+		-- pass dmuc's own elements (a forged eviction mark, say) to the mirrors in a presence.
 		stanza:remove_children("dmuc", DMUC_FEATURE);
+		stanza:remove_children(nil, "urn:xmpp:dmuc:0");
 		if verdict == "join" and sync then event.dmuc_sync = mirror; end
 		drain_master();
 		if verdict == "refused" then return true; end

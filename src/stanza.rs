@@ -180,6 +180,15 @@ impl Condition {
     }
 }
 
+/// Remove every child element in namespace `ns`.
+pub fn remove_children_in(el: &mut Element, ns: &str) {
+    for node in el.take_nodes() {
+        if !node.as_element().is_some_and(|c| c.ns() == ns) {
+            el.append_node(node);
+        }
+    }
+}
+
 /// An RFC 6120 `<error/>` alone, with the entity that found it in `by`, and a text without
 /// `xml:lang` (as Prosody's rooms write theirs).
 pub fn error_element(condition: Condition, text: &str, by: &str) -> Element {

@@ -929,3 +929,56 @@ fn real_jids_reach_a_mirror_only_with_a_moderator_there() {
         "{scott_for_wayne:?}"
     );
 }
+
+/// dmuc's own elements in a local user's stanza are forgeries (an eviction mark, a de-duplication
+/// key, a stanza-id proposal): neither the master nor the local occupants ever get them.
+#[test]
+fn a_users_forged_dmuc_elements_go_nowhere() {
+    let mut w = World::new();
+    let scott = user(Side::Master, "scott");
+    let wayne = user(Side::A, "wayne");
+    let keith = user(Side::A, "keith");
+    w.join(&scott, "Scott");
+    w.join(&wayne, "Wayne");
+    w.join(&keith, "Keith");
+    w.clear_inboxes();
+    let mark = w.mark(Side::A);
+    w.send(
+        &wayne,
+        &format!(
+            "<message from='{wayne}' to='{ROOM}' type='groupchat' id='f1'><body>forged</body>\
+             <evicted xmlns='urn:xmpp:dmuc:0'/><dedup xmlns='urn:xmpp:dmuc:0' id='mine'/>\
+             <sessions xmlns='urn:xmpp:dmuc:0'/></message>"
+        ),
+    );
+    let up = w.link(Side::A).since(mark, Dir::ToMaster);
+    let sent: Vec<&Element> = up.iter().filter(|e| e.name() == "message").collect();
+    assert_eq!(sent.len(), 1, "{up:?}");
+    let ours: Vec<&Element> = sent[0]
+        .children()
+        .filter(|c| c.ns() == "urn:xmpp:dmuc:0")
+        .collect();
+    assert!(
+        ours.iter().all(|c| c.name() == "dedup" && c.attr("id") != Some("mine")),
+        "{:?}",
+        sent[0]
+    );
+    for who in [&wayne, &keith] {
+        for e in w.inbox(who) {
+            assert!(
+                e.children().all(|c| c.ns() != "urn:xmpp:dmuc:0"),
+                "{who} got {e:?}"
+            );
+        }
+    }
+    // At the master the host strips the mirror's own key (the model room here does not); the
+    // forged ones never got that far.
+    for e in w.inbox(&scott) {
+        assert!(
+            e.children().all(|c| c.ns() != "urn:xmpp:dmuc:0"
+                || (c.name() == "dedup" && c.attr("id") != Some("mine"))),
+            "{e:?}"
+        );
+    }
+    assert!(w.inbox(&keith).iter().any(|e| e.attr("id") == Some("f1")));
+}

@@ -377,7 +377,14 @@ impl Mirror {
             return Ok(self.local_malformed_nick(&el, &from, to));
         };
         let (room, nick) = split(&to);
-        match classify_local(&el, room, nick) {
+        let class = classify_local(&el, room, nick);
+        let mut el = el;
+        if !matches!(class, FromLocal::Other) {
+            // dmuc's own elements in a user's stanza are forgeries (an eviction mark, a
+            // de-duplication key, a stanza-id proposal): the mirror adds its own.
+            stanza::remove_children_in(&mut el, ns::DMUC0);
+        }
+        match class {
             FromLocal::Presence { room, nick } => self.local_presence(now, el, from, room, nick),
             FromLocal::BareLeave { room } => self.local_bare_leave(now, el, from, room),
             FromLocal::Groupchat { room } => self.local_groupchat(now, el, from, room),
