@@ -97,11 +97,22 @@ pub fn attr<'a>(el: &'a Element, name: &'a str) -> Option<&'a str> {
     el.attr(name)
 }
 
-/// Set (or replace) an attribute without namespace.
+/// Set (or replace) an attribute without namespace. Characters XML 1.0 cannot carry (control
+/// characters, U+FFFE, U+FFFF) are dropped: values may come from the host rather than from
+/// parsed XML, and minidom's writer panics on them (found by fuzzing `handle_history`).
 pub fn set_attr(el: &mut Element, name: &str, value: impl Into<String>) {
     if let Ok(name) = NcName::try_from(name) {
-        el.attrs_mut().insert(Namespace::NONE, name, value.into());
+        let mut value = value.into();
+        if !value.chars().all(xml_char) {
+            value.retain(xml_char);
+        }
+        el.attrs_mut().insert(Namespace::NONE, name, value);
     }
+}
+
+/// May `c` appear in an XML 1.0 document (the `Char` production)?
+fn xml_char(c: char) -> bool {
+    matches!(c, '\t' | '\n' | '\r' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'..)
 }
 
 /// Remove an attribute without namespace.
