@@ -969,6 +969,35 @@ fn a_restarted_mirror_delivers_its_stored_queue() {
     assert!(w.master.errors.is_empty(), "{:?}", w.master.errors);
 }
 
+/// A stored item goes to its own room, from its own sender, whatever its stanza says: a damaged
+/// or edited store cannot make the mirror send elsewhere (found by the `mirror` fuzz target: an
+/// item whose message said `to=''`).
+#[test]
+fn a_tampered_stored_item_goes_to_its_room() {
+    let (mut w, c) = full_room();
+    w.cut(Side::A);
+    w.say(&c.wayne, "queued");
+    let stored: Vec<String> = w.stores[&Side::A]
+        .values()
+        .map(|x| {
+            x.replacen(&format!("to='{ROOM}'"), "to=''", 1)
+                .replacen(&format!("from='{}'", c.wayne), "from='eve@evil.example/x'", 1)
+        })
+        .collect();
+    assert!(stored.iter().all(|x| x.contains("to=''")), "{stored:?}");
+    let mut fresh = dmuc::mirror::Mirror::new(dmuc::mirror::MirrorConfig::new(
+        A_MIRROR,
+        vec![MUC_SERVICE.into()],
+    ));
+    assert_eq!(fresh.import_queue(w.now, &stored), 1);
+    w.mirrors.insert(Side::A, fresh);
+    w.clear_inboxes();
+    w.restore(Side::A);
+    w.settle();
+    assert_eq!(all_bodies(&w.take(&c.scott)), ["queued"]);
+    assert!(w.master.errors.is_empty(), "{:?}", w.master.errors);
+}
+
 /// Storage changes per item: a message sent at once and acknowledged by the next ping answer
 /// costs the host one put and one delete, however many other messages are in flight.
 #[test]

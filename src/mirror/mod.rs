@@ -694,6 +694,15 @@ impl Mirror {
                 .rooms
                 .entry(room.clone())
                 .or_insert_with(|| MirrorRoom::new(room.clone(), master.clone(), history_size));
+            // The item goes to its own room, from its own sender, whatever its stanza says (a
+            // store is data: a damaged or edited one must not make the mirror send elsewhere).
+            let to = if q.is_message() {
+                room.clone()
+            } else {
+                format!("{room}/{}", q.nick)
+            };
+            stanza::set_attr(&mut q.stanza, "to", to);
+            stanza::set_attr(&mut q.stanza, "from", q.user.clone());
             if q.seq == 0 {
                 q.seq = self.store.next_seq();
                 self.store.put(&room, &q);
