@@ -45,7 +45,7 @@ struct Heard {
 }
 
 /// Last-heard times of the mirrors, and the events their changes make.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct LinkWatch {
     trusted: Vec<TrustedMirror>,
     timeout_ms: u64,

@@ -288,7 +288,7 @@ struct Remote {
     role: Option<String>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct RoomState {
     /// Occupants that joined through a mirror, by real (full) JID.
     by_real: HashMap<String, Remote>,
@@ -309,7 +309,7 @@ struct RoomState {
 }
 
 /// A broadcast announcing a configuration change, held until the host hands over the new form.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct ConfigWait {
     /// The status codes it announces.
     codes: Vec<String>,
@@ -327,7 +327,7 @@ struct MirrorLink {
     stale: bool,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct Captured {
     rank: u8,
     stanza: Element,
@@ -360,7 +360,7 @@ impl RoomState {
 const REFUSAL_LOG_INTERVAL_MS: u64 = 60_000;
 
 /// The master engine for one MUC service.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Master {
     config: MasterConfig,
     rooms: HashMap<String, RoomState>,

@@ -27,7 +27,7 @@ pub enum Transmit {
 }
 
 /// A fan-out, part of which a per-copy host may have taken already.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct FanOut {
     text: String,
     /// The element's name: `to` is spliced in right after `<name`.
@@ -35,14 +35,14 @@ struct FanOut {
     to: VecDeque<String>,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 enum Queued {
     Stanza(String),
     FanOut(FanOut),
 }
 
 /// The engine's outbound stanzas, in order.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Transmits {
     queue: VecDeque<Queued>,
 }

@@ -23,7 +23,22 @@ pub const NICKS: &[&str] = &["Wayne", "Tim", "Sarah", "Scott", "Kevin", "Joe"];
 /// A world with a room on the master, occupants through both mirrors and local ones, and a few
 /// messages of history. `deep` gives every engine the depth ceiling (256) instead of the
 /// default limit (64), so that inputs reach both.
+///
+/// Built once per process for each kind and cloned: populating takes milliseconds (joins,
+/// messages, their fan-out), and the sequence targets would spend most of each execution on it.
 pub fn populated(unbracketed: bool, deep: bool) -> World {
+    thread_local! {
+        static BUILT: std::cell::RefCell<[Option<World>; 4]> = const { std::cell::RefCell::new([None, None, None, None]) };
+    }
+    let k = usize::from(unbracketed) | usize::from(deep) << 1;
+    BUILT.with(|b| {
+        b.borrow_mut()[k]
+            .get_or_insert_with(|| build_populated(unbracketed, deep))
+            .clone()
+    })
+}
+
+fn build_populated(unbracketed: bool, deep: bool) -> World {
     let mut w = if unbracketed {
         World::unbracketed()
     } else {

@@ -176,7 +176,7 @@ fn round_of(links: &BTreeMap<String, Link>, master: &str) -> u64 {
 }
 
 /// The mirror engine for one mirror service.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Mirror {
     config: MirrorConfig,
     rooms: BTreeMap<String, MirrorRoom>,

@@ -23,7 +23,7 @@ pub(super) enum Refusal {
     Delivered,
 }
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(super) struct Outbound {
     /// Waiting for the link.
     pub(super) queue: VecDeque<Queued>,

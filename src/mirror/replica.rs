@@ -46,7 +46,7 @@ impl Occupant {
 }
 
 /// The copy of one room.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(super) struct Replica {
     /// The room's bare JID.
     pub(super) jid: String,

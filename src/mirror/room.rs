@@ -38,7 +38,7 @@ pub(super) enum Sync {
     Ready,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(super) struct MirrorRoom {
     pub(super) master: String,
     pub(super) replica: Replica,

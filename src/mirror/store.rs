@@ -33,7 +33,7 @@ pub enum StoreOp {
 }
 
 /// A change not yet handed to the host.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Pending {
     /// Does the host have this key now (as of the last change it polled)?
     stored: bool,
@@ -42,7 +42,7 @@ struct Pending {
 }
 
 /// The changes not yet polled, by key, and the next key to give out.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(super) struct Journal {
     pending: BTreeMap<u64, Pending>,
     next_seq: u64,

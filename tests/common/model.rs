@@ -327,6 +327,11 @@ impl MasterHost {
     }
 
     fn error_to(&mut self, now: Timestamp, stanza: &Element, etype: &str, cond: &str) {
+        // RFC 6120 §8.3.1: an error is never answered with an error (two occupant JIDs would
+        // bounce one between them for ever).
+        if stanza.attr("type") == Some("error") {
+            return;
+        }
         let mut e = Element::builder(stanza.name(), CLIENT).build();
         set_attr(&mut e, "from", stanza.attr("to").unwrap_or_default());
         set_attr(&mut e, "to", stanza.attr("from").unwrap_or_default());

@@ -98,7 +98,7 @@ pub enum LinkState {
 }
 
 /// The s2s link between the master server and one mirror server.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Link {
     pub state: LinkState,
     pub held: VecDeque<Packet>,
@@ -140,6 +140,7 @@ pub struct Packet {
 }
 
 /// The world.
+#[derive(Clone)]
 pub struct World {
     pub now: Timestamp,
     pub master: MasterHost,
@@ -508,6 +509,9 @@ impl World {
         let mut steps = 0;
         while let Some(p) = self.queue.pop_front() {
             steps += 1;
+            if steps > 99_980 && std::env::var_os("DMUC_FUZZ_TRACE").is_some() {
+                eprintln!("STEP {steps} side={:?} crossed={} {}", p.side, p.crossed, p.xml);
+            }
             assert!(steps < 100_000, "the world does not settle");
             self.deliver(p);
         }
