@@ -55,6 +55,7 @@ pub mod link;
 pub mod link_watch;
 pub mod master;
 pub mod mirror;
+pub mod mirror_quota;
 pub mod ns;
 pub mod queue;
 pub mod rate;

@@ -48,7 +48,8 @@ use crate::ns;
 use crate::recent::Recent;
 use crate::room_history::{self, Entry};
 use crate::stanza::{self, Condition};
-use crate::rate::{LogLimiter, TokenBucket};
+use crate::mirror_quota::MirrorQuota;
+use crate::rate::LogLimiter;
 use crate::room_rules::RoomRules;
 use crate::stanza_ids::{self, Adoption};
 use crate::time::Timestamp;
@@ -381,8 +382,9 @@ pub struct Master {
     /// them (the answer to the request that made them leave, say) goes through the mirror too,
     /// behind the broadcast of their leave.
     recently_left: VecDeque<(String, String)>,
-    /// Joins through each mirror (see [`MasterConfig::mirror_join_rate`]).
-    join_rates: HashMap<String, TokenBucket>,
+    /// Rooms per mirror and joins through each (see [`MasterConfig::max_rooms_per_mirror`]):
+    /// the service's, perhaps shared with the engines of its other rooms.
+    quota: MirrorQuota,
     /// Refusals of strangers are logged at warn, a line per peer per minute.
     refusals: LogLimiter,
     next_id: u64,
@@ -399,6 +401,18 @@ fn split_occupant(jid: &Jid) -> (String, Option<String>) {
 impl Master {
     /// A master with these settings.
     pub fn new(config: MasterConfig) -> Self {
+        let quota = MirrorQuota::new(
+            config.max_rooms_per_mirror,
+            config.mirror_join_rate,
+            config.mirror_join_burst,
+        );
+        Master::with_quota(config, quota)
+    }
+
+    /// A master for some of a service's rooms, counting rooms per mirror and joins through each
+    /// in the service's `quota` (whose limits replace the config's): for hosts that keep an
+    /// engine per room. Call [`Master::release_quota`] before dropping it.
+    pub fn with_quota(config: MasterConfig, quota: MirrorQuota) -> Self {
         Master {
             watch: LinkWatch::new(config.trusted_mirrors.clone(), config.link_timeout_ms),
             config,
@@ -409,7 +423,7 @@ impl Master {
             actions: VecDeque::new(),
             sync_iqs: VecDeque::new(),
             recently_left: VecDeque::new(),
-            join_rates: HashMap::new(),
+            quota,
             refusals: LogLimiter::new(REFUSAL_LOG_INTERVAL_MS),
             next_id: 0,
         }
@@ -664,10 +678,12 @@ impl Master {
             return Ok(PresenceVerdict::Refused);
         }
         self.hear(now, &mirror);
+        let room_key = room.clone();
         let state = self.rooms.entry(room).or_default();
         let stale = state.mirrors.get(&mirror).is_some_and(|l| l.stale);
         let sync = !state.mirror_has_occupants(&mirror) || stale;
         state.mirrors.entry(mirror.clone()).or_default();
+        self.quota.entered(&room_key, &mirror);
         let direct = state
             .by_real
             .values()
@@ -750,29 +766,7 @@ impl Master {
 
     /// Would a join through `mirror` to `room` exceed its limits? Why, if so.
     fn over_limit(&mut self, now: Timestamp, room: &str, mirror: &str) -> Option<&'static str> {
-        let new_room = !self
-            .rooms
-            .get(room)
-            .is_some_and(|s| s.mirror_has_occupants(mirror));
-        if new_room {
-            let rooms = self
-                .rooms
-                .values()
-                .filter(|s| s.mirror_has_occupants(mirror))
-                .count();
-            if rooms >= self.config.max_rooms_per_mirror {
-                return Some("Your server's mirror is in as many rooms here as it may be");
-            }
-        }
-        let (rate, burst) = (self.config.mirror_join_rate, self.config.mirror_join_burst);
-        let bucket = self
-            .join_rates
-            .entry(mirror.to_string())
-            .or_insert_with(|| TokenBucket::new(now, rate, burst));
-        if !bucket.take(now) {
-            return Some("Too many joins through your server's mirror: try again shortly");
-        }
-        None
+        self.quota.admit(now, room, mirror).err().map(|o| o.text())
     }
 
     /// An IQ addressed to a room or occupant JID of this service.
@@ -1151,6 +1145,7 @@ impl Master {
                 state.by_real.remove(&to);
                 if !state.mirror_has_occupants(&remote.mirror) {
                     state.mirrors.remove(&remote.mirror);
+                    self.quota.vacated(&room, &remote.mirror);
                 }
             }
             return via_mirror(el, &to, &remote.mirror);
@@ -1229,6 +1224,15 @@ impl Master {
         Ok(Outbound::Drop)
     }
 
+    /// The engine is going (its room closed): the service's quota no longer counts its rooms.
+    pub fn release_quota(&mut self) {
+        for (room, state) in &self.rooms {
+            for mirror in state.mirrors.keys() {
+                self.quota.vacated(room, mirror);
+            }
+        }
+    }
+
     /// An occupant left `room` (after the room broadcast its leave).
     pub fn handle_left(&mut self, room: &str, real_jid: &str) {
         let Some(state) = self.rooms.get_mut(room) else {
@@ -1250,6 +1254,7 @@ impl Master {
             }
             if !state.mirror_has_occupants(&r.mirror) {
                 state.mirrors.remove(&r.mirror);
+                self.quota.vacated(room, &r.mirror);
             }
         }
         if state.by_real.is_empty() && state.depth == 0 {

@@ -7,6 +7,7 @@ use common::xml::error_condition;
 use common::*;
 use dmuc::master::{Master, MasterConfig, PresenceVerdict, TrustedMirror};
 use dmuc::mirror::{Mirror, MirrorConfig, Verdict};
+use dmuc::mirror_quota::MirrorQuota;
 use dmuc::Timestamp;
 use minidom::Element;
 
@@ -70,6 +71,42 @@ fn rooms_per_mirror() {
     ));
     let user = format!("third@{A_DOMAIN}/pc");
     refused_with_resource_constraint(&mut m, NOW, &user, "r3@conference.fairfax.tridsys.com");
+}
+
+/// A host with an engine per room (ejabberd) shares the service's quota among them: the room
+/// limit counts across engines, and a room's engine gone frees its room.
+#[test]
+fn rooms_per_mirror_across_engines_of_one_service() {
+    let quota = MirrorQuota::new(2, 20, 500);
+    let config = MasterConfig {
+        trusted_mirrors: vec![TrustedMirror::new(A_MIRROR)],
+        ..MasterConfig::default()
+    };
+    let room = |i: usize| format!("r{i}@conference.fairfax.tridsys.com");
+    let mut engines: Vec<Master> = (0..3)
+        .map(|_| Master::with_quota(config.clone(), quota.share()))
+        .collect();
+    for (i, m) in engines.iter_mut().enumerate().take(2) {
+        let user = format!("u{i}@{A_DOMAIN}/pc");
+        assert!(matches!(
+            m.handle_presence(NOW, &join(&user, &room(i), "N"), Some("N")),
+            Ok(PresenceVerdict::MirrorJoin { .. })
+        ));
+    }
+    let third = format!("third@{A_DOMAIN}/pc");
+    refused_with_resource_constraint(&mut engines[2], NOW, &third, &room(2));
+    // The first room's only occupant leaves: its room no longer counts.
+    engines[0].handle_left(&room(0), &format!("u0@{A_DOMAIN}/pc"));
+    assert_eq!(quota.rooms_of(A_MIRROR), 1);
+    assert!(matches!(
+        engines[2].handle_presence(NOW, &join(&third, &room(2), "N"), Some("N")),
+        Ok(PresenceVerdict::MirrorJoin { .. })
+    ));
+    // The second room's process ends with its occupant still in: so does its count.
+    let mut gone = engines.remove(1);
+    gone.release_quota();
+    drop(gone);
+    assert_eq!(quota.rooms_of(A_MIRROR), 1);
 }
 
 #[test]

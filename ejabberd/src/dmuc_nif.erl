@@ -2,7 +2,7 @@
 %%% that mod_dmuc can be reloaded: a module that loads a NIF cannot be hot-reloaded.
 -module(dmuc_nif).
 -export([take_logs/0,
-         master_new/3, master_routes/2, master_presence/4, master_snapshot/7, master_iq/3,
+         master_quota/3, master_new/4, master_routes/2, master_presence/4, master_snapshot/7, master_iq/3,
          master_history/5, master_begin/2, master_end/2, master_outbound/3, master_left/3,
          master_link/4, master_groupchat/3, master_actions/1, master_config/4,
          mirror_new/12, mirror_handles/2, mirror_local/3, mirror_remote/3, mirror_timeout/2,
@@ -20,7 +20,8 @@ init() ->
 -define(NOT_LOADED, erlang:nif_error({not_loaded, ?MODULE})).
 
 take_logs() -> ?NOT_LOADED.
-master_new(_Trusted, _MaxDepth, _MaxSize) -> ?NOT_LOADED.
+master_quota(_MaxRooms, _JoinRate, _JoinBurst) -> ?NOT_LOADED.
+master_new(_Trusted, _MaxDepth, _MaxSize, _Quota) -> ?NOT_LOADED.
 master_routes(_M, _To) -> ?NOT_LOADED.
 master_presence(_M, _Now, _Xml, _Nick) -> ?NOT_LOADED.
 master_snapshot(_M, _Now, _Room, _Mirror, _Nick, _Form, _Occupants) -> ?NOT_LOADED.

@@ -65,12 +65,18 @@ start(Host, Opts) ->
     case gen_mod:get_opt(trusted_mirrors, Opts) of
         [] -> ok;
         Trusted ->
+            %% The per-mirror limits count across rooms: every room process's engine shares
+            %% the host's quota.
+            Quota = dmuc_nif:master_quota(gen_mod:get_opt(max_rooms_per_mirror, Opts),
+                                          gen_mod:get_opt(mirror_join_rate, Opts),
+                                          gen_mod:get_opt(mirror_join_burst, Opts)),
             %% Fail now, with the option named, rather than in the first room.
-            case dmuc_nif:master_new(Trusted, element(1, Limits), element(2, Limits)) of
+            case dmuc_nif:master_new(Trusted, element(1, Limits), element(2, Limits), Quota) of
                 {ok, _} -> ok;
                 {error, Reason} -> erlang:error({bad_option, Reason})
             end,
             persistent_term:put({?MODULE, master_config, Host}, Trusted),
+            persistent_term:put({?MODULE, master_quota, Host}, Quota),
             %% ejabberd 23.01 itself dies on deep stanzas: its rooms size every message and
             %% bounce payloads with fxml's serializer, which recurses in C on a scheduler's
             %% stack (10,000 levels kill the VM, with or without mod_dmuc). Stanzas for the MUC
@@ -107,7 +113,8 @@ stop(Host) ->
             ejabberd_hooks:delete(user_send_packet, Host, ?MODULE, guard_send, ?GUARD_PRIO),
             ejabberd_hooks:delete(s2s_receive_packet, Host, ?MODULE, guard_s2s, ?GUARD_PRIO),
             [persistent_term:erase({?MODULE, guarded, S}) || S <- gen_mod:get_module_opt_hosts(Host, mod_muc)],
-            persistent_term:erase({?MODULE, master_config, Host})
+            persistent_term:erase({?MODULE, master_config, Host}),
+            persistent_term:erase({?MODULE, master_quota, Host})
     end,
     %% This module's process, if this host has one (its terminate/2 unhooks what it hooked).
     gen_mod:stop_child(?MODULE, Host).
@@ -130,6 +137,9 @@ mod_opt_type(ping_timeout) -> econf:pos_int();
 mod_opt_type(catch_up_margin) -> econf:pos_int();
 mod_opt_type(max_local_occupants) -> econf:pos_int();
 mod_opt_type(max_rooms) -> econf:pos_int();
+mod_opt_type(max_rooms_per_mirror) -> econf:pos_int();
+mod_opt_type(mirror_join_rate) -> econf:pos_int();
+mod_opt_type(mirror_join_burst) -> econf:pos_int();
 mod_opt_type(max_stanza_depth) -> econf:pos_int();
 mod_opt_type(max_stanza_size) -> econf:pos_int().
 
@@ -146,6 +156,9 @@ mod_options(Host) ->
      {catch_up_margin, 30},
      {max_local_occupants, 1000},
      {max_rooms, 1000},
+     {max_rooms_per_mirror, 1000},
+     {mirror_join_rate, 20},
+     {mirror_join_burst, 500},
      {max_stanza_depth, ?DEFAULT_MAX_DEPTH},
      {max_stanza_size, ?DEFAULT_MAX_SIZE}].
 
@@ -199,6 +212,19 @@ mod_doc() ->
             #{value => ?T("Number"),
               desc => ?T("Mirror role: mirrored rooms with local occupants; a join to one more "
                          "gets resource-constraint. The default is 1000.")}},
+           {max_rooms_per_mirror,
+            #{value => ?T("Number"),
+              desc => ?T("Master role: rooms of this host's MUC services one mirror may have "
+                         "occupants in; a join to one more gets resource-constraint. The "
+                         "default is 1000.")}},
+           {mirror_join_rate,
+            #{value => ?T("Number"),
+              desc => ?T("Master role: joins per second through one mirror, sustained; past it "
+                         "(and the burst) a join gets resource-constraint. The default is 20.")}},
+           {mirror_join_burst,
+            #{value => ?T("Number"),
+              desc => ?T("Master role: joins through one mirror at once (a mirror rejoins all "
+                         "its users after an outage). The default is 500.")}},
            {max_stanza_depth,
             #{value => ?T("Number"),
               desc => ?T("Both roles: stanzas for the engine nesting deeper than this are refused "
@@ -354,7 +380,12 @@ master(ServerHost) ->
         undefined ->
             Trusted = persistent_term:get({?MODULE, master_config, ServerHost}, []),
             {MaxDepth, MaxSize} = Limits = limits(ServerHost),
-            {ok, M} = dmuc_nif:master_new(Trusted, MaxDepth, MaxSize),
+            Quota = case persistent_term:get({?MODULE, master_quota, ServerHost}, undefined) of
+                        %% No mirror is trusted here: none may join anyway.
+                        undefined -> dmuc_nif:master_quota(0, 0, 0);
+                        Q -> Q
+                    end,
+            {ok, M} = dmuc_nif:master_new(Trusted, MaxDepth, MaxSize, Quota),
             put(?MASTER_KEY, M),
             put(?LIMITS_KEY, Limits),
             M;

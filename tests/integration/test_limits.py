@@ -3,8 +3,11 @@
 
 - A mirror with `max_local_occupants` 2: the third local user's join is refused at the mirror
   (nothing crosses the link for it). Every pairing.
-- A Prosody master with a join burst of 3 through one mirror: the fourth quick join is refused,
-  through the mirror, to that user only.
+- A master (either host) with a join burst of 3 through one mirror: the fourth quick join is
+  refused, through the mirror, to that user only.
+- A master (either host) allowing a mirror 2 rooms: a join through it to a third room is refused;
+  once its users have left one room, the third takes them. On ejabberd each room is a process
+  with an engine of its own, so this proves the engines share the service's count.
 """
 
 import os
@@ -27,18 +30,21 @@ PAIRINGS = [
 ]
 
 
-def pair(make_mixed_servers, master, mirror, master_opts=(), mirror_opts=None):
+def pair(make_mixed_servers, master, mirror, master_opts=None, mirror_opts=None):
+    """`master_opts`/`mirror_opts`: mod_dmuc options by their ejabberd names (Prosody's are
+    the same with `dmuc_` in front)."""
     for path in (os.path.join(PROSODY_DIST, "dmuc_prosody.so"), os.path.join(EJABBERD_DIST, "priv", "dmuc_nif.so")):
         if not os.path.exists(path):
             raise AssertionError(f"{path} missing: run `make dist` first")
     mirror_opts = dict(mirror_opts or {})
+    master_opts = dict(master_opts or {})
     kw = dict(master=master, mirror=mirror, plugin_paths=[PROSODY_DIST],
               contrib_modules={"mod_dmuc": EJABBERD_DIST})
     if master == "ejabberd":
-        kw["master_modules"] = {"mod_dmuc": {"trusted_mirrors": [MIRROR]}}
+        kw["master_modules"] = {"mod_dmuc": {"trusted_mirrors": [MIRROR], **master_opts}}
     else:
         kw["conference_options"] = ['modules_enabled = { "dmuc" }', f'dmuc_trusted_mirrors = {{ "{MIRROR}" }}',
-                                    *master_opts]
+                                    *(f"dmuc_{k} = {v}" for k, v in master_opts.items())]
     if mirror == "ejabberd":
         kw["mirror_modules"] = {"mod_dmuc": {"mirror_host": MIRROR, "masters": [CONFERENCE],
                                              "ping_interval": 3600, **mirror_opts}}
@@ -94,10 +100,10 @@ def test_local_occupants_per_room_at_a_mirror(make_mixed_servers, master, mirror
     run(scenario(), timeout=120)
 
 
-@pytest.mark.parametrize("mirror", ["prosody", "ejabberd"])
-def test_join_burst_per_mirror_at_a_prosody_master(make_mixed_servers, mirror):
-    env = pair(make_mixed_servers, "prosody", mirror,
-               master_opts=["dmuc_mirror_join_rate = 1", "dmuc_mirror_join_burst = 3"])
+@pytest.mark.parametrize("master, mirror", PAIRINGS)
+def test_join_burst_per_mirror_at_a_master(make_mixed_servers, master, mirror):
+    env = pair(make_mixed_servers, master, mirror,
+               master_opts={"mirror_join_rate": 1, "mirror_join_burst": 3})
     env.fairfax.register("alice", PASSWORD)
     users = [f"u{i}" for i in range(8)]
     env.raleigh.register_many([(u, PASSWORD) for u in users])
@@ -122,7 +128,45 @@ def test_join_burst_per_mirror_at_a_prosody_master(make_mixed_servers, mirror):
             assert refused, "no join refused"
             assert len(refused) <= len(users) - 3, [a.raw for a in answers]
             assert all(condition(a) == ["resource-constraint"] for a in refused), [a.raw for a in refused]
-            for c, u, a in zip(clients, users, answers):
-                assert (f"{ROOM}/{u}" in alice.occupants(ROOM)) == (a.type != "error") or a.type != "error"
+            joined = {u for u, a in zip(users, answers) if a.type != "error"}
+            await hub.wait_for(lambda: joined <= alice.occupants(ROOM), 15, "alice sees every accepted join")
+            assert not (alice.occupants(ROOM) & (set(users) - joined)), alice.occupants(ROOM)
 
     run(scenario(), timeout=120)
+
+
+@pytest.mark.parametrize("master, mirror", PAIRINGS)
+def test_rooms_per_mirror_at_a_master(make_mixed_servers, master, mirror):
+    env = pair(make_mixed_servers, master, mirror, master_opts={"max_rooms_per_mirror": 2})
+    env.fairfax.register("alice", PASSWORD)
+    env.raleigh.register("bob", PASSWORD)
+    rooms = [f"limits{i}@{CONFERENCE}" for i in range(3)]
+
+    async def scenario():
+        async with ClientHub(watch=[env.link]) as hub:
+            alice = await hub.connect(f"alice@{FAIRFAX}", PASSWORD, env.fairfax.c2s_port)
+            for r in rooms:
+                await alice.join(r, "alice")
+            bob = await hub.connect(f"bob@{RALEIGH}", PASSWORD, env.raleigh.c2s_port)
+            await bob.join(rooms[0], "bob", timeout=20)
+            await bob.join(rooms[1], "bob", timeout=20)
+            start = len(bob.received)
+            bob.xmpp.send_raw(f"<presence to='{rooms[2]}/bob' id='lim-third'>"
+                              "<x xmlns='http://jabber.org/protocol/muc'/></presence>")
+            await hub.wait_for(lambda: any(r.id == "lim-third" for r in bob.received[start:]), 20,
+                               "the third room's join answered")
+            answer = [r for r in bob.received[start:] if r.id == "lim-third"][0]
+            assert answer.type == "error" and condition(answer) == ["resource-constraint"], answer.raw
+            assert "bob" not in alice.occupants(rooms[2])
+            # The rooms it is in go on.
+            alice.send_groupchat(rooms[1], "still here", id="lim-r1")
+            await hub.wait_for(lambda: bob.groupchat(rooms[1], "still here"), 15, "room 1 still works")
+            # Once the mirror has no one left in a room, another room may take it.
+            bob.xmpp.send_raw(f"<presence to='{rooms[0]}/bob' type='unavailable'/>")
+            await hub.wait_for(lambda: "bob" not in alice.occupants(rooms[0]), 15,
+                               "bob left room 0")
+            await bob.join(rooms[2], "bob", timeout=20)
+            await hub.wait_for(lambda: "bob" in alice.occupants(rooms[2]), 15,
+                               "alice sees bob in room 2")
+
+    run(scenario(), timeout=150)

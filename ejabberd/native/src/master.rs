@@ -6,6 +6,7 @@ use dmuc::master::{
     GroupchatVerdict, HistoryRequest, IqVerdict, Master, MasterAction, MasterConfig, Outbound,
     PresenceVerdict, TrustedMirror,
 };
+use dmuc::mirror_quota::MirrorQuota;
 use dmuc::room_rules::RoomRules;
 use dmuc::stanza_ids::Adoption;
 use dmuc::Timestamp;
@@ -19,6 +20,27 @@ pub struct MasterRes(Mutex<Master>);
 
 #[rustler::resource_impl]
 impl rustler::Resource for MasterRes {}
+
+impl Drop for MasterRes {
+    /// The room process is gone: its rooms no longer count against the mirrors' room limit.
+    fn drop(&mut self) {
+        crate::lock(&self.0).release_quota();
+    }
+}
+
+/// A MUC service's per-mirror limits, shared by its rooms' engines (made at module start).
+pub struct QuotaRes(MirrorQuota);
+
+#[rustler::resource_impl]
+impl rustler::Resource for QuotaRes {}
+
+/// The service's quota: `max_rooms` rooms per mirror, joins through one at `join_rate` per
+/// second and `join_burst` at once.
+#[rustler::nif]
+fn master_quota(max_rooms: u64, join_rate: u32, join_burst: u32) -> ResourceArc<QuotaRes> {
+    let max_rooms = usize::try_from(max_rooms).unwrap_or(usize::MAX);
+    ResourceArc::new(QuotaRes(MirrorQuota::new(max_rooms, join_rate, join_burst)))
+}
 
 pub struct HistoryRes(HistoryRequest);
 
@@ -63,10 +85,11 @@ fn master_new(
     trusted: Vec<String>,
     max_depth: u64,
     max_size: u64,
+    quota: ResourceArc<QuotaRes>,
 ) -> Result<ResourceArc<MasterRes>, NifError> {
     let trusted = domain_list("trusted_mirrors", trusted)?;
     let limits = crate::mirror::limits(max_depth, max_size)?;
-    Ok(ResourceArc::new(MasterRes(Mutex::new(Master::new(
+    Ok(ResourceArc::new(MasterRes(Mutex::new(Master::with_quota(
         MasterConfig {
             trusted_mirrors: trusted.into_iter().map(TrustedMirror::new).collect(),
             unbracketed_presence: true,
@@ -83,6 +106,7 @@ fn master_new(
             limits,
             ..MasterConfig::default()
         },
+        quota.0.share(),
     )))))
 }
 
