@@ -884,6 +884,9 @@ impl Master {
         messages: &[String],
         subject: Option<&str>,
     ) -> Result<(), Error> {
+        // The request is the engine's own (IqVerdict::History), but its fields are the host's
+        // to fill: an answer must have somewhere to go.
+        stanza::parse_jid(&request.to)?;
         let entries: Vec<Entry> = messages
             .iter()
             .filter_map(|m| match stanza::parse(m) {

@@ -1007,3 +1007,22 @@ fn host_strings_xml_cannot_carry_do_not_panic() {
     assert_eq!(out.len(), 1);
     assert_eq!(out[0].attr("id"), Some("h1"));
 }
+
+/// A history request the host filled with nowhere to send the answer is refused, and nothing
+/// is sent (found by the master fuzz target: an answer went out with `to=''`).
+#[test]
+fn a_history_answer_with_nowhere_to_go_is_refused() {
+    let mut m = master();
+    let request = HistoryRequest {
+        room: ROOM.into(),
+        to: String::new(),
+        from: ROOM.into(),
+        id: "h1".into(),
+        limits: Default::default(),
+    };
+    assert!(matches!(
+        m.handle_history(NOW, &request, &[], None),
+        Err(dmuc::error::Error::InvalidJid { .. })
+    ));
+    assert!(master_out(&mut m).is_empty());
+}

@@ -230,6 +230,9 @@ impl Mirror {
                 if master_down {
                     // The master hears of it after the messages this user sent before leaving.
                     if let Some(r) = self.rooms.get_mut(&room) {
+                        // A leave is of the user's current nick, whatever nick it named.
+                        let mut el = el;
+                        stanza::set_attr(&mut el, "to", format!("{room}/{current}"));
                         let item = Queued {
                             user: user.clone(),
                             nick: current.clone(),

@@ -701,10 +701,15 @@ impl Mirror {
             } else {
                 format!("{room}/{}", q.nick)
             };
+            let readdressed = q.stanza.attr("to") != Some(to.as_str())
+                || q.stanza.attr("from") != Some(q.user.as_str());
             stanza::set_attr(&mut q.stanza, "to", to);
             stanza::set_attr(&mut q.stanza, "from", q.user.clone());
             if q.seq == 0 {
                 q.seq = self.store.next_seq();
+                self.store.put(&room, &q);
+            } else if readdressed {
+                // The store keeps what will be sent.
                 self.store.put(&room, &q);
             }
             r.out.queue.push_back(q);

@@ -404,7 +404,7 @@ impl World {
 
     // ---- plumbing ----
 
-    fn drain_mirror(&mut self, side: Side) {
+    pub fn drain_mirror(&mut self, side: Side) {
         let m = self.mirrors.get_mut(&side).unwrap();
         let mut out = Vec::new();
         while let Some(x) = m.poll_transmit() {
