@@ -23,7 +23,22 @@ if not open then
 	error("mod_dmuc: cannot load dmuc_prosody.so from " .. module:get_directory() .. ": " .. tostring(load_err));
 end
 local native = open();
-native.set_logger(function(level, message) module:log(level, "%s", message) end);
+-- Each engine's lines go to its own module:log, under the host it serves.
+local function engine_log(level, message) module:log(level, "%s", message) end
+
+-- The shim's own refusals are logged at warn at most once per peer a minute, as the engine's
+-- are: a flood of bad stanzas costs a line, not a line each.
+-- A peer is a user of this server (who cannot forge their JID) or a remote domain (whose
+-- server makes up the rest).
+local refusals = native.refusals(60);
+local function log_refusal(stanza, line)
+	local node, peer = jid_split(stanza.attr.from);
+	if node and peer and prosody.hosts[peer] then peer = node .. "@" .. peer; end
+	local ok, left_out = refusals:allow(peer or "", time_now());
+	if not ok then return end
+	if left_out > 0 then line = string.format("%s (and %d more from %s since the last)", line, left_out, peer or "?"); end
+	module:log("warn", "%s", line);
+end
 
 -- util.xml gives every element its namespace as an explicit xmlns attribute. Prosody leaves the
 -- stream's default namespace implicit (no xmlns), and writes an explicit one as it is: a
@@ -93,7 +108,7 @@ end
 -- unless it is an error or a result itself. The reply carries none of the payload.
 local function refuse(origin, stanza, why)
 	local a = stanza.attr;
-	module:log("warn", "dmuc refused a %s from %s to %s: %s", stanza.name, tostring(a.from), tostring(a.to), why);
+	log_refusal(stanza, string.format("dmuc refused a %s from %s to %s: %s", stanza.name, tostring(a.from), tostring(a.to), why));
 	if a.type ~= "error" and a.type ~= "result" then
 		local reply = st.error_reply(stanza, "modify", "policy-violation", why);
 		if origin and origin.type == "c2s" and origin.send then origin.send(reply) else module:send(reply) end
@@ -104,14 +119,17 @@ end
 -- error carrying the panic's message) rather than from its refusing the input ("dmuc: ...")?
 local last_failure_internal = false;
 
--- Call into the engine; an error is logged, never raised into Prosody's stanza processing.
-local function call(engine, method, ...)
+-- Call into the engine with `stanza`'s text (or none); an error is logged, never raised into
+-- Prosody's stanza processing. A refusal is the sender's: logged once per peer a minute.
+local function call_for(stanza, engine, method, ...)
 	local result = table.pack(pcall(engine[method], engine, ...));
 	if not result[1] then
 		local why = tostring(result[2]);
 		last_failure_internal = not why:find("dmuc: ", 1, true);
 		if last_failure_internal then
 			module:log("error", "dmuc %s failed inside the engine: %s", method, why);
+		elseif stanza then
+			log_refusal(stanza, string.format("dmuc %s refused input from %s: %s", method, tostring(stanza.attr.from), why));
 		else
 			module:log("warn", "dmuc %s refused input: %s", method, why);
 		end
@@ -119,6 +137,8 @@ local function call(engine, method, ...)
 	end
 	return table.unpack(result, 2, result.n);
 end
+
+local function call(engine, method, ...) return call_for(nil, engine, method, ...) end
 
 -- Answer a stanza the engine could not take with an XMPP error, so nothing is silently lost:
 -- bad-request for input the engine refused, internal-server-error for its own failure.
@@ -227,6 +247,7 @@ if host_type == "component" and component_module == "muc" then
 	end
 
 	local ok, master = pcall(native.master, {
+		log = engine_log;
 		trusted_mirrors = trusted;
 		link_timeout = module:get_option("dmuc_link_timeout");
 		max_rooms_per_mirror = module:get_option("dmuc_max_rooms_per_mirror");
@@ -327,7 +348,7 @@ if host_type == "component" and component_module == "muc" then
 		if stanza.attr.type ~= "get" or not stanza:get_child("ping", "urn:xmpp:ping") then return end
 		local text, why = bounded_text(stanza);
 		if not text then refuse(event.origin, stanza, why); return true; end
-		local mine = call(master, "handle_ping", time_now(), text);
+		local mine = call_for(stanza, master, "handle_ping", time_now(), text);
 		drain_master();
 		status_lines[module.host]();
 		if mine then return true; end
@@ -344,7 +365,7 @@ if host_type == "component" and component_module == "muc" then
 		local text, why = bounded_text(stanza);
 		if not text then refuse(event.origin, stanza, why); return true; end
 		if master:routes_via_mirror(stanza.attr.from or "") then
-			duplicate, stanza_id = call(master, "handle_groupchat", time_now(), text);
+			duplicate, stanza_id = call_for(stanza, master, "handle_groupchat", time_now(), text);
 		end
 		-- A proposal is for the master, whoever sent it: no occupant sees it.
 		stanza:remove_children("stanza-id", "urn:xmpp:dmuc:0");
@@ -395,7 +416,7 @@ if host_type == "component" and component_module == "muc" then
 		local granted = occupant and jid_resource(occupant.nick);
 		local text, why = bounded_text(stanza);
 		if not text then refuse(event.origin, stanza, why); return true; end
-		local verdict, mirror, sync = call(master, "handle_presence", time_now(), text, granted);
+		local verdict, mirror, sync = call_for(stanza, master, "handle_presence", time_now(), text, granted);
 		if verdict == nil then
 			bounce(event.origin, stanza, "Malformed presence");
 			return true;
@@ -434,7 +455,7 @@ if host_type == "component" and component_module == "muc" then
 			or stanza:get_child("roster", "urn:xmpp:dmuc:0")) then return end
 		local text, why = bounded_text(stanza);
 		if not text then refuse(event.origin, stanza, why); return true; end
-		local verdict, request, snap_room, snap_mirror = call(master, "handle_iq", time_now(), text);
+		local verdict, request, snap_room, snap_mirror = call_for(stanza, master, "handle_iq", time_now(), text);
 		if verdict == nil then
 			bounce(event.origin, stanza, "Malformed request");
 			return true;
@@ -524,6 +545,7 @@ elseif host_type == "component" and component_module == "dmuc" then
 	---------------------------------------------------------------- mirror
 	local masters = module:get_option("dmuc_masters", {});
 	local ok, mirror = pcall(native.mirror, {
+		log = engine_log;
 		service = module.host;
 		masters = masters;
 		queue_limit = module:get_option("dmuc_queue_limit");
@@ -596,7 +618,7 @@ elseif host_type == "component" and component_module == "dmuc" then
 			refuse(origin, stanza, why);
 			return true;
 		end
-		local consumed = call(mirror, method, time_now(), text);
+		local consumed = call_for(stanza, mirror, method, time_now(), text);
 		if consumed == nil then
 			bounce(origin, stanza, "Malformed stanza");
 			return true;

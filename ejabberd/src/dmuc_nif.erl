@@ -1,7 +1,7 @@
 %%% dmuc_nif: the NIF half of mod_dmuc (the dmuc engine, in Rust). Kept in its own module so
 %%% that mod_dmuc can be reloaded: a module that loads a NIF cannot be hot-reloaded.
 -module(dmuc_nif).
--export([take_logs/0,
+-export([take_logs/0, refusal_log/2,
          master_quota/3, master_new/4, master_routes/2, master_presence/4, master_snapshot/7, master_iq/3,
          master_history/5, master_begin/2, master_end/2, master_outbound/3, master_left/3,
          master_link/4, master_groupchat/3, master_actions/1, master_config/4,
@@ -20,6 +20,7 @@ init() ->
 -define(NOT_LOADED, erlang:nif_error({not_loaded, ?MODULE})).
 
 take_logs() -> ?NOT_LOADED.
+refusal_log(_Peer, _Now) -> ?NOT_LOADED.
 master_quota(_MaxRooms, _JoinRate, _JoinBurst) -> ?NOT_LOADED.
 master_new(_Trusted, _MaxDepth, _MaxSize, _Quota) -> ?NOT_LOADED.
 master_routes(_M, _To) -> ?NOT_LOADED.

@@ -41,6 +41,11 @@
 -define(NS_LINK, <<"urn:xmpp:dmuc:link:0">>).
 -define(MASTER_KEY, dmuc_master).
 -define(LIMITS_KEY, dmuc_limits).
+%% The host whose engine this process calls: the engine's log lines name it, as Prosody's
+%% module:log names the module's host.
+-define(LOG_HOST_KEY, dmuc_log_host).
+%% The sender of the stanza this process is handing the engine (set by enc/2).
+-define(PEER_KEY, dmuc_peer).
 %% Bounded input (docs/security.md, "Bounded input"): the engine's defaults (src/bounds.rs).
 -define(DEFAULT_MAX_DEPTH, 64).
 -define(DEFAULT_MAX_SIZE, 524288).
@@ -247,6 +252,8 @@ enc(Pkt) -> fxml:element_to_binary(xmpp:encode(Pkt, ?NS_CLIENT)).
 %% refused before it is serialized (fxml's serializer recurses per level, in C): this throws
 %% {dmuc_limit, Why}, which call/1 turns into {error, {limit, Why}}.
 enc({MaxDepth, MaxSize}, Pkt) ->
+    %% The sender, for call/1's log line if the engine refuses the stanza.
+    put(?PEER_KEY, peer_of(Pkt)),
     El = xmpp:encode(Pkt, ?NS_CLIENT),
     case deeper_than(El, MaxDepth) of
         true ->
@@ -296,8 +303,8 @@ guard(Pkt) ->
                         false -> ok;
                         true ->
                             Why = iolist_to_binary(io_lib:format("stanza nests deeper than ~b levels", [MaxDepth])),
-                            ?WARNING_MSG("dmuc refused a stanza from ~ts to ~ts: ~ts",
-                                         [jid:encode(xmpp:get_from(Pkt)), jid:encode(xmpp:get_to(Pkt)), Why]),
+                            log_refusal(peer_of(Pkt), "refused a stanza from ~ts to ~ts: ~ts",
+                                        [jid:encode(xmpp:get_from(Pkt)), jid:encode(xmpp:get_to(Pkt)), Why]),
                             refuse(Pkt, {limit, Why}),
                             refused
                     end
@@ -337,14 +344,44 @@ route_out(Xmls) ->
               end
       end, Xmls).
 
-%% Engine logs into ejabberd's log.
+%% Engine logs into ejabberd's log, under the host whose engine made them.
 flush_logs() ->
+    H = log_host(),
     lists:foreach(
-      fun({<<"error">>, M}) -> ?ERROR_MSG("dmuc: ~ts", [M]);
-         ({<<"warning">>, M}) -> ?WARNING_MSG("dmuc: ~ts", [M]);
-         ({<<"info">>, M}) -> ?INFO_MSG("dmuc: ~ts", [M]);
-         ({_, M}) -> ?DEBUG("dmuc: ~ts", [M])
+      fun({<<"error">>, M}) -> ?ERROR_MSG("dmuc (~ts): ~ts", [H, M]);
+         ({<<"warning">>, M}) -> ?WARNING_MSG("dmuc (~ts): ~ts", [H, M]);
+         ({<<"info">>, M}) -> ?INFO_MSG("dmuc (~ts): ~ts", [H, M]);
+         ({_, M}) -> ?DEBUG("dmuc (~ts): ~ts", [H, M])
       end, dmuc_nif:take_logs()).
+
+log_host() ->
+    case get(?LOG_HOST_KEY) of
+        undefined -> <<"-">>;
+        H -> H
+    end.
+
+%% A peer is a user of this node (who cannot forge their JID) or a remote domain (whose
+%% server makes up the rest).
+peer_of(Pkt) ->
+    case xmpp:get_from(Pkt) of
+        #jid{luser = U, lserver = S} when U /= <<>> ->
+            case ejabberd_router:is_my_host(S) of
+                true -> <<U/binary, "@", S/binary>>;
+                false -> S
+            end;
+        #jid{lserver = S} -> S;
+        _ -> <<>>
+    end.
+
+%% A refusal of a peer's stanza, logged at warn at most once per peer a minute (the engine's own
+%% refusals are limited the same way): a flood of bad stanzas costs a line, not a line each.
+log_refusal(Peer, Fmt, Args) ->
+    case dmuc_nif:refusal_log(Peer, now_ms()) of
+        {true, 0} -> ?WARNING_MSG("dmuc (~ts) " ++ Fmt, [log_host() | Args]);
+        {true, N} -> ?WARNING_MSG("dmuc (~ts) " ++ Fmt ++ " (and ~b more from ~ts since the last)",
+                                  [log_host() | Args] ++ [N, Peer]);
+        {false, _} -> ok
+    end.
 
 %% Call the engine; an error or a panic is logged, never raised into the hook. NIF results
 %% come as {ok, Value} or {error, Reason}; this returns Value or {error, Reason}.
@@ -357,10 +394,11 @@ call(F) ->
                      {error, Reason}
              end,
     flush_logs(),
+    Peer = case erase(?PEER_KEY) of undefined -> <<>>; P -> P end,
     case Result of
         {ok, Value} -> Value;
-        {error, {limit, Why}} -> ?WARNING_MSG("dmuc refused a stanza: ~ts", [Why]), {error, {limit, Why}};
-        {error, Why} -> ?WARNING_MSG("dmuc refused input: ~p", [Why]), {error, Why};
+        {error, {limit, Why}} -> log_refusal(Peer, "refused a stanza from ~ts: ~ts", [Peer, Why]), {error, {limit, Why}};
+        {error, Why} -> log_refusal(Peer, "refused input from ~ts: ~p", [Peer, Why]), {error, Why};
         Other -> Other
     end.
 
@@ -387,6 +425,7 @@ master(ServerHost) ->
                     end,
             {ok, M} = dmuc_nif:master_new(Trusted, MaxDepth, MaxSize, Quota),
             put(?MASTER_KEY, M),
+            put(?LOG_HOST_KEY, ServerHost),
             put(?LIMITS_KEY, Limits),
             M;
         M -> M
@@ -684,6 +723,7 @@ start_link(Host, Opts) ->
 
 init([Host, Opts]) ->
     process_flag(trap_exit, true),
+    put(?LOG_HOST_KEY, Host),
     Proc = gen_mod:get_module_proc(Host, ?MODULE),
     case init_watch(Host, Opts, Proc) of
         {error, Reason} -> {stop, {bad_option, Reason}};

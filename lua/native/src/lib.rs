@@ -8,15 +8,16 @@ mod mirror;
 
 use mlua::prelude::*;
 
-/// `luaopen_dmuc_prosody`: returns `{ master = fn(config), mirror = fn(config), set_logger = fn(f),
-/// limits = { depth, size } }` (the engine's default limits).
+/// `luaopen_dmuc_prosody`: returns `{ master = fn(config), mirror = fn(config), refusals = fn(interval),
+/// limits = { depth, size } }` (the engine's default limits). Each engine's config has a `log`
+/// function: its lines go there.
 #[mlua::lua_module]
 fn dmuc_prosody(lua: &Lua) -> LuaResult<LuaTable> {
     log::install();
     let exports = lua.create_table()?;
     exports.set("master", lua.create_function(master::new)?)?;
     exports.set("mirror", lua.create_function(mirror::new)?)?;
-    exports.set("set_logger", lua.create_function(log::set_logger)?)?;
+    exports.set("refusals", lua.create_function(log::refusals)?)?;
     exports.set("version", env!("CARGO_PKG_VERSION"))?;
     // The shim checks depth and size itself before it serializes a stanza (util.stanza's
     // tostring recurses per level), with the same defaults as the engine.

@@ -11,7 +11,7 @@ use mlua::prelude::*;
 use crate::error::ShimError;
 use crate::log;
 
-pub struct LuaMaster(Master);
+pub struct LuaMaster(Master, log::Logger);
 
 /// A history request handed to Lua and back.
 pub struct LuaHistoryRequest(HistoryRequest);
@@ -60,7 +60,7 @@ pub(crate) fn domains(
     Ok(list)
 }
 
-pub fn new(_: &Lua, config_table: LuaTable) -> LuaResult<LuaMaster> {
+pub fn new(lua: &Lua, config_table: LuaTable) -> LuaResult<LuaMaster> {
     let mirrors = domains("dmuc_trusted_mirrors", config_table.get("trusted_mirrors")?)?;
     let mut config = MasterConfig {
         trusted_mirrors: mirrors.into_iter().map(TrustedMirror::new).collect(),
@@ -100,7 +100,10 @@ pub fn new(_: &Lua, config_table: LuaTable) -> LuaResult<LuaMaster> {
     {
         config.stanza_ids = Adoption::Any;
     }
-    Ok(LuaMaster(Master::new(config)))
+    Ok(LuaMaster(
+        Master::new(config),
+        log::Logger::from_config(lua, &config_table)?,
+    ))
 }
 
 fn now(t: f64) -> Timestamp {
@@ -117,7 +120,7 @@ impl LuaUserData for LuaMaster {
             "handle_presence",
             |lua, this, (t, xml, nick): (f64, String, Option<String>)| {
                 let r = this.0.handle_presence(now(t), &xml, nick.as_deref());
-                log::flush(lua);
+                log::flush(lua, &this.1);
                 Ok(match r.map_err(ShimError::from)? {
                     PresenceVerdict::Pass => ("pass", None, false),
                     PresenceVerdict::Refused => ("refused", None, false),
@@ -140,14 +143,14 @@ impl LuaUserData for LuaMaster {
                 let r = this
                     .0
                     .handle_snapshot(now(t), &room, &mirror, &nick, &form, &occupants);
-                log::flush(lua);
+                log::flush(lua, &this.1);
                 r.map_err(ShimError::from)?;
                 Ok(())
             },
         );
         methods.add_method_mut("handle_iq", |lua, this, (t, xml): (f64, String)| {
             let r = this.0.handle_iq(now(t), &xml);
-            log::flush(lua);
+            log::flush(lua, &this.1);
             Ok(match r.map_err(ShimError::from)? {
                 IqVerdict::Pass => ("pass", None, None),
                 IqVerdict::Consumed => ("consumed", None, None),
@@ -172,7 +175,7 @@ impl LuaUserData for LuaMaster {
                 let r = this
                     .0
                     .handle_history(now(t), &req.0, &messages, subject.as_deref());
-                log::flush(lua);
+                log::flush(lua, &this.1);
                 r.map_err(ShimError::from)?;
                 Ok(())
             },
@@ -181,7 +184,7 @@ impl LuaUserData for LuaMaster {
             "handle_config",
             |lua, this, (t, room, form): (f64, String, Option<String>)| {
                 let r = this.0.handle_config(now(t), &room, form.as_deref());
-                log::flush(lua);
+                log::flush(lua, &this.1);
                 r.map_err(ShimError::from)?;
                 Ok(())
             },
@@ -192,12 +195,12 @@ impl LuaUserData for LuaMaster {
         });
         methods.add_method_mut("end_broadcast", |lua, this, room: String| {
             this.0.end_broadcast(&room);
-            log::flush(lua);
+            log::flush(lua, &this.1);
             Ok(())
         });
         methods.add_method_mut("handle_outbound", |lua, this, (t, xml): (f64, String)| {
             let r = this.0.handle_outbound(now(t), &xml);
-            log::flush(lua);
+            log::flush(lua, &this.1);
             Ok(match r.map_err(ShimError::from)? {
                 Outbound::Send => ("send", None),
                 Outbound::Drop => ("drop", None),
@@ -206,27 +209,27 @@ impl LuaUserData for LuaMaster {
         });
         methods.add_method_mut("handle_left", |lua, this, (room, jid): (String, String)| {
             this.0.handle_left(&room, &jid);
-            log::flush(lua);
+            log::flush(lua, &this.1);
             Ok(())
         });
         methods.add_method_mut(
             "handle_link",
             |lua, this, (t, domain, up): (f64, String, bool)| {
                 this.0.handle_link(now(t), &domain, up);
-                log::flush(lua);
+                log::flush(lua, &this.1);
                 Ok(())
             },
         );
         methods.add_method_mut("handle_ping", |lua, this, (t, xml): (f64, String)| {
             let r = this.0.handle_ping(now(t), &xml);
-            log::flush(lua);
+            log::flush(lua, &this.1);
             Ok(r.map_err(ShimError::from)?)
         });
         // `duplicate, stanza_id`: drop a duplicate; else archive the message under stanza_id
         // (nil: the archive picks one).
         methods.add_method_mut("handle_groupchat", |lua, this, (t, xml): (f64, String)| {
             let r = this.0.handle_groupchat(now(t), &xml);
-            log::flush(lua);
+            log::flush(lua, &this.1);
             Ok(match r.map_err(ShimError::from)? {
                 GroupchatVerdict::Duplicate => (true, None),
                 GroupchatVerdict::Broadcast { stanza_id } => (false, stanza_id),
@@ -234,7 +237,7 @@ impl LuaUserData for LuaMaster {
         });
         methods.add_method_mut("handle_timeout", |lua, this, t: f64| {
             this.0.handle_timeout(now(t));
-            log::flush(lua);
+            log::flush(lua, &this.1);
             Ok(())
         });
         methods.add_method("poll_timeout", |_, this, ()| {

@@ -9,7 +9,7 @@ use crate::error::ShimError;
 use crate::log;
 use crate::master::domains;
 
-pub struct LuaMirror(Mirror);
+pub struct LuaMirror(Mirror, log::Logger);
 
 pub(crate) fn positive(
     config: &LuaTable,
@@ -45,7 +45,7 @@ pub(crate) fn limits(config: &LuaTable) -> Result<Limits, LuaError> {
     })
 }
 
-pub fn new(_: &Lua, config: LuaTable) -> LuaResult<LuaMirror> {
+pub fn new(lua: &Lua, config: LuaTable) -> LuaResult<LuaMirror> {
     let service: String = config.get("service")?;
     let masters = domains("dmuc_masters", config.get("masters")?)?;
     if masters.is_empty() {
@@ -81,7 +81,7 @@ pub fn new(_: &Lua, config: LuaTable) -> LuaResult<LuaMirror> {
     if let Some(n) = positive(&config, "max_rooms", "dmuc_max_rooms")? {
         c.max_rooms = n as usize;
     }
-    Ok(LuaMirror(Mirror::new(c)))
+    Ok(LuaMirror(Mirror::new(c), log::Logger::from_config(lua, &config)?))
 }
 
 fn now(t: f64) -> Timestamp {
@@ -97,19 +97,19 @@ impl LuaUserData for LuaMirror {
         methods.add_method("handles", |_, this, jid: String| Ok(this.0.handles(&jid)));
         methods.add_method_mut("handle_local", |lua, this, (t, xml): (f64, String)| {
             let r = this.0.handle_local(now(t), &xml);
-            log::flush(lua);
+            log::flush(lua, &this.1);
             Ok(verdict(r.map_err(ShimError::from)?))
         });
         methods.add_method_mut("handle_remote", |lua, this, (t, xml): (f64, String)| {
             let r = this.0.handle_remote(now(t), &xml);
-            log::flush(lua);
+            log::flush(lua, &this.1);
             Ok(verdict(r.map_err(ShimError::from)?))
         });
         methods.add_method_mut(
             "handle_link",
             |lua, this, (t, domain, up): (f64, String, bool)| {
                 this.0.handle_link(now(t), &domain, up);
-                log::flush(lua);
+                log::flush(lua, &this.1);
                 Ok(())
             },
         );
@@ -117,7 +117,7 @@ impl LuaUserData for LuaMirror {
             "handle_s2s_closed",
             |lua, this, (t, domain): (f64, String)| {
                 this.0.handle_s2s_closed(now(t), &domain);
-                log::flush(lua);
+                log::flush(lua, &this.1);
                 Ok(())
             },
         );
@@ -125,13 +125,13 @@ impl LuaUserData for LuaMirror {
             "handle_s2s_in_closed",
             |lua, this, (t, domain): (f64, String)| {
                 this.0.handle_s2s_in_closed(now(t), &domain);
-                log::flush(lua);
+                log::flush(lua, &this.1);
                 Ok(())
             },
         );
         methods.add_method_mut("handle_timeout", |lua, this, t: f64| {
             this.0.handle_timeout(now(t));
-            log::flush(lua);
+            log::flush(lua, &this.1);
             Ok(())
         });
         methods.add_method_mut("poll_transmit", |_, this, ()| Ok(this.0.poll_transmit()));
@@ -148,7 +148,7 @@ impl LuaUserData for LuaMirror {
             "import_queue",
             |lua, this, (t, items): (f64, Vec<String>)| {
                 let n = this.0.import_queue(now(t), &items);
-                log::flush(lua);
+                log::flush(lua, &this.1);
                 Ok(n)
             },
         );
