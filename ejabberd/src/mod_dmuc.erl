@@ -26,7 +26,7 @@
 -export([start_link/2, init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2,
          code_change/3]).
 -export([muc_filter_presence/3, muc_process_iq/2, multicast_route/1, filter_packet/1,
-         leave_room/4, user_send_packet/1, user_receive_packet/1, route/1,
+         leave_room/4, user_send_packet/1, user_receive_packet/1, c2s_self_presence/1, c2s_terminated/2, route/1,
          muc_filter_message/3, filter_pong/1, s2s_out_closed/2, s2s_in_closed/2, get_commands_spec/0,
          dmuc_status/0, guard_send/1, guard_s2s/1]).
 
@@ -727,6 +727,8 @@ init_mirror(Host, Opts, Proc) ->
                     ejabberd_router:register_route(Service, Host, {apply, ?MODULE, route}),
                     ejabberd_hooks:add(user_send_packet, Host, ?MODULE, user_send_packet, ?SEND_PRIO),
                     ejabberd_hooks:add(user_receive_packet, Host, ?MODULE, user_receive_packet, 50),
+                    ejabberd_hooks:add(c2s_self_presence, Host, ?MODULE, c2s_self_presence, 50),
+                    ejabberd_hooks:add(c2s_terminated, Host, ?MODULE, c2s_terminated, 50),
                     ejabberd_hooks:add(filter_packet, ?MODULE, filter_pong, 40),
                     ejabberd_hooks:add(s2s_out_closed, Host, ?MODULE, s2s_out_closed, 50),
                     ejabberd_hooks:add(s2s_in_closed, Host, ?MODULE, s2s_in_closed, 50),
@@ -882,6 +884,8 @@ terminate(_Reason, #{host := Host, service := Service, watched := Watched} = Sta
             persist(State),
             ejabberd_hooks:delete(user_send_packet, Host, ?MODULE, user_send_packet, ?SEND_PRIO),
             ejabberd_hooks:delete(user_receive_packet, Host, ?MODULE, user_receive_packet, 50),
+            ejabberd_hooks:delete(c2s_self_presence, Host, ?MODULE, c2s_self_presence, 50),
+            ejabberd_hooks:delete(c2s_terminated, Host, ?MODULE, c2s_terminated, 50),
             ejabberd_hooks:delete(filter_packet, ?MODULE, filter_pong, 40),
             ejabberd_hooks:delete(s2s_out_closed, Host, ?MODULE, s2s_out_closed, 50),
             ejabberd_hooks:delete(s2s_in_closed, Host, ?MODULE, s2s_in_closed, 50),
@@ -921,6 +925,28 @@ user_send_packet({Pkt, #{lserver := LServer} = C2S} = Acc) ->
             end
     end;
 user_send_packet(Acc) -> Acc.
+
+%% A local user who goes unavailable (their presence broadcast, or their stream closing) leaves
+%% the mirrored rooms they are in. ejabberd sends the broadcast to the session's directed
+%% presences (pres_a), but a join the mirror took never got there, so without this the user
+%% stays in the room at the master and at the mirror. A user already gone has nothing to leave.
+c2s_self_presence({#presence{type = unavailable} = Pres, #{lserver := LServer}} = Acc) ->
+    mirror_gone(LServer, Pres),
+    Acc;
+c2s_self_presence(Acc) -> Acc.
+
+c2s_terminated(#{lserver := LServer, jid := #jid{} = JID} = State, _Reason) ->
+    mirror_gone(LServer, #presence{type = unavailable, from = JID, to = jid:remove_resource(JID)}),
+    State;
+c2s_terminated(State, _Reason) -> State.
+
+mirror_gone(LServer, Pres) ->
+    case persistent_term:get({?MODULE, mirror, LServer}, undefined) of
+        undefined -> ok;
+        {M, Proc} ->
+            _ = mirror_run(M, Proc, fun() -> dmuc_nif:mirror_unavailable(M, now_ms(), enc(limits(LServer), Pres)) end),
+            ok
+    end.
 
 %% A cheap filter only: the engine decides (presences to occupants, leaves to the bare room,
 %% groupchat messages, self-pings).
