@@ -243,8 +243,8 @@ deeper_than(_, _) -> false.
 
 limits(Host) -> persistent_term:get({?MODULE, limits, Host}, {?DEFAULT_MAX_DEPTH, ?DEFAULT_MAX_SIZE}).
 
-%% A local user's or a peer's stanza for a guarded MUC service, past the depth limit: refused
-%% with policy-violation before the room (or anything else) walks it.
+%% A local user's or a peer's stanza for a guarded MUC service, past the depth or the size
+%% limit: refused with policy-violation before the room (or anything else) walks it.
 guard_send({Pkt, C2S} = Acc) ->
     case guard(Pkt) of
         ok -> Acc;
@@ -264,15 +264,30 @@ guard(Pkt) ->
         #jid{lserver = Domain} ->
             case persistent_term:get({?MODULE, guarded, Domain}, undefined) of
                 undefined -> ok;
-                {MaxDepth, _} ->
+                {MaxDepth, MaxSize} ->
                     %% The stanza itself is level 1; decoded children are shallow records.
-                    case lists:any(fun(E) -> deeper_than(E, MaxDepth - 1) end, xmpp:get_els(Pkt)) of
-                        false -> ok;
-                        true ->
-                            Why = iolist_to_binary(io_lib:format("stanza nests deeper than ~b levels", [MaxDepth])),
+                    Why = case lists:any(fun(E) -> deeper_than(E, MaxDepth - 1) end, xmpp:get_els(Pkt)) of
+                              true ->
+                                  io_lib:format("stanza nests deeper than ~b levels", [MaxDepth]);
+                              false ->
+                                  %% Within the depth limit, so fxml's serializer is safe. The
+                                  %% size too: a stranger's oversized groupchat message would
+                                  %% otherwise be answered by the room (not-acceptable), with
+                                  %% its payload, before dmuc sees it.
+                                  Size = byte_size(fxml:element_to_binary(xmpp:encode(Pkt, ?NS_CLIENT))),
+                                  case Size > MaxSize of
+                                      true -> io_lib:format("stanza of ~b bytes exceeds the limit of ~b bytes",
+                                                            [Size, MaxSize]);
+                                      false -> ok
+                                  end
+                          end,
+                    case Why of
+                        ok -> ok;
+                        _ ->
+                            Text = iolist_to_binary(Why),
                             ?WARNING_MSG("dmuc refused a stanza from ~ts to ~ts: ~ts",
-                                         [jid:encode(xmpp:get_from(Pkt)), jid:encode(xmpp:get_to(Pkt)), Why]),
-                            refuse(Pkt, {limit, Why}),
+                                         [jid:encode(xmpp:get_from(Pkt)), jid:encode(xmpp:get_to(Pkt)), Text]),
+                            refuse(Pkt, {limit, Text}),
                             refused
                     end
             end;
@@ -289,7 +304,7 @@ room_limits() ->
 %% Answer a stanza the engine refused: policy-violation for one past the limits (logged at warn
 %% by call/1), bad-request otherwise. The error carries none of the payload: a bomb is not echoed.
 refuse(Pkt, {limit, Why}) ->
-    ejabberd_router:route_error(xmpp:set_els(Pkt, []), xmpp:err_policy_violation(Why, <<"en">>));
+    ejabberd_router:route_error(without_payload(Pkt), xmpp:err_policy_violation(Why, <<"en">>));
 refuse(Pkt, nif_panicked) ->
     %% The engine failed inside (rustler turned its panic into this): not the sender's fault.
     %% type cancel, as RFC 6120 §8.3.3.6 and Prosody give it (the xmpp library says wait).
@@ -297,6 +312,12 @@ refuse(Pkt, nif_panicked) ->
     ejabberd_router:route_error(Pkt, Err#stanza_error{type = cancel});
 refuse(Pkt, _) ->
     ejabberd_router:route_error(Pkt, xmpp:err_bad_request()).
+
+%% The stanza with none of its content: the bodies, subjects and statuses of the decoded records
+%% too (an oversized body is the size bomb).
+without_payload(#message{} = M) -> M#message{body = [], subject = [], thread = undefined, sub_els = []};
+without_payload(#presence{} = P) -> P#presence{status = [], sub_els = []};
+without_payload(Pkt) -> xmpp:set_els(Pkt, []).
 
 %% Route every stanza the engine produced.
 route_out(Xmls) ->
