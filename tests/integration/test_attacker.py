@@ -26,9 +26,17 @@ check are on it), and that the room still works both ways through the mirror. Th
    user is shown anything.
 5. forged config, roster, history and fan-out sent to the mirror service and to wayne's escaped
    JID by evil, as itself: the mirror takes them from no one but its master; wayne sees none.
-6. depth (100,000 levels) and size (over 512 KiB) bombs from evil to the room, to room/nick, to
-   an occupant's nick and to the mirror service: the server lives and answers, the sender gets
-   `policy-violation` where dmuc parses (and the refusal is logged at warn), the room works.
+6. depth (100,000 levels) and size (over 512 KiB) bombs from evil to the room (groupchat), to
+   room/nick (joins), to the mirror service and to wayne's escaped JID: the server lives and
+   answers, the sender gets `policy-violation` without the payload, the refusal is logged at
+   warn. Then private-message bombs to Alice's and Wayne's nicks, from a stranger and from an
+   occupant: an error without the payload, or nothing (Prosody's MUC drops them itself: its
+   stanza copy overflows the Lua stack, logged); no user is handed a bomb.
+
+What these found (fixed, see docs/security.md): a user behind a mirror who disconnected stayed in
+the room (the servers here outlive a case); an ejabberd master let a stranger's oversized
+groupchat message reach the room, which answered `not-acceptable` with the payload, and its
+`policy-violation` answers kept a decoded body.
 """
 
 import dataclasses
