@@ -650,8 +650,9 @@ elseif host_type == "component" and component_module == "dmuc" then
 		handle_local = function(origin, stanza) return run("handle_local", origin, stanza) end;
 		-- A local user went unavailable (their presence broadcast): leave their rooms for them.
 		handle_unavailable = function(stanza)
-			local text = bounded_text(stanza);
-			if not text then return end     -- a status past the limits: mod_presence's leaves
+			-- A status past the limits is left out: the leave itself is not.
+			local text = bounded_text(stanza)
+				or tostring(st.presence({ type = "unavailable", from = stanza.attr.from }));
 			if (call(mirror, "handle_local_unavailable", time_now(), text) or 0) > 0 then
 				drain(mirror);
 				persist();

@@ -956,7 +956,7 @@ c2s_self_presence({#presence{type = unavailable} = Pres, #{lserver := LServer}} 
     Acc;
 c2s_self_presence(Acc) -> Acc.
 
-c2s_terminated(#{lserver := LServer, jid := #jid{} = JID} = State, _Reason) ->
+c2s_terminated(#{lserver := LServer, jid := #jid{luser = U} = JID} = State, _Reason) when U /= <<>> ->
     mirror_gone(LServer, #presence{type = unavailable, from = JID, to = jid:remove_resource(JID)}),
     State;
 c2s_terminated(State, _Reason) -> State.
