@@ -670,6 +670,17 @@ elseif host_type == "component" and component_module == "dmuc" then
 	registry[module.host] = {
 		handles = function(to) return mirror:handles(to) end;
 		handle_local = function(origin, stanza) return run("handle_local", origin, stanza) end;
+		-- A local user went unavailable (their presence broadcast): leave their rooms for them.
+		handle_unavailable = function(stanza)
+			-- A status past the limits is left out: the leave itself is not.
+			local text = bounded_text(stanza)
+				or tostring(st.presence({ type = "unavailable", from = stanza.attr.from }));
+			if (call(mirror, "handle_local_unavailable", time_now(), text) or 0) > 0 then
+				drain(mirror);
+				persist();
+				schedule();
+			end
+		end;
 		handle_remote = function(origin, stanza) return run("handle_remote", origin, stanza) end;
 		s2s_closed = function(domain)
 			call(mirror, "handle_s2s_closed", time_now(), domain);
@@ -726,6 +737,30 @@ elseif host_type == "local" then
 	module:hook("pre-presence/bare", outgoing, 0.5);
 	module:hook("pre-message/bare", outgoing, 0.5);
 	module:hook("pre-iq/full", outgoing, 0.5);
+
+	-- A user who goes unavailable leaves the mirrored rooms they are in. mod_presence sends the
+	-- broadcast unavailable on to every room it holds a directed presence to (RFC 6121 4.6.3),
+	-- but a join the mirror took never reached it, so it holds none: without this the user
+	-- stays in the room at the master and at the mirror. The broadcast (an explicit one, or the
+	-- one mod_presence makes when the stream closes) comes here first; a session that never sent
+	-- presence of its own gets none, so its end is caught at resource-unbind (after
+	-- mod_presence: a user already gone has nothing left to leave).
+	local function gone(stanza)
+		for _, m in pairs(registry) do m.handle_unavailable(stanza); end
+	end
+	module:hook("pre-presence/bare", function(event)
+		local stanza, origin = event.stanza, event.origin;
+		if stanza.attr.type == "unavailable" and event.to_self and origin.type == "c2s" then
+			gone(stanza);
+		end
+	end, 0.6);
+	module:hook("resource-unbind", function(event)
+		local session = event.session;
+		if not session.full_jid then return end
+		local pres = st.presence({ type = "unavailable", from = session.full_jid });
+		if event.error then pres:tag("status"):text("Disconnected: " .. tostring(event.error)):up(); end
+		gone(pres);
+	end, -1);
 
 	-- A join error the master sent straight to the user ends the mirror's pending join.
 	module:hook("presence/full", function(event)

@@ -295,6 +295,50 @@ fn leave_through_a_mirror() {
     assert!(!w.master.room.occupants.contains_key("Keith"));
 }
 
+/// A user behind a mirror whose stream closes without a leave: their server makes the unavailable
+/// presence, and the mirror leaves the room for them, as the server would for a directed
+/// presence it had recorded (found on real servers by tests/integration/test_attacker.py: the
+/// user stayed in the room). Everyone sees the leave, with its status; nothing else moves.
+#[test]
+fn going_offline_leaves_the_room() {
+    let (mut w, c) = full_room();
+    let a = w.mark(Side::A);
+    assert_eq!(w.go_offline(&c.keith), 1);
+    assert_eq!(
+        names(&w.link(Side::A).since(a, Dir::ToMaster)),
+        ["presence"]
+    );
+    for u in [&c.scott, &c.kevin, &c.wayne, &c.ann] {
+        let p = presences(&w.take(u));
+        assert_eq!(p.len(), 1, "{u}: {p:?}");
+        assert_eq!(
+            (p[0].nick.as_str(), p[0].kind.as_deref()),
+            ("Keith", Some("unavailable"))
+        );
+    }
+    assert!(!w.master.room.occupants.contains_key("Keith"));
+    assert_eq!(w.mirror(Side::A).local_occupants(ROOM).len(), 1);
+    // Once gone, again: nothing to leave. Another user's presence, or one with a `to`, is no
+    // broadcast of Wayne's.
+    assert_eq!(w.go_offline(&c.keith), 0);
+    let now = w.now;
+    let m = w.mirror_mut(Side::A);
+    for other in [
+        format!(
+            "<presence from='{}' type='unavailable' to='{ROOM}/Wayne'/>",
+            c.wayne
+        ),
+        format!("<presence from='{}'/>", c.wayne),
+    ] {
+        assert_eq!(
+            m.handle_local_unavailable(now, &other).unwrap(),
+            0,
+            "{other}"
+        );
+    }
+    assert_eq!(w.mirror(Side::A).local_occupants(ROOM).len(), 1);
+}
+
 /// When its last local user leaves, the mirror leaves the room: nothing more crosses to it.
 #[test]
 fn last_local_user_leaving_silences_the_link() {

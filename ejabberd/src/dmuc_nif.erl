@@ -5,7 +5,7 @@
          master_quota/3, master_new/4, master_routes/2, master_presence/4, master_snapshot/7, master_iq/3,
          master_history/5, master_begin/2, master_end/2, master_outbound/3, master_left/3,
          master_link/4, master_groupchat/3, master_actions/1, master_config/4,
-         mirror_new/12, mirror_handles/2, mirror_local/3, mirror_remote/3, mirror_timeout/2,
+         mirror_new/12, mirror_handles/2, mirror_local/3, mirror_unavailable/3, mirror_remote/3, mirror_timeout/2,
          mirror_link/4, mirror_drain/1, mirror_s2s_closing/3, mirror_s2s_closed/3, mirror_s2s_in_closed/3, mirror_import/3, mirror_persist/1, mirror_status/1,
          watch_new/2, watch_ping/3, watch_timeout/2, watch_status/1]).
 -on_load(init/0).
@@ -40,6 +40,7 @@ mirror_new(_Service, _Masters, _QueueLimit, _JoinTimeout, _HistorySize, _PingInt
            _CatchUpMargin, _MaxDepth, _MaxSize, _MaxLocalOccupants, _MaxRooms) -> ?NOT_LOADED.
 mirror_handles(_M, _Jid) -> ?NOT_LOADED.
 mirror_local(_M, _Now, _Xml) -> ?NOT_LOADED.
+mirror_unavailable(_M, _Now, _Xml) -> ?NOT_LOADED.
 mirror_remote(_M, _Now, _Xml) -> ?NOT_LOADED.
 mirror_timeout(_M, _Now) -> ?NOT_LOADED.
 mirror_link(_M, _Now, _Master, _Up) -> ?NOT_LOADED.

@@ -26,7 +26,7 @@
 -export([start_link/2, init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2,
          code_change/3]).
 -export([muc_filter_presence/3, muc_process_iq/2, multicast_route/1, filter_packet/1,
-         leave_room/4, user_send_packet/1, user_receive_packet/1, route/1,
+         leave_room/4, user_send_packet/1, user_receive_packet/1, c2s_self_presence/1, c2s_terminated/2, route/1,
          muc_filter_message/3, filter_pong/1, s2s_out_closed/2, s2s_in_closed/2, get_commands_spec/0,
          dmuc_status/0, guard_send/1, guard_s2s/1]).
 
@@ -276,8 +276,8 @@ deeper_than(_, _) -> false.
 
 limits(Host) -> persistent_term:get({?MODULE, limits, Host}, {?DEFAULT_MAX_DEPTH, ?DEFAULT_MAX_SIZE}).
 
-%% A local user's or a peer's stanza for a guarded MUC service, past the depth limit: refused
-%% with policy-violation before the room (or anything else) walks it.
+%% A local user's or a peer's stanza for a guarded MUC service, past the depth or the size
+%% limit: refused with policy-violation before the room (or anything else) walks it.
 guard_send({Pkt, C2S} = Acc) ->
     case guard(Pkt) of
         ok -> Acc;
@@ -297,15 +297,30 @@ guard(Pkt) ->
         #jid{lserver = Domain} ->
             case persistent_term:get({?MODULE, guarded, Domain}, undefined) of
                 undefined -> ok;
-                {MaxDepth, _} ->
+                {MaxDepth, MaxSize} ->
                     %% The stanza itself is level 1; decoded children are shallow records.
-                    case lists:any(fun(E) -> deeper_than(E, MaxDepth - 1) end, xmpp:get_els(Pkt)) of
-                        false -> ok;
-                        true ->
-                            Why = iolist_to_binary(io_lib:format("stanza nests deeper than ~b levels", [MaxDepth])),
+                    Why = case lists:any(fun(E) -> deeper_than(E, MaxDepth - 1) end, xmpp:get_els(Pkt)) of
+                              true ->
+                                  io_lib:format("stanza nests deeper than ~b levels", [MaxDepth]);
+                              false ->
+                                  %% Within the depth limit, so fxml's serializer is safe. The
+                                  %% size too: a stranger's oversized groupchat message would
+                                  %% otherwise be answered by the room (not-acceptable), with
+                                  %% its payload, before dmuc sees it.
+                                  Size = byte_size(fxml:element_to_binary(xmpp:encode(Pkt, ?NS_CLIENT))),
+                                  case Size > MaxSize of
+                                      true -> io_lib:format("stanza of ~b bytes exceeds the limit of ~b bytes",
+                                                            [Size, MaxSize]);
+                                      false -> ok
+                                  end
+                          end,
+                    case Why of
+                        ok -> ok;
+                        _ ->
+                            Text = iolist_to_binary(Why),
                             log_refusal(peer_of(Pkt), "refused a stanza from ~ts to ~ts: ~ts",
-                                        [jid:encode(xmpp:get_from(Pkt)), jid:encode(xmpp:get_to(Pkt)), Why]),
-                            refuse(Pkt, {limit, Why}),
+                                        [jid:encode(xmpp:get_from(Pkt)), jid:encode(xmpp:get_to(Pkt)), Text]),
+                            refuse(Pkt, {limit, Text}),
                             refused
                     end
             end;
@@ -322,7 +337,7 @@ room_limits() ->
 %% Answer a stanza the engine refused: policy-violation for one past the limits (logged at warn
 %% by call/1), bad-request otherwise. The error carries none of the payload: a bomb is not echoed.
 refuse(Pkt, {limit, Why}) ->
-    ejabberd_router:route_error(xmpp:set_els(Pkt, []), xmpp:err_policy_violation(Why, <<"en">>));
+    ejabberd_router:route_error(without_payload(Pkt), xmpp:err_policy_violation(Why, <<"en">>));
 refuse(Pkt, nif_panicked) ->
     %% The engine failed inside (rustler turned its panic into this): not the sender's fault.
     %% type cancel, as RFC 6120 §8.3.3.6 and Prosody give it (the xmpp library says wait).
@@ -330,6 +345,12 @@ refuse(Pkt, nif_panicked) ->
     ejabberd_router:route_error(Pkt, Err#stanza_error{type = cancel});
 refuse(Pkt, _) ->
     ejabberd_router:route_error(Pkt, xmpp:err_bad_request()).
+
+%% The stanza with none of its content: the bodies, subjects and statuses of the decoded records
+%% too (an oversized body is the size bomb).
+without_payload(#message{} = M) -> M#message{body = [], subject = [], thread = undefined, sub_els = []};
+without_payload(#presence{} = P) -> P#presence{status = [], sub_els = []};
+without_payload(Pkt) -> xmpp:set_els(Pkt, []).
 
 %% Route every stanza the engine produced.
 route_out(Xmls) ->
@@ -798,6 +819,8 @@ init_mirror(Host, Opts, Proc) ->
                     ejabberd_router:register_route(Service, Host, {apply, ?MODULE, route}),
                     ejabberd_hooks:add(user_send_packet, Host, ?MODULE, user_send_packet, ?SEND_PRIO),
                     ejabberd_hooks:add(user_receive_packet, Host, ?MODULE, user_receive_packet, 50),
+                    ejabberd_hooks:add(c2s_self_presence, Host, ?MODULE, c2s_self_presence, 50),
+                    ejabberd_hooks:add(c2s_terminated, Host, ?MODULE, c2s_terminated, 50),
                     ejabberd_hooks:add(filter_packet, ?MODULE, filter_pong, 40),
                     ejabberd_hooks:add(s2s_out_closed, Host, ?MODULE, s2s_out_closed, 50),
                     ejabberd_hooks:add(s2s_in_closed, Host, ?MODULE, s2s_in_closed, 50),
@@ -953,6 +976,8 @@ terminate(_Reason, #{host := Host, service := Service, watched := Watched} = Sta
             persist(State),
             ejabberd_hooks:delete(user_send_packet, Host, ?MODULE, user_send_packet, ?SEND_PRIO),
             ejabberd_hooks:delete(user_receive_packet, Host, ?MODULE, user_receive_packet, 50),
+            ejabberd_hooks:delete(c2s_self_presence, Host, ?MODULE, c2s_self_presence, 50),
+            ejabberd_hooks:delete(c2s_terminated, Host, ?MODULE, c2s_terminated, 50),
             ejabberd_hooks:delete(filter_packet, ?MODULE, filter_pong, 40),
             ejabberd_hooks:delete(s2s_out_closed, Host, ?MODULE, s2s_out_closed, 50),
             ejabberd_hooks:delete(s2s_in_closed, Host, ?MODULE, s2s_in_closed, 50),
@@ -992,6 +1017,28 @@ user_send_packet({Pkt, #{lserver := LServer} = C2S} = Acc) ->
             end
     end;
 user_send_packet(Acc) -> Acc.
+
+%% A local user who goes unavailable (their presence broadcast, or their stream closing) leaves
+%% the mirrored rooms they are in. ejabberd sends the broadcast to the session's directed
+%% presences (pres_a), but a join the mirror took never got there, so without this the user
+%% stays in the room at the master and at the mirror. A user already gone has nothing to leave.
+c2s_self_presence({#presence{type = unavailable} = Pres, #{lserver := LServer}} = Acc) ->
+    mirror_gone(LServer, Pres),
+    Acc;
+c2s_self_presence(Acc) -> Acc.
+
+c2s_terminated(#{lserver := LServer, jid := #jid{luser = U} = JID} = State, _Reason) when U /= <<>> ->
+    mirror_gone(LServer, #presence{type = unavailable, from = JID, to = jid:remove_resource(JID)}),
+    State;
+c2s_terminated(State, _Reason) -> State.
+
+mirror_gone(LServer, Pres) ->
+    case persistent_term:get({?MODULE, mirror, LServer}, undefined) of
+        undefined -> ok;
+        {M, Proc} ->
+            _ = mirror_run(M, Proc, fun() -> dmuc_nif:mirror_unavailable(M, now_ms(), enc(limits(LServer), Pres)) end),
+            ok
+    end.
 
 %% A cheap filter only: the engine decides (presences to occupants, leaves to the bare room,
 %% groupchat messages, self-pings).

@@ -393,6 +393,53 @@ impl Mirror {
         }
     }
 
+    /// A local user went unavailable: their broadcast `<presence type='unavailable'/>`, with no
+    /// `to` or to their own bare JID (ejabberd addresses it so), which their server makes when
+    /// they go offline or their stream closes. The server sends it on to every room it holds a
+    /// directed presence to (RFC 6121 §4.6.3), but a join the mirror took is none the server
+    /// recorded: so the mirror leaves, for the user, every mirrored room they are in or joining,
+    /// as if this presence had been sent to each (the status text, "Disconnected: ...", goes
+    /// with it). Returns how many rooms it left: 0 for any other stanza.
+    pub fn handle_local_unavailable(&mut self, now: Timestamp, xml: &str) -> Result<usize, Error> {
+        let el = stanza::parse_within(xml, &self.config.limits)?;
+        if el.name() != "presence" || stanza::stanza_type(&el) != Some("unavailable") {
+            return Ok(0);
+        }
+        let from = stanza::jid_attr(&el, "presence", "from")?;
+        let user = from.to_string();
+        if let Some(to) = el.attr("to") {
+            if !to.eq_ignore_ascii_case(&from.to_bare().to_string()) {
+                return Ok(0);
+            }
+        }
+        let rooms: Vec<(String, String)> = self
+            .rooms
+            .iter()
+            .filter_map(|(room, r)| {
+                let nick = r
+                    .replica
+                    .local
+                    .get(&user)
+                    .map(|(n, _)| n.clone())
+                    .or_else(|| {
+                        r.pending
+                            .iter()
+                            .find(|(_, p)| p.user == user)
+                            .map(|(n, _)| n.clone())
+                    })?;
+                Some((room.clone(), nick))
+            })
+            .collect();
+        for (room, nick) in &rooms {
+            let mut leave = el.clone();
+            stanza::remove_children_in(&mut leave, ns::DMUC0);
+            stanza::set_attr(&mut leave, "to", format!("{room}/{nick}"));
+            debug!(%room, %nick, "a local user went unavailable: leaving for them");
+            self.local_presence(now, leave, from.clone(), room.clone(), nick.clone())?;
+        }
+        Ok(rooms.len())
+    }
+
     fn is_down(&self, room: &str) -> bool {
         let domain = room.rsplit('@').next().unwrap_or_default();
         self.links

@@ -219,6 +219,10 @@ impl World {
         &self.mirrors[&side]
     }
 
+    pub fn mirror_mut(&mut self, side: Side) -> &mut Mirror {
+        self.mirrors.get_mut(&side).unwrap()
+    }
+
     pub fn link(&self, side: Side) -> &Link {
         &self.links[&side]
     }
@@ -277,6 +281,24 @@ impl World {
             who,
             &format!("<presence from='{who}' to='{ROOM}/{nick}' type='unavailable'/>"),
         );
+    }
+
+    /// `who`, behind a mirror, goes offline without leaving (their stream closes): their server
+    /// hands the mirror their broadcast unavailable presence.
+    pub fn go_offline(&mut self, who: &str) -> usize {
+        self.now = self.now.plus_ms(1000);
+        let side = side_of(&domain_of(who)).expect("user on a known server");
+        let now = self.now;
+        let m = self.mirrors.get_mut(&side).expect("a user behind a mirror");
+        let left = m
+            .handle_local_unavailable(
+                now,
+                &format!("<presence from='{who}' type='unavailable'><status>Disconnected: closed</status></presence>"),
+            )
+            .expect("a well-formed presence");
+        self.drain_mirror(side);
+        self.run();
+        left
     }
 
     pub fn status(&mut self, who: &str, nick: &str, show: &str) {

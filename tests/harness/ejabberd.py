@@ -832,6 +832,8 @@ def mixed_servers(
     mirror_options: Any = None,
     master_route_domains: Sequence[str] = (),
     mirror_route_domains: Sequence[str] = (),
+    master_extra_routes: Optional[Mapping[str, Tuple[str, int]]] = None,
+    mirror_extra_routes: Optional[Mapping[str, Tuple[str, int]]] = None,
     plugin_paths: Sequence[str] = (),
     global_modules: Sequence[str] = (),
     contrib_modules: Optional[Mapping[str, str]] = None,
@@ -861,6 +863,8 @@ def mixed_servers(
     proxy in front of the other side. Domains outside that tree (a component
     ``mirror.example``) are found in Prosody ``Component`` lines / ejabberd module ``host(s)``
     options, or listed in ``master_route_domains`` / ``mirror_route_domains``.
+    ``master_extra_routes`` / ``mirror_extra_routes`` (``{domain: (ip, port)}``, ``"*.x"`` for
+    subdomains) route more domains, e.g. a third server's (tests/integration/test_attacker.py).
     """
     for kind in (master, mirror):
         if kind not in KINDS:
@@ -930,6 +934,8 @@ def mixed_servers(
                                          to_raleigh))
         raleigh.s2s_routes.update(routes(FAIRFAX, extra_domains(fairfax, master_route_domains),
                                          to_fairfax))
+        fairfax.s2s_routes.update(master_extra_routes or {})
+        raleigh.s2s_routes.update(mirror_extra_routes or {})
         # Both nodes start concurrently (an ejabberd start is ~1.5 s of mostly waiting).
         errors: List[BaseException] = []
 

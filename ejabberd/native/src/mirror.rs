@@ -119,6 +119,23 @@ fn mirror_local(r: ResourceArc<MirrorRes>, now: u64, xml: String) -> Result<Outc
     run(&r, |m| m.handle_local(Timestamp(now), &xml))
 }
 
+/// A local user's broadcast unavailable presence: `consumed` if the mirror left rooms for them.
+#[rustler::nif]
+fn mirror_unavailable(
+    r: ResourceArc<MirrorRes>,
+    now: u64,
+    xml: String,
+) -> Result<Outcome, NifError> {
+    run(&r, |m| {
+        let left = m.handle_local_unavailable(Timestamp(now), &xml)?;
+        Ok(if left > 0 {
+            Verdict::Consumed
+        } else {
+            Verdict::Pass
+        })
+    })
+}
+
 #[rustler::nif]
 fn mirror_remote(r: ResourceArc<MirrorRes>, now: u64, xml: String) -> Result<Outcome, NifError> {
     run(&r, |m| m.handle_remote(Timestamp(now), &xml))

@@ -100,6 +100,14 @@ impl LuaUserData for LuaMirror {
             log::flush(lua, &this.1);
             Ok(verdict(r.map_err(ShimError::from)?))
         });
+        methods.add_method_mut(
+            "handle_local_unavailable",
+            |lua, this, (t, xml): (f64, String)| {
+                let r = this.0.handle_local_unavailable(now(t), &xml);
+                log::flush(lua, &this.1);
+                Ok(r.map_err(ShimError::from)?)
+            },
+        );
         methods.add_method_mut("handle_remote", |lua, this, (t, xml): (f64, String)| {
             let r = this.0.handle_remote(now(t), &xml);
             log::flush(lua, &this.1);
