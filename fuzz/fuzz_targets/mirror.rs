@@ -1,4 +1,5 @@
 //! Every entry point of `Mirror`, called in fuzzed order on a busy world: local users' stanzas
+//! (and their going offline, `handle_local_unavailable`)
 //! (templates with fuzzed parts, raw fuzzed text), the master's stanzas (what crossed the link,
 //! tampered with, and raw fuzzed text), s2s events, timeouts, restarts that import the stored
 //! queue, and `import_queue` of fuzzed items. After each call the world drains `poll_transmit`
@@ -32,7 +33,19 @@ fuzz_target!(|data: &[u8]| {
             }
             3 => {
                 let t = inp.next_text();
-                let _ = m.handle_local(now, &t);
+                if inp.byte() % 2 == 0 {
+                    let _ = m.handle_local(now, &t);
+                } else {
+                    // The host saw the user go offline (a bare unavailable presence, or the
+                    // stream's end): fuzzed text, or the user's own.
+                    let (from, _, _) = drive::who(&mut inp);
+                    let t = if inp.byte() % 2 == 0 {
+                        format!("<presence from='{from}' type='unavailable'/>")
+                    } else {
+                        t
+                    };
+                    let _ = m.handle_local_unavailable(now, &t);
+                }
             }
             4 | 5 => {
                 drive::replay(&mut inp, &mut w);

@@ -165,7 +165,14 @@ pub fn world_action(inp: &mut Input, w: &mut World) {
             let ms = u64::from(inp.byte()) * 1000;
             w.advance(ms)
         }
-        12 => w.settle(),
+        12 => {
+            if inp.byte() % 2 == 0 {
+                w.settle()
+            } else {
+                let (from, _, _) = who(inp);
+                w.go_offline(&from)
+            }
+        }
         13 => {
             let n = NICKS[inp.byte() as usize % NICKS.len()];
             w.at_master(|m, now| m.kick(now, n));

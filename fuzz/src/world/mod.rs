@@ -288,6 +288,26 @@ impl World {
         );
     }
 
+    /// `who`, behind a mirror, goes offline without leaving (their stream closes): their server
+    /// hands the mirror their broadcast unavailable presence. A user of the master's server
+    /// has no mirror: nothing happens.
+    pub fn go_offline(&mut self, who: &str) {
+        self.now = self.now.plus_ms(1000);
+        let Some(side) = side_of(&domain_of(who)) else {
+            return;
+        };
+        let now = self.now;
+        let Some(m) = self.mirrors.get_mut(&side) else {
+            return;
+        };
+        let _ = m.handle_local_unavailable(
+            now,
+            &format!("<presence from='{who}' type='unavailable'><status>Disconnected: closed</status></presence>"),
+        );
+        self.drain_mirror(side);
+        self.run();
+    }
+
     pub fn status(&mut self, who: &str, nick: &str, show: &str) {
         self.send(
             who,
