@@ -216,6 +216,23 @@ if host_type == "component" and component_module == "muc" then
 	---------------------------------------------------------------- master
 	local trusted = module:get_option("dmuc_trusted_mirrors", {});
 
+	-- Every stanza for this room service is bounded in depth before the room sees it, as
+	-- ejabberd's stream guard does: Prosody's MUC copies a private message recursively
+	-- (st.clone), and a deep one overflows the Lua stack there; the stanza is dropped and its
+	-- sender hears nothing. Refused here, the sender gets policy-violation.
+	local function depth_guard(event)
+		local stanza = event.stanza;
+		if deeper_than(stanza, max_depth) then
+			refuse(event.origin, stanza, string.format("stanza nests deeper than %d levels", max_depth));
+			return true;
+		end
+	end
+	for _, kind in ipairs({ "message", "presence", "iq" }) do
+		for _, to in ipairs({ "bare", "full", "host" }) do
+			module:hook(kind .. "/" .. to, depth_guard, 2000);
+		end
+	end
+
 	-- Stanza-ids (docs/protocol.md, "Stanza ids"): a mirror proposes the id of its user's
 	-- message and has shown it to its users already; the room's archive must file the message
 	-- under it. mod_muc_mam files it with archive:append(room_node, nil, ...) in its
