@@ -715,6 +715,10 @@ impl Master {
         config_form: &str,
         occupants: &[String],
     ) -> Result<(), Error> {
+        // The names are the engine's own (PresenceVerdict::MirrorJoin), handed back by the host:
+        // the sync must have somewhere to go, and from.
+        stanza::parse_jid(mirror)?;
+        stanza::parse_jid(room)?;
         let form = self.mirrors_form(&parse_form(config_form)?);
         if let Some(state) = self.rooms.get_mut(room) {
             state.config = Some(form.clone());

@@ -1026,3 +1026,16 @@ fn a_history_answer_with_nowhere_to_go_is_refused() {
     ));
     assert!(master_out(&mut m).is_empty());
 }
+
+/// A snapshot the host handed over for no mirror is refused, and nothing is sent (found by the
+/// master fuzz target: a config IQ went out with `to=''`).
+#[test]
+fn a_snapshot_for_no_mirror_is_refused() {
+    let mut m = master();
+    let form = "<x xmlns='jabber:x:data' type='form'><field var='FORM_TYPE' type='hidden'><value>http://jabber.org/protocol/muc#roomconfig</value></field></x>";
+    assert!(matches!(
+        m.handle_snapshot(NOW, ROOM, "", "Nick", form, &[]),
+        Err(dmuc::error::Error::InvalidJid { .. })
+    ));
+    assert!(master_out(&mut m).is_empty());
+}
