@@ -30,7 +30,11 @@ fn cast() -> Cast {
 
 /// Everyone in the room, inboxes emptied.
 fn full_room() -> (World, Cast) {
-    let mut w = World::new();
+    full_room_in(World::new())
+}
+
+/// Everyone in the room of `w`, inboxes emptied.
+fn full_room_in(mut w: World) -> (World, Cast) {
     let c = cast();
     w.join(&c.scott, "Scott");
     w.join(&c.kevin, "Kevin");
@@ -998,11 +1002,14 @@ fn a_tampered_stored_item_goes_to_its_room() {
     assert!(w.master.errors.is_empty(), "{:?}", w.master.errors);
 }
 
-/// Storage changes per item: a message sent at once and acknowledged by the next ping answer
-/// costs the host one put and one delete, however many other messages are in flight.
+/// Storage changes per item: without write-behind (`store_after_ms` 0), a message sent at once
+/// and acknowledged by the next ping answer costs the host one put and one delete, however many
+/// other messages are in flight.
 #[test]
 fn each_message_costs_one_put_and_one_delete() {
-    let (mut w, c) = full_room();
+    let mut w = World::new();
+    w.configure_mirrors(|c| c.store_after_ms = 0);
+    let (mut w, c) = full_room_in(w);
     w.settle();
     let before = w.store_ops[&Side::A];
     for i in 0..50 {
@@ -1415,4 +1422,60 @@ fn unbracketed_leave_then_rejoin_through_the_mirror() {
     assert!(presences(&w.take(&c.wayne))
         .iter()
         .any(|p| p.nick == "Wayne" && p.statuses.contains(&"110".to_string())));
+}
+
+/// Write-behind: a flood over a link that is up never reaches the store. The messages are held
+/// back for `store_after` (2 s); with ten or more held, the mirror pings at half that, and the
+/// answer acknowledges them all before any is due. Virtual time: 50 messages 10 ms apart.
+#[test]
+fn a_flood_acknowledged_in_time_leaves_the_store_untouched() {
+    let (mut w, c) = full_room();
+    w.settle();
+    let before = w.store_ops[&Side::A];
+    w.inject_step_ms = 10;
+    for i in 0..50 {
+        w.say(&c.wayne, &format!("m{i}"));
+    }
+    assert_eq!(w.mirror(Side::A).held_back().len(), 50, "held back, not stored");
+    assert_eq!(w.store_ops[&Side::A], before, "nothing stored yet");
+    let pings = w.link(Side::A).count(Dir::ToMaster);
+    // Half of store_after after the first message: the early ping round, answered at once.
+    w.advance(1_000);
+    assert!(w.link(Side::A).count(Dir::ToMaster) > pings, "an early ping round");
+    assert!(w.mirror(Side::A).held_back().is_empty());
+    assert!(w.mirror(Side::A).export_queue().is_empty(), "all acknowledged");
+    w.advance(5_000);
+    assert_eq!(w.store_ops[&Side::A], before, "no put, no delete");
+    assert!(w.stores[&Side::A].is_empty());
+    assert_eq!(all_bodies(&w.take(&c.scott)).len(), 50);
+}
+
+/// Write-behind on a stalled link: what the master has not acknowledged after `store_after` is
+/// stored then (one put each), and deleted once a ping answer acknowledges it. Held messages go
+/// to the store at a shutdown (`flush_store`), whatever their age.
+#[test]
+fn unacknowledged_messages_are_stored_when_due_or_at_shutdown() {
+    let (mut w, c) = full_room();
+    w.settle();
+    let before = w.store_ops[&Side::A];
+    w.inject_step_ms = 10;
+    w.stall(Side::A);
+    for i in 0..3 {
+        w.say(&c.wayne, &format!("m{i}"));
+    }
+    assert_eq!(w.store_ops[&Side::A], before);
+    w.advance(1_000);
+    assert_eq!(w.store_ops[&Side::A], before, "not due yet");
+    w.advance(1_000);
+    assert_eq!(w.stores[&Side::A].len(), 3, "due: stored");
+    assert_eq!(w.store_ops[&Side::A] - before, 3, "one put each");
+    w.say(&c.wayne, "late");
+    assert_eq!(w.mirror(Side::A).held_back().len(), 1);
+    w.flush_store(Side::A);
+    assert_eq!(w.stores[&Side::A].len(), 4, "shutdown: the held one stored too");
+    w.restore(Side::A);
+    w.settle();
+    assert!(w.stores[&Side::A].is_empty(), "acknowledged: deleted");
+    assert_eq!(w.store_ops[&Side::A] - before, 8, "one put and one delete each");
+    assert_eq!(all_bodies(&w.take(&c.scott)), ["m0", "m1", "m2", "late"]);
 }

@@ -238,7 +238,7 @@ impl Mirror {
                             round: 0,
                             seq: self.store.next_seq(),
                         };
-                        self.store.put(&room, &item);
+                        self.store.put(&room, &item, None);
                         r.out.queue.push_back(item);
                     }
                 } else {
@@ -588,7 +588,11 @@ impl Mirror {
             return Ok(Verdict::Consumed);
         }
         // Stored until a ping answer acknowledges it, whether it goes now or waits: a restart
-        // before then must not lose it.
+        // before then must not lose it. One that goes now is held back from the store for
+        // `store_after`: acknowledged by then, it never reaches it (write-behind, see store).
+        let due = (!hold && self.config.store_after_ms > 0)
+            .then(|| now.plus_ms(self.config.store_after_ms));
+        let master = r.master.clone();
         let item = Queued {
             user: user.clone(),
             nick: nick.clone(),
@@ -597,7 +601,7 @@ impl Mirror {
             round,
             seq: self.store.next_seq(),
         };
-        self.store.put(&r.replica.jid, &item);
+        self.store.put(&r.replica.jid, &item, due);
         if hold {
             r.out.queue.push_back(item);
         } else {
@@ -631,6 +635,7 @@ impl Mirror {
         self.transmits.fan_out(text, &name, served);
         if !hold {
             self.send(&el);
+            self.ask_early_ack(&master);
         }
         Ok(Verdict::Consumed)
     }

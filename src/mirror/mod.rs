@@ -112,12 +112,17 @@ pub struct MirrorConfig {
     /// Depth and size of the stanzas the mirror accepts from local users, masters and
     /// outsiders (see [`crate::bounds`]).
     pub limits: Limits,
+    /// Write-behind: a message sent to the master over a link that is up reaches the host's
+    /// store only if the master has not acknowledged it after this long (0: at once). Queued
+    /// messages (the link is down) are stored at once, held ones when a link goes down and at
+    /// [`Mirror::flush_store`]. See docs/protocol.md, "Storage format and cost".
+    pub store_after_ms: u64,
 }
 
 impl MirrorConfig {
     /// Defaults: a queue of 1000 messages, joins time out after 30 s, 20 messages of history, a
     /// ping every 30 s answered within 20 s, a catch-up margin of 30 s, 1000 local occupants per
-    /// room and 1000 rooms, the default [`Limits`].
+    /// room and 1000 rooms, the default [`Limits`], messages stored once unacknowledged for 2 s.
     pub fn new(service: impl Into<String>, masters: Vec<String>) -> Self {
         MirrorConfig {
             service: service.into().to_ascii_lowercase(),
@@ -134,6 +139,7 @@ impl MirrorConfig {
             max_local_occupants: 1000,
             max_rooms: 1000,
             limits: Limits::default(),
+            store_after_ms: 2_000,
         }
     }
 }
@@ -312,6 +318,17 @@ impl Mirror {
         self.store.poll()
     }
 
+    /// Shutdown: every message held back from the store (write-behind, see
+    /// [`MirrorConfig::store_after_ms`]) is released to [`Mirror::poll_store`] now, so that a
+    /// restart loses none. Call it, then drain `poll_store`, before the host stops.
+    pub fn flush_store(&mut self) {
+        let held = self.store.held();
+        if held > 0 {
+            info!(items = held, "storing the messages not yet acknowledged");
+        }
+        self.store.release(None);
+    }
+
     /// Are changes to the stored queue waiting for [`Mirror::poll_store`]?
     pub fn store_pending(&self) -> bool {
         !self.store.is_empty()
@@ -325,6 +342,13 @@ impl Mirror {
             .values()
             .flat_map(|r| r.out.unacknowledged().map(|q| q.to_xml(&r.replica.jid)))
             .collect()
+    }
+
+    /// The items of [`Mirror::export_queue`] held back from the store for now (write-behind,
+    /// see [`MirrorConfig::store_after_ms`]): the host's store holds the others. For status and
+    /// tests.
+    pub fn held_back(&self) -> Vec<String> {
+        self.store.held_items().cloned().collect()
     }
 
     /// The next stanza to route, as text: a fan-out comes one addressed copy per call.
@@ -350,6 +374,7 @@ impl Mirror {
                     .chain(r.roster_iq.as_ref().map(|(_, d)| *d))
             })
             .chain(self.links.values().filter_map(Link::deadline))
+            .chain(self.store.next_due())
             .min()
     }
 
@@ -604,6 +629,8 @@ impl Mirror {
     /// never answered counts as an empty history; a roster request never answered means the
     /// link is down after all.
     pub fn handle_timeout(&mut self, now: Timestamp) {
+        // Messages the master has not acknowledged in time go to the store.
+        self.store.release(Some(now));
         let rooms: Vec<String> = self.rooms.keys().cloned().collect();
         let mut lost = BTreeSet::new();
         for room in rooms {
@@ -705,7 +732,7 @@ impl Mirror {
             stanza::set_attr(&mut q.stanza, "from", q.user.clone());
             if q.seq == 0 {
                 q.seq = self.store.next_seq();
-                self.store.put(&room, &q);
+                self.store.put(&room, &q, None);
             }
             r.out.queue.push_back(q);
             let link = self.links.entry(master).or_default();
