@@ -984,8 +984,11 @@ fn a_tampered_stored_item_goes_to_its_room() {
     let stored: Vec<String> = w.stores[&Side::A]
         .values()
         .map(|x| {
-            x.replacen(&format!("to='{ROOM}'"), "to=''", 1)
-                .replacen(&format!("from='{}'", c.wayne), "from='eve@evil.example/x'", 1)
+            x.replacen(&format!("to='{ROOM}'"), "to=''", 1).replacen(
+                &format!("from='{}'", c.wayne),
+                "from='eve@evil.example/x'",
+                1,
+            )
         })
         .collect();
     assert!(stored.iter().all(|x| x.contains("to=''")), "{stored:?}");
@@ -1436,14 +1439,24 @@ fn a_flood_acknowledged_in_time_leaves_the_store_untouched() {
     for i in 0..50 {
         w.say(&c.wayne, &format!("m{i}"));
     }
-    assert_eq!(w.mirror(Side::A).held_back().len(), 50, "held back, not stored");
+    assert_eq!(
+        w.mirror(Side::A).held_back().len(),
+        50,
+        "held back, not stored"
+    );
     assert_eq!(w.store_ops[&Side::A], before, "nothing stored yet");
     let pings = w.link(Side::A).count(Dir::ToMaster);
     // Half of store_after after the first message: the early ping round, answered at once.
     w.advance(1_000);
-    assert!(w.link(Side::A).count(Dir::ToMaster) > pings, "an early ping round");
+    assert!(
+        w.link(Side::A).count(Dir::ToMaster) > pings,
+        "an early ping round"
+    );
     assert!(w.mirror(Side::A).held_back().is_empty());
-    assert!(w.mirror(Side::A).export_queue().is_empty(), "all acknowledged");
+    assert!(
+        w.mirror(Side::A).export_queue().is_empty(),
+        "all acknowledged"
+    );
     w.advance(5_000);
     assert_eq!(w.store_ops[&Side::A], before, "no put, no delete");
     assert!(w.stores[&Side::A].is_empty());
@@ -1472,10 +1485,18 @@ fn unacknowledged_messages_are_stored_when_due_or_at_shutdown() {
     w.say(&c.wayne, "late");
     assert_eq!(w.mirror(Side::A).held_back().len(), 1);
     w.flush_store(Side::A);
-    assert_eq!(w.stores[&Side::A].len(), 4, "shutdown: the held one stored too");
+    assert_eq!(
+        w.stores[&Side::A].len(),
+        4,
+        "shutdown: the held one stored too"
+    );
     w.restore(Side::A);
     w.settle();
     assert!(w.stores[&Side::A].is_empty(), "acknowledged: deleted");
-    assert_eq!(w.store_ops[&Side::A] - before, 8, "one put and one delete each");
+    assert_eq!(
+        w.store_ops[&Side::A] - before,
+        8,
+        "one put and one delete each"
+    );
     assert_eq!(all_bodies(&w.take(&c.scott)), ["m0", "m1", "m2", "late"]);
 }

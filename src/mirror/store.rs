@@ -275,6 +275,9 @@ mod tests {
         // Both are stored now: their deletes reach the host.
         j.delete(a);
         j.delete(b);
-        assert_eq!(drain(&mut j), [StoreOp::Delete { key: a }, StoreOp::Delete { key: b }]);
+        assert_eq!(
+            drain(&mut j),
+            [StoreOp::Delete { key: a }, StoreOp::Delete { key: b }]
+        );
     }
 }
