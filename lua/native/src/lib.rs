@@ -5,11 +5,12 @@ mod error;
 mod log;
 mod master;
 mod mirror;
+mod stanza;
 
 use mlua::prelude::*;
 
 /// `luaopen_dmuc_prosody`: returns `{ master = fn(config), mirror = fn(config), set_logger = fn(f),
-/// limits = { depth, size } }` (the engine's default limits).
+/// set_stanza_mt = fn(mt), parse_stanza = fn(text), limits = { depth, size } }` (the engine's default limits).
 #[mlua::lua_module]
 fn dmuc_prosody(lua: &Lua) -> LuaResult<LuaTable> {
     log::install();
@@ -17,6 +18,8 @@ fn dmuc_prosody(lua: &Lua) -> LuaResult<LuaTable> {
     exports.set("master", lua.create_function(master::new)?)?;
     exports.set("mirror", lua.create_function(mirror::new)?)?;
     exports.set("set_logger", lua.create_function(log::set_logger)?)?;
+    exports.set("set_stanza_mt", lua.create_function(stanza::set_stanza_mt)?)?;
+    exports.set("parse_stanza", lua.create_function(stanza::parse_stanza)?)?;
     exports.set("version", env!("CARGO_PKG_VERSION"))?;
     // The shim checks depth and size itself before it serializes a stanza (util.stanza's
     // tostring recurses per level), with the same defaults as the engine.

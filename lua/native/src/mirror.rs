@@ -81,6 +81,21 @@ pub fn new(_: &Lua, config: LuaTable) -> LuaResult<LuaMirror> {
     if let Some(n) = positive(&config, "max_rooms", "dmuc_max_rooms")? {
         c.max_rooms = n as usize;
     }
+    // Seconds, 0 (store at once) or more; fractions allowed.
+    match config.get::<LuaValue>("store_after")? {
+        LuaValue::Nil => {}
+        LuaValue::Integer(i) if i >= 0 => c.store_after_ms = (i as u64).saturating_mul(1000),
+        LuaValue::Number(n) if n >= 0.0 && n.is_finite() => {
+            c.store_after_ms = (n * 1000.0).round() as u64
+        }
+        _ => {
+            return Err(ShimError::Option {
+                option: "dmuc_store_after",
+                reason: "expected a number of seconds, 0 or more".into(),
+            }
+            .into())
+        }
+    }
     Ok(LuaMirror(Mirror::new(c)))
 }
 
@@ -152,6 +167,12 @@ impl LuaUserData for LuaMirror {
                 Ok(n)
             },
         );
+        // Shutdown: what is held back from the store (write-behind) comes from poll_store now.
+        methods.add_method_mut("flush_store", |lua, this, ()| {
+            this.0.flush_store();
+            log::flush(lua);
+            Ok(())
+        });
         // `"put", key, item` or `"delete", key`, or nothing: one change to the stored queue.
         methods.add_method_mut("poll_store", |_, this, ()| {
             Ok(match this.0.poll_store() {

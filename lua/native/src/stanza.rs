@@ -1,0 +1,91 @@
+//! Engine output as Prosody stanza objects (util.stanza's tables), built here from the parsed
+//! text instead of by `util.xml.parse` in Lua: that parser (expat calling back into Lua for each
+//! element, a parser object per call) was a quarter of a Prosody mirror's CPU under a flood.
+//!
+//! The shape is util.stanza's: `{ name = ..., attr = { ... }, tags = { child elements },
+//! [1..n] = children (elements and text) }` with its metatable. As `util.xml` gives them, plus
+//! what the shim did after it: the stanza itself carries no `xmlns` (Prosody routes stanzas in
+//! the stream's default namespace), nor do the elements in its namespace whose parents are in it
+//! too (a `jabber:client` element inside a foreign wrapper keeps it). An attribute in a namespace
+//! is keyed `namespace \1 name`, as util.xml does, except `xml:lang`.
+
+use dmuc::stanza;
+use minidom::{Element, Node};
+use mlua::prelude::*;
+
+const STANZA_MT_KEY: &str = "dmuc.stanza_mt";
+const XML_NS: &str = "http://www.w3.org/XML/1998/namespace";
+
+/// `set_stanza_mt(require "util.stanza".stanza_mt)`: the metatable of the stanzas made here.
+pub fn set_stanza_mt(lua: &Lua, mt: LuaTable) -> LuaResult<()> {
+    lua.set_named_registry_value(STANZA_MT_KEY, mt)
+}
+
+/// `parse_stanza(text)`: the engine's XML text as a stanza object, or `nil, why` if it does not
+/// parse. The metatable must have been given (`set_stanza_mt`).
+pub fn parse_stanza(lua: &Lua, text: LuaString) -> LuaResult<(Option<LuaTable>, Option<String>)> {
+    let text = text.to_str()?;
+    let el = match stanza::parse(&text) {
+        Ok(el) => el,
+        Err(e) => return Ok((None, Some(e.to_string()))),
+    };
+    let mt: LuaTable = lua.named_registry_value(STANZA_MT_KEY)?;
+    let ns = el.ns();
+    Ok((Some(build(lua, &mt, &el, &ns, true)?), None))
+}
+
+/// One element; `default` when its parent (or it, for the stanza) carries no `xmlns` because it
+/// is in the stanza's namespace `top_ns`.
+fn build(lua: &Lua, mt: &LuaTable, el: &Element, top_ns: &str, root: bool) -> LuaResult<LuaTable> {
+    let t = lua.create_table()?;
+    t.raw_set("name", el.name())?;
+    let attr = lua.create_table()?;
+    let ns = el.ns();
+    if !root && ns != top_ns {
+        attr.raw_set("xmlns", ns.as_str())?;
+    }
+    for ((ans, name), value) in el.attrs().iter() {
+        if ans.is_none() {
+            attr.raw_set(name.as_str(), value.as_str())?;
+        } else if ans.as_str() == XML_NS {
+            attr.raw_set(format!("xml:{}", name.as_str()), value.as_str())?;
+        } else {
+            attr.raw_set(format!("{}\u{1}{}", ans.as_str(), name.as_str()), value.as_str())?;
+        }
+    }
+    t.raw_set("attr", attr)?;
+    let tags = lua.create_table()?;
+    let (mut n, mut ntags) = (0, 0);
+    for node in el.nodes() {
+        match node {
+            Node::Element(child) => {
+                // In the stanza's namespace under a parent in it: no xmlns, as the stream's
+                // default. Under a foreign parent it is explicit, whatever it is.
+                let inherits = ns == top_ns;
+                let c = if inherits {
+                    build(lua, mt, child, top_ns, false)?
+                } else {
+                    build_foreign(lua, mt, child)?
+                };
+                n += 1;
+                t.raw_set(n, &c)?;
+                ntags += 1;
+                tags.raw_set(ntags, c)?;
+            }
+            Node::Text(s) => {
+                n += 1;
+                t.raw_set(n, s.as_str())?;
+            }
+        }
+    }
+    t.raw_set("tags", tags)?;
+    t.set_metatable(Some(mt.clone()))?;
+    Ok(t)
+}
+
+/// An element under a parent outside the stanza's namespace: every element keeps its `xmlns`,
+/// as util.xml gives it (the serializer leaves out one equal to its parent's).
+fn build_foreign(lua: &Lua, mt: &LuaTable, el: &Element) -> LuaResult<LuaTable> {
+    // A top_ns no element has: every xmlns is written, and children stay "foreign".
+    build(lua, mt, el, "\u{0}", false)
+}
