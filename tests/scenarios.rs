@@ -1500,3 +1500,40 @@ fn unacknowledged_messages_are_stored_when_due_or_at_shutdown() {
     );
     assert_eq!(all_bodies(&w.take(&c.scott)), ["m0", "m1", "m2", "late"]);
 }
+
+/// Write-behind and refusals: the master loses A's users (its link timeout passed, say, while
+/// the mirror's pings were late) but the link stays up, so held messages reach it, are refused
+/// (`not-acceptable`), and go again once the mirror has rejoined their senders. Every message
+/// reaches the master's users once, and the store ends empty: nothing put is left undeleted.
+#[test]
+fn refused_held_messages_are_sent_again_and_leave_nothing_stored() {
+    let (mut w, c) = full_room();
+    w.settle();
+    w.clear_inboxes();
+    w.inject_step_ms = 10;
+    for i in 0..15 {
+        w.say(&c.wayne, &format!("a{i}"));
+    }
+    // The master evicts A's users; the mirror is not told.
+    w.at_master(|m, now| {
+        m.link(now, Side::A.domain(), false);
+        m.link(now, Side::A.mirror(), false);
+        m.link(now, Side::A.domain(), true);
+        m.link(now, Side::A.mirror(), true);
+    });
+    for i in 0..15 {
+        w.say(&c.wayne, &format!("b{i}"));
+    }
+    w.advance(1_000);
+    w.advance(3_000);
+    w.settle();
+    w.settle();
+    let want: Vec<String> = (0..15)
+        .map(|i| format!("a{i}"))
+        .chain((0..15).map(|i| format!("b{i}")))
+        .collect();
+    assert_eq!(all_bodies(&w.take(&c.scott)), want);
+    assert!(w.mirror(Side::A).export_queue().is_empty(), "all acknowledged");
+    assert!(w.mirror(Side::A).held_back().is_empty());
+    assert!(w.stores[&Side::A].is_empty(), "{:?}", w.stores[&Side::A]);
+}
