@@ -43,34 +43,18 @@ end
 
 -- Bounded input (docs/security.md, "Bounded input"). util.stanza's tostring, and every tree walk
 -- after it, recurse once per level of nesting; the engine refuses deep text too, but the text
--- must first be made. So depth is counted here without recursion, and stops one level past the
--- limit: a 100,000-level stanza costs what its first levels do. Size is checked on the text.
+-- must first be made. So the native module writes the text (as tostring does) and counts depth
+-- as it goes, stopping one level past the limit: a 100,000-level stanza costs what its first
+-- levels do. Size is checked on the text.
 local max_depth = module:get_option_number("dmuc_max_stanza_depth", native.limits.depth);
 local max_size = module:get_option_number("dmuc_max_stanza_size", native.limits.size);
 
-local function deeper_than(stanza, limit)
-	local stack, depths, n = { stanza }, { 1 }, 1;
-	while n > 0 do
-		local el, d = stack[n], depths[n];
-		stack[n], depths[n], n = nil, nil, n - 1;
-		if d > limit then return true end
-		local tags = el.tags;
-		if tags then
-			for i = 1, #tags do
-				n = n + 1;
-				stack[n], depths[n] = tags[i], d + 1;
-			end
-		end
-	end
-	return false;
-end
-
 -- The stanza as text for the engine, or nil and why it is refused.
 local function bounded_text(stanza)
-	if deeper_than(stanza, max_depth) then
+	local text = native.stanza_text(stanza, max_depth);
+	if not text then
 		return nil, string.format("stanza nests deeper than %d levels", max_depth);
 	end
-	local text = tostring(stanza);
 	if #text > max_size then
 		return nil, string.format("stanza of %d bytes exceeds the limit of %d bytes", #text, max_size);
 	end

@@ -1533,7 +1533,10 @@ fn refused_held_messages_are_sent_again_and_leave_nothing_stored() {
         .chain((0..15).map(|i| format!("b{i}")))
         .collect();
     assert_eq!(all_bodies(&w.take(&c.scott)), want);
-    assert!(w.mirror(Side::A).export_queue().is_empty(), "all acknowledged");
+    assert!(
+        w.mirror(Side::A).export_queue().is_empty(),
+        "all acknowledged"
+    );
     assert!(w.mirror(Side::A).held_back().is_empty());
     assert!(w.stores[&Side::A].is_empty(), "{:?}", w.stores[&Side::A]);
 }

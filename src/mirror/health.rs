@@ -31,7 +31,7 @@ impl Mirror {
         link.schedule(now.plus_ms(interval));
         warn!(%master, "link down: remote occupants shown as gone, messages queue");
         // What was held back from the store (write-behind) waits for the link now: stored.
-        self.store.release(None);
+        self.release_store(None);
         for room in self.rooms_of(master) {
             self.lose(&room);
         }

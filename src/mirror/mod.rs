@@ -326,7 +326,28 @@ impl Mirror {
         if held > 0 {
             info!(items = held, "storing the messages not yet acknowledged");
         }
-        self.store.release(None);
+        self.release_store(None);
+    }
+
+    /// Hand the host the held puts whose time has come (all with `None`), in storage form,
+    /// written from the queue that holds them.
+    pub(super) fn release_store(&mut self, now: Option<Timestamp>) {
+        let due = self.store.release(now);
+        if due.is_empty() {
+            return;
+        }
+        let mut due: BTreeSet<u64> = due.into_iter().collect();
+        for r in self.rooms.values() {
+            for q in r.out.unacknowledged() {
+                if due.remove(&q.seq) {
+                    self.store.released(q.seq, q.to_xml(&r.replica.jid));
+                }
+            }
+        }
+        if !due.is_empty() {
+            // Held means unacknowledged, so in a queue: a bug if not. Nothing to store.
+            warn!(items = due.len(), "held queue items not found in any queue");
+        }
     }
 
     /// Are changes to the stored queue waiting for [`Mirror::poll_store`]?
@@ -348,7 +369,15 @@ impl Mirror {
     /// see [`MirrorConfig::store_after_ms`]): the host's store holds the others. For status and
     /// tests.
     pub fn held_back(&self) -> Vec<String> {
-        self.store.held_items().cloned().collect()
+        self.rooms
+            .values()
+            .flat_map(|r| {
+                r.out
+                    .unacknowledged()
+                    .filter(|q| self.store.is_held(q.seq))
+                    .map(|q| q.to_xml(&r.replica.jid))
+            })
+            .collect()
     }
 
     /// The next stanza to route, as text: a fan-out comes one addressed copy per call.
@@ -630,7 +659,7 @@ impl Mirror {
     /// link is down after all.
     pub fn handle_timeout(&mut self, now: Timestamp) {
         // Messages the master has not acknowledged in time go to the store.
-        self.store.release(Some(now));
+        self.release_store(Some(now));
         let rooms: Vec<String> = self.rooms.keys().cloned().collect();
         let mut lost = BTreeSet::new();
         for room in rooms {

@@ -51,10 +51,11 @@ struct Pending {
 }
 
 /// A put not yet released to the host: it is released at `due`, unless its delete comes first.
+/// It keeps no copy of the item: most are acknowledged before their time, and the mirror writes
+/// the storage form of the others from its queue when they are released.
 #[derive(Debug)]
 struct Held {
     due: Timestamp,
-    item: String,
 }
 
 /// The changes not yet polled, by key, the puts held back, and the next key to give out.
@@ -93,15 +94,15 @@ impl Journal {
     /// `item` of `room` joins the stored set (it is new, or the master refused it after all):
     /// for the host at once with `due` `None`, else held until `due`.
     pub(super) fn put(&mut self, room: &str, item: &Queued, due: Option<Timestamp>) {
-        let xml = item.to_xml(room);
         if let Some(due) = due {
             // A key with a change pending is one the host has, or is about to: no holding back.
             if !self.pending.contains_key(&item.seq) {
-                self.held.insert(item.seq, Held { due, item: xml });
+                self.held.insert(item.seq, Held { due });
                 return;
             }
         }
         self.held.remove(&item.seq);
+        let xml = item.to_xml(room);
         // Keys are put and deleted in turn: a put with nothing pending is of a key the host
         // does not have.
         self.pending
@@ -154,25 +155,35 @@ impl Journal {
         self.pending.is_empty() && self.held.is_empty()
     }
 
-    /// Release to the host the held puts whose time has come (all of them with `None`).
-    pub(super) fn release(&mut self, now: Option<Timestamp>) {
+    /// The held puts whose time has come (all of them with `None`), no longer held: the caller
+    /// hands each to the host with [`Journal::released`].
+    pub(super) fn release(&mut self, now: Option<Timestamp>) -> Vec<u64> {
         let due: Vec<u64> = self
             .held
             .iter()
             .filter(|(_, h)| now.is_none_or(|now| h.due <= now))
             .map(|(k, _)| *k)
             .collect();
-        for key in due {
-            if let Some(h) = self.held.remove(&key) {
-                self.pending.insert(
-                    key,
-                    Pending {
-                        stored: false,
-                        want: Some(h.item),
-                    },
-                );
-            }
+        for key in &due {
+            self.held.remove(key);
         }
+        due
+    }
+
+    /// A released put, `xml` the item's storage form: for the host now.
+    pub(super) fn released(&mut self, key: u64, xml: String) {
+        self.pending.insert(
+            key,
+            Pending {
+                stored: false,
+                want: Some(xml),
+            },
+        );
+    }
+
+    /// Is `key` held back?
+    pub(super) fn is_held(&self, key: u64) -> bool {
+        self.held.contains_key(&key)
     }
 
     /// When the next held put is due. Keys and due times grow together (an item is held when
@@ -185,11 +196,6 @@ impl Journal {
     /// Puts held back.
     pub(super) fn held(&self) -> usize {
         self.held.len()
-    }
-
-    /// The items held back, in storage form.
-    pub(super) fn held_items(&self) -> impl Iterator<Item = &String> {
-        self.held.values().map(|h| &h.item)
     }
 }
 
@@ -253,7 +259,7 @@ mod tests {
         assert!(!j.is_empty());
         assert_eq!(j.next_due(), Some(Timestamp(2_000)));
         // Before its time, nothing for the host.
-        j.release(Some(Timestamp(1_999)));
+        assert!(j.release(Some(Timestamp(1_999))).is_empty());
         assert_eq!(drain(&mut j), []);
         j.delete(a);
         assert!(j.is_empty());
@@ -266,11 +272,13 @@ mod tests {
         let (a, b) = (j.next_seq(), j.next_seq());
         j.put("r@muc", &item(a), Some(Timestamp(2_000)));
         j.put("r@muc", &item(b), Some(Timestamp(3_000)));
-        j.release(Some(Timestamp(2_000)));
+        assert_eq!(j.release(Some(Timestamp(2_000))), [a]);
+        j.released(a, item(a).to_xml("r@muc"));
         assert!(matches!(drain(&mut j)[..], [StoreOp::Put { key, .. }] if key == a));
         assert_eq!(j.held(), 1);
         // Shutdown: whatever is held goes to the host.
-        j.release(None);
+        assert_eq!(j.release(None), [b]);
+        j.released(b, item(b).to_xml("r@muc"));
         assert!(matches!(drain(&mut j)[..], [StoreOp::Put { key, .. }] if key == b));
         // Both are stored now: their deletes reach the host.
         j.delete(a);

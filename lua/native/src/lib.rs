@@ -10,7 +10,7 @@ mod stanza;
 use mlua::prelude::*;
 
 /// `luaopen_dmuc_prosody`: returns `{ master = fn(config), mirror = fn(config), set_logger = fn(f),
-/// set_stanza_mt = fn(mt), parse_stanza = fn(text), limits = { depth, size } }` (the engine's default limits).
+/// set_stanza_mt = fn(mt), parse_stanza = fn(text), stanza_text = fn(stanza, max_depth), limits = { depth, size } }` (the engine's default limits).
 #[mlua::lua_module]
 fn dmuc_prosody(lua: &Lua) -> LuaResult<LuaTable> {
     log::install();
@@ -20,6 +20,7 @@ fn dmuc_prosody(lua: &Lua) -> LuaResult<LuaTable> {
     exports.set("set_logger", lua.create_function(log::set_logger)?)?;
     exports.set("set_stanza_mt", lua.create_function(stanza::set_stanza_mt)?)?;
     exports.set("parse_stanza", lua.create_function(stanza::parse_stanza)?)?;
+    exports.set("stanza_text", lua.create_function(stanza::stanza_text)?)?;
     exports.set("version", env!("CARGO_PKG_VERSION"))?;
     // The shim checks depth and size itself before it serializes a stanza (util.stanza's
     // tostring recurses per level), with the same defaults as the engine.

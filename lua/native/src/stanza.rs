@@ -50,7 +50,10 @@ fn build(lua: &Lua, mt: &LuaTable, el: &Element, top_ns: &str, root: bool) -> Lu
         } else if ans.as_str() == XML_NS {
             attr.raw_set(format!("xml:{}", name.as_str()), value.as_str())?;
         } else {
-            attr.raw_set(format!("{}\u{1}{}", ans.as_str(), name.as_str()), value.as_str())?;
+            attr.raw_set(
+                format!("{}\u{1}{}", ans.as_str(), name.as_str()),
+                value.as_str(),
+            )?;
         }
     }
     t.raw_set("attr", attr)?;
@@ -88,4 +91,120 @@ fn build(lua: &Lua, mt: &LuaTable, el: &Element, top_ns: &str, root: bool) -> Lu
 fn build_foreign(lua: &Lua, mt: &LuaTable, el: &Element) -> LuaResult<LuaTable> {
     // A top_ns no element has: every xmlns is written, and children stay "foreign".
     build(lua, mt, el, "\u{0}", false)
+}
+
+/// `stanza_text(stanza, max_depth)`: a stanza object as XML text, as util.stanza's `tostring`
+/// writes it (attribute order aside), or `nil` if it nests deeper than `max_depth` levels (the
+/// walk stops one level past it). In Rust, so that the text handed to the engine costs no Lua
+/// strings but itself, and the depth check no walk of its own.
+pub fn stanza_text(
+    lua: &Lua,
+    (stanza, max_depth): (LuaTable, usize),
+) -> LuaResult<Option<LuaString>> {
+    let mut out = Vec::with_capacity(512);
+    match write(&stanza, &mut out, None, 1, max_depth)? {
+        Walk::Done => Ok(Some(lua.create_string(&out)?)),
+        Walk::TooDeep => Ok(None),
+    }
+}
+
+enum Walk {
+    Done,
+    TooDeep,
+}
+
+fn escape_into(out: &mut Vec<u8>, s: &[u8]) {
+    for &b in s {
+        match b {
+            b'\'' => out.extend_from_slice(b"&apos;"),
+            b'"' => out.extend_from_slice(b"&quot;"),
+            b'<' => out.extend_from_slice(b"&lt;"),
+            b'>' => out.extend_from_slice(b"&gt;"),
+            b'&' => out.extend_from_slice(b"&amp;"),
+            _ => out.push(b),
+        }
+    }
+}
+
+/// A Lua value as util.stanza would concatenate it: strings and numbers.
+fn bytes_of(v: &LuaValue) -> LuaResult<Vec<u8>> {
+    match v {
+        LuaValue::String(s) => Ok(s.as_bytes().to_vec()),
+        LuaValue::Integer(i) => Ok(i.to_string().into_bytes()),
+        LuaValue::Number(n) => Ok(n.to_string().into_bytes()),
+        other => Err(LuaError::runtime(format!(
+            "stanza_text: a {} where a string belongs",
+            other.type_name()
+        ))),
+    }
+}
+
+fn write(
+    t: &LuaTable,
+    out: &mut Vec<u8>,
+    parent_ns: Option<&[u8]>,
+    depth: usize,
+    max_depth: usize,
+) -> LuaResult<Walk> {
+    if depth > max_depth {
+        return Ok(Walk::TooDeep);
+    }
+    let name: LuaString = t.raw_get("name")?;
+    let name = name.as_bytes().to_vec();
+    out.push(b'<');
+    out.extend_from_slice(&name);
+    let attr: Option<LuaTable> = t.raw_get("attr")?;
+    let mut own_ns: Option<Vec<u8>> = None;
+    let mut nsid = 0;
+    if let Some(attr) = attr {
+        for pair in attr.pairs::<LuaValue, LuaValue>() {
+            let (k, v) = pair?;
+            let k = bytes_of(&k)?;
+            let v = bytes_of(&v)?;
+            if let Some(sep) = k.iter().position(|&b| b == 1) {
+                nsid += 1;
+                out.extend_from_slice(format!(" xmlns:ns{nsid}='").as_bytes());
+                escape_into(out, &k[..sep]);
+                out.extend_from_slice(format!("' ns{nsid}:").as_bytes());
+                out.extend_from_slice(&k[sep + 1..]);
+                out.extend_from_slice(b"='");
+                escape_into(out, &v);
+                out.push(b'\'');
+            } else {
+                if k == b"xmlns" {
+                    let same = parent_ns == Some(v.as_slice());
+                    own_ns = Some(v.clone());
+                    if same {
+                        continue;
+                    }
+                }
+                out.push(b' ');
+                out.extend_from_slice(&k);
+                out.extend_from_slice(b"='");
+                escape_into(out, &v);
+                out.push(b'\'');
+            }
+        }
+    }
+    let len = t.raw_len();
+    if len == 0 {
+        out.extend_from_slice(b"/>");
+        return Ok(Walk::Done);
+    }
+    out.push(b'>');
+    for i in 1..=len {
+        match t.raw_get::<LuaValue>(i)? {
+            LuaValue::Table(child) => {
+                if let Walk::TooDeep = write(&child, out, own_ns.as_deref(), depth + 1, max_depth)?
+                {
+                    return Ok(Walk::TooDeep);
+                }
+            }
+            other => escape_into(out, &bytes_of(&other)?),
+        }
+    }
+    out.extend_from_slice(b"</");
+    out.extend_from_slice(&name);
+    out.push(b'>');
+    Ok(Walk::Done)
 }
