@@ -108,10 +108,25 @@ end
 -- each copy is on its way before the next is addressed. Parsing a copy per recipient was most of
 -- the mirror's CPU under a flood.
 local function drain(engine)
+	local poll = engine.poll_transmit_stanza;
 	while true do
-		local text, recipients = engine:poll_transmit_batch();
-		if not text then break end
-		local stanza = to_stanza(text);
+		local stanza, recipients;
+		if poll then
+			-- The mirror hands over stanza objects (no text to parse).
+			local ok, s, r = pcall(poll, engine);
+			if not ok then
+				-- Only the engine's own text failing to parse: that one stanza is lost.
+				module:log("error", "dmuc engine output lost: %s", tostring(s));
+			elseif not s then
+				break;
+			else
+				stanza, recipients = s, r;
+			end
+		else
+			local text, r = engine:poll_transmit_batch();
+			if not text then break end
+			stanza, recipients = to_stanza(text), r;
+		end
 		if stanza and recipients then
 			for _, to in ipairs(recipients) do
 				stanza.attr.to = to;

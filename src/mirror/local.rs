@@ -629,10 +629,11 @@ impl Mirror {
         let name = shown.name().to_string();
         // A direct session (a second device on a nick) gets the room's own copy instead.
         let served = r.served();
+        let element = shown.clone();
         if is_historic(&shown) {
             r.replica.history.push(Entry::with_text(shown, &text, now));
         }
-        self.transmits.fan_out(text, &name, served);
+        self.transmits.fan_out_with(text, &name, served, Some(element));
         if !hold {
             self.send(&el);
             self.ask_early_ack(&master);

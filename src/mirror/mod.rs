@@ -391,6 +391,15 @@ impl Mirror {
         self.transmits.pop()
     }
 
+    /// [`Mirror::poll_transmit_batch`] as elements (see [`crate::transmit`]): the next stanza
+    /// and no recipients, or a fan-out's stanza without `to` and its recipients, in the same
+    /// order. An error only if the engine's own text did not parse.
+    pub fn poll_transmit_element(
+        &mut self,
+    ) -> Option<Result<(Element, Option<Vec<String>>), Error>> {
+        self.transmits.pop_element()
+    }
+
     /// When [`Mirror::handle_timeout`] should next be called.
     pub fn poll_timeout(&self) -> Option<Timestamp> {
         self.rooms
@@ -408,7 +417,7 @@ impl Mirror {
     }
 
     fn send(&mut self, el: &Element) {
-        self.transmits.push(stanza::serialize(el));
+        self.transmits.push_element(el.clone());
     }
 
     fn id(&mut self, prefix: &str) -> String {

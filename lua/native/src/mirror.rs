@@ -159,6 +159,16 @@ impl LuaUserData for LuaMirror {
                 None => (None, None),
             })
         });
+        // As poll_transmit_batch, as stanza objects (`set_stanza_mt` first): `stanza`, or
+        // `stanza, recipients` (a fan-out, the stanza without `to`), or nothing. The engine hands
+        // its elements over: no text to write here and parse again in the host.
+        methods.add_method_mut("poll_transmit_stanza", |lua, this, ()| {
+            let Some(next) = this.0.poll_transmit_element() else {
+                return Ok((None, None));
+            };
+            let (el, to) = next.map_err(ShimError::from)?;
+            Ok((Some(crate::stanza::from_element(lua, &el)?), to))
+        });
         methods.add_method_mut(
             "import_queue",
             |lua, this, (t, items): (f64, Vec<String>)| {

@@ -29,9 +29,14 @@ pub fn parse_stanza(lua: &Lua, text: LuaString) -> LuaResult<(Option<LuaTable>, 
         Ok(el) => el,
         Err(e) => return Ok((None, Some(e.to_string()))),
     };
+    Ok((Some(from_element(lua, &el)?), None))
+}
+
+/// An element of the engine's as a stanza object.
+pub fn from_element(lua: &Lua, el: &Element) -> LuaResult<LuaTable> {
     let mt: LuaTable = lua.named_registry_value(STANZA_MT_KEY)?;
     let ns = el.ns();
-    Ok((Some(build(lua, &mt, &el, &ns, true)?), None))
+    build(lua, &mt, el, &ns, true)
 }
 
 /// One element; `default` when its parent (or it, for the stanza) carries no `xmlns` because it
