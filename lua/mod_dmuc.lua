@@ -10,7 +10,6 @@
 --   * on a VirtualHost: hands local users' stanzas for mirrored services to the mirror.
 
 local st = require "util.stanza";
-local xml = require "util.xml";
 local jid_resource = require "util.jid".resource;
 local jid_split = require "util.jid".split;
 local time_now = require "util.time".now;
@@ -40,41 +39,33 @@ local function log_refusal(stanza, line)
 	module:log("warn", "%s", line);
 end
 
--- util.xml gives every element its namespace as an explicit xmlns attribute. Prosody leaves the
--- stream's default namespace implicit (no xmlns), and writes an explicit one as it is: a
--- <body xmlns='jabber:client'/> inside a jabber:server s2s stream is no body to the receiver (no
--- history, no subject checks). So an element in the stanza's namespace, under a parent in it too,
--- loses the attribute; inside a foreign wrapper (<forwarded/>, <history/>, a roster item) a
--- jabber:client element keeps it, as it must.
-local function drop_default_ns(el, ns)
-	for _, child in ipairs(el.tags) do
-		if child.attr.xmlns == ns then
-			child.attr.xmlns = nil;
-			drop_default_ns(child, ns);
-		end
-	end
-end
-
 -- Engine output is XML text; Prosody routes stanza objects, in the stream's default namespace.
+-- The native module builds them (util.xml's parser, expat calling back into Lua per element,
+-- was a quarter of a mirror's CPU under a flood), as util.xml would, but for the stream's
+-- namespace: an element in the stanza's namespace under a parent in it carries no xmlns (a
+-- <body xmlns='jabber:client'/> inside a jabber:server s2s stream is no body to the receiver);
+-- inside a foreign wrapper (<forwarded/>, <history/>, a roster item) a jabber:client element
+-- keeps it, as it must.
+native.set_stanza_mt(st.stanza_mt);
 local function to_stanza(text)
-	local stanza, err = xml.parse(text);
+	local stanza, err = native.parse_stanza(text);
 	if not stanza then
 		module:log("error", "engine produced unparsable XML (%s): %s", err, text);
 		return nil;
 	end
-	local ns = stanza.attr.xmlns;
-	stanza.attr.xmlns = nil;
-	if ns then drop_default_ns(stanza, ns); end
 	return stanza;
 end
 
 -- Bounded input (docs/security.md, "Bounded input"). util.stanza's tostring, and every tree walk
 -- after it, recurse once per level of nesting; the engine refuses deep text too, but the text
--- must first be made. So depth is counted here without recursion, and stops one level past the
--- limit: a 100,000-level stanza costs what its first levels do. Size is checked on the text.
+-- must first be made. So the native module writes the text (as tostring does) and counts depth
+-- as it goes, stopping one level past the limit: a 100,000-level stanza costs what its first
+-- levels do. Size is checked on the text.
 local max_depth = module:get_option_number("dmuc_max_stanza_depth", native.limits.depth);
 local max_size = module:get_option_number("dmuc_max_stanza_size", native.limits.size);
 
+-- Does the stanza nest deeper than `limit`? Counted without recursion (an explicit stack that
+-- stops one level past the limit), for stanzas dmuc does not hand the engine (the depth guard).
 local function deeper_than(stanza, limit)
 	local stack, depths, n = { stanza }, { 1 }, 1;
 	while n > 0 do
@@ -94,10 +85,10 @@ end
 
 -- The stanza as text for the engine, or nil and why it is refused.
 local function bounded_text(stanza)
-	if deeper_than(stanza, max_depth) then
+	local text = native.stanza_text(stanza, max_depth);
+	if not text then
 		return nil, string.format("stanza nests deeper than %d levels", max_depth);
 	end
-	local text = tostring(stanza);
 	if #text > max_size then
 		return nil, string.format("stanza of %d bytes exceeds the limit of %d bytes", #text, max_size);
 	end
@@ -156,10 +147,25 @@ end
 -- each copy is on its way before the next is addressed. Parsing a copy per recipient was most of
 -- the mirror's CPU under a flood.
 local function drain(engine)
+	local poll = engine.poll_transmit_stanza;
 	while true do
-		local text, recipients = engine:poll_transmit_batch();
-		if not text then break end
-		local stanza = to_stanza(text);
+		local stanza, recipients;
+		if poll then
+			-- The mirror hands over stanza objects (no text to parse).
+			local ok, s, r = pcall(poll, engine);
+			if not ok then
+				-- Only the engine's own text failing to parse: that one stanza is lost.
+				module:log("error", "dmuc engine output lost: %s", tostring(s));
+			elseif not s then
+				break;
+			else
+				stanza, recipients = s, r;
+			end
+		else
+			local text, r = engine:poll_transmit_batch();
+			if not text then break end
+			stanza, recipients = to_stanza(text), r;
+		end
 		if stanza and recipients then
 			for _, to in ipairs(recipients) do
 				stanza.attr.to = to;
@@ -573,6 +579,7 @@ elseif host_type == "component" and component_module == "dmuc" then
 		catch_up_margin = module:get_option("dmuc_catch_up_margin");
 		max_local_occupants = module:get_option("dmuc_max_local_occupants");
 		max_rooms = module:get_option("dmuc_max_rooms");
+		store_after = module:get_option("dmuc_store_after");
 		max_stanza_depth = max_depth;
 		max_stanza_size = max_size;
 	});
@@ -582,7 +589,8 @@ elseif host_type == "component" and component_module == "dmuc" then
 
 	-- The outbound queue outlives a restart: one stored entry per item, under the key "q<seq>"
 	-- of a keyval store (every storage driver has keyval, and lists its keys with users()).
-	-- A message costs one write when sent and one delete when acknowledged. (A "map" store
+	-- A message costs one write and one delete if the master has not acknowledged it within
+	-- dmuc_store_after (the engine holds it back until then), nothing if it has. (A "map" store
 	-- would be the natural fit, but on the internal driver it rewrites one file of all items.)
 	local store = module:open_store("dmuc_queue");
 	local store_puts, store_deletes, stored = 0, 0, 0;
@@ -704,10 +712,16 @@ elseif host_type == "component" and component_module == "dmuc" then
 			schedule();
 		end;
 	};
+	-- At shutdown, what the engine holds back from the store is stored.
+	local function flush_store()
+		call(mirror, "flush_store");
+		persist();
+	end
+	module:hook_global("server-stopping", flush_store);
 	function module.unload()
 		registry[module.host] = nil;
 		status_lines[module.host] = nil;
-		persist();
+		flush_store();
 	end
 
 	-- The masters' broadcasts come on an incoming s2s session to this component: if one closes,

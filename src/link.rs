@@ -103,6 +103,11 @@ impl Link {
         self.outstanding.len() != before
     }
 
+    /// Is a ping on its way?
+    pub fn awaiting(&self) -> bool {
+        !self.outstanding.is_empty()
+    }
+
     /// Is `id` one of our pings on its way?
     pub fn is_ours(&self, id: &str) -> bool {
         self.outstanding.contains_key(id)

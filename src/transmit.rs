@@ -5,8 +5,15 @@
 //! that a host can parse it once and address each copy itself: parsing a copy per recipient was
 //! most of a Prosody mirror's CPU under a flood. A host that wants text per copy still gets it
 //! ([`Transmits::pop_text`]), spliced one recipient at a time, in the same order.
+//!
+//! A host that builds its own stanza objects can take elements instead
+//! ([`Transmits::pop_element`]): what the engine queued as an element is handed over as it is,
+//! not written as text for the host to parse again (under a Prosody mirror's flood, parsing the
+//! engine's text cost more than the engine itself). Text consumers get it serialized when polled.
 
 use std::collections::VecDeque;
+
+use minidom::Element;
 
 use crate::stanza;
 
@@ -33,11 +40,15 @@ struct FanOut {
     /// The element's name: `to` is spliced in right after `<name`.
     name: String,
     to: VecDeque<String>,
+    /// The element `text` was written from, for [`Transmits::pop_element`], if the engine kept it.
+    element: Option<Element>,
 }
 
 #[derive(Clone, Debug)]
 enum Queued {
     Stanza(String),
+    /// An addressed stanza not yet written as text.
+    Element(Element),
     FanOut(FanOut),
 }
 
@@ -53,9 +64,26 @@ impl Transmits {
         self.queue.push_back(Queued::Stanza(text));
     }
 
+    /// One addressed stanza, as an element (written as text only for a text consumer).
+    pub fn push_element(&mut self, el: Element) {
+        self.queue.push_back(Queued::Element(el));
+    }
+
     /// A stanza for each of `recipients`: `text` must be `stanza::serialize` of an element called
     /// `name` without a `to` attribute. No recipient, nothing to route.
     pub fn fan_out(&mut self, text: String, name: &str, recipients: Vec<String>) {
+        self.fan_out_with(text, name, recipients, None);
+    }
+
+    /// [`Transmits::fan_out`], keeping `element` (the one `text` was written from) for
+    /// [`Transmits::pop_element`].
+    pub fn fan_out_with(
+        &mut self,
+        text: String,
+        name: &str,
+        recipients: Vec<String>,
+        element: Option<Element>,
+    ) {
         if recipients.is_empty() {
             return;
         }
@@ -63,13 +91,31 @@ impl Transmits {
             text,
             name: name.to_string(),
             to: recipients.into(),
+            element,
         }));
+    }
+
+    /// [`Transmits::pop`] as elements: one stanza and no recipients, or a fan-out's element
+    /// (without `to`) and its recipients. Text queued as text is parsed (it is the engine's own).
+    pub fn pop_element(&mut self) -> Option<Result<(Element, Option<Vec<String>>), crate::Error>> {
+        Some(match self.queue.pop_front()? {
+            Queued::Stanza(text) => stanza::parse(&text).map(|el| (el, None)),
+            Queued::Element(el) => Ok((el, None)),
+            Queued::FanOut(f) => {
+                let to = Some(f.to.into());
+                match f.element {
+                    Some(el) => Ok((el, to)),
+                    None => stanza::parse(&f.text).map(|el| (el, to)),
+                }
+            }
+        })
     }
 
     /// The next thing to route, a fan-out whole (what is left of it).
     pub fn pop(&mut self) -> Option<Transmit> {
         Some(match self.queue.pop_front()? {
             Queued::Stanza(text) => Transmit::Stanza(text),
+            Queued::Element(el) => Transmit::Stanza(stanza::serialize(&el)),
             Queued::FanOut(f) => Transmit::FanOut {
                 stanza: f.text,
                 to: f.to.into(),
@@ -90,6 +136,7 @@ impl Transmits {
         }
         match self.queue.pop_front()? {
             Queued::Stanza(text) => Some(text),
+            Queued::Element(el) => Some(stanza::serialize(&el)),
             Queued::FanOut(_) => None,
         }
     }

@@ -30,7 +30,11 @@ fn cast() -> Cast {
 
 /// Everyone in the room, inboxes emptied.
 fn full_room() -> (World, Cast) {
-    let mut w = World::new();
+    full_room_in(World::new())
+}
+
+/// Everyone in the room of `w`, inboxes emptied.
+fn full_room_in(mut w: World) -> (World, Cast) {
     let c = cast();
     w.join(&c.scott, "Scott");
     w.join(&c.kevin, "Kevin");
@@ -1024,8 +1028,11 @@ fn a_tampered_stored_item_goes_to_its_room() {
     let stored: Vec<String> = w.stores[&Side::A]
         .values()
         .map(|x| {
-            x.replacen(&format!("to='{ROOM}'"), "to=''", 1)
-                .replacen(&format!("from='{}'", c.wayne), "from='eve@evil.example/x'", 1)
+            x.replacen(&format!("to='{ROOM}'"), "to=''", 1).replacen(
+                &format!("from='{}'", c.wayne),
+                "from='eve@evil.example/x'",
+                1,
+            )
         })
         .collect();
     assert!(stored.iter().all(|x| x.contains("to=''")), "{stored:?}");
@@ -1084,11 +1091,14 @@ fn a_queued_leave_is_of_the_users_nick_and_stored_as_sent() {
     assert!(w.stores[&Side::A].is_empty(), "sent and acknowledged");
 }
 
-/// Storage changes per item: a message sent at once and acknowledged by the next ping answer
-/// costs the host one put and one delete, however many other messages are in flight.
+/// Storage changes per item: without write-behind (`store_after_ms` 0), a message sent at once
+/// and acknowledged by the next ping answer costs the host one put and one delete, however many
+/// other messages are in flight.
 #[test]
 fn each_message_costs_one_put_and_one_delete() {
-    let (mut w, c) = full_room();
+    let mut w = World::new();
+    w.configure_mirrors(|c| c.store_after_ms = 0);
+    let (mut w, c) = full_room_in(w);
     w.settle();
     let before = w.store_ops[&Side::A];
     for i in 0..50 {
@@ -1501,4 +1511,118 @@ fn unbracketed_leave_then_rejoin_through_the_mirror() {
     assert!(presences(&w.take(&c.wayne))
         .iter()
         .any(|p| p.nick == "Wayne" && p.statuses.contains(&"110".to_string())));
+}
+
+/// Write-behind: a flood over a link that is up never reaches the store. The messages are held
+/// back for `store_after` (2 s); with ten or more held, the mirror pings at half that, and the
+/// answer acknowledges them all before any is due. Virtual time: 50 messages 10 ms apart.
+#[test]
+fn a_flood_acknowledged_in_time_leaves_the_store_untouched() {
+    let (mut w, c) = full_room();
+    w.settle();
+    let before = w.store_ops[&Side::A];
+    w.inject_step_ms = 10;
+    for i in 0..50 {
+        w.say(&c.wayne, &format!("m{i}"));
+    }
+    assert_eq!(
+        w.mirror(Side::A).held_back().len(),
+        50,
+        "held back, not stored"
+    );
+    assert_eq!(w.store_ops[&Side::A], before, "nothing stored yet");
+    let pings = w.link(Side::A).count(Dir::ToMaster);
+    // Half of store_after after the first message: the early ping round, answered at once.
+    w.advance(1_000);
+    assert!(
+        w.link(Side::A).count(Dir::ToMaster) > pings,
+        "an early ping round"
+    );
+    assert!(w.mirror(Side::A).held_back().is_empty());
+    assert!(
+        w.mirror(Side::A).export_queue().is_empty(),
+        "all acknowledged"
+    );
+    w.advance(5_000);
+    assert_eq!(w.store_ops[&Side::A], before, "no put, no delete");
+    assert!(w.stores[&Side::A].is_empty());
+    assert_eq!(all_bodies(&w.take(&c.scott)).len(), 50);
+}
+
+/// Write-behind on a stalled link: what the master has not acknowledged after `store_after` is
+/// stored then (one put each), and deleted once a ping answer acknowledges it. Held messages go
+/// to the store at a shutdown (`flush_store`), whatever their age.
+#[test]
+fn unacknowledged_messages_are_stored_when_due_or_at_shutdown() {
+    let (mut w, c) = full_room();
+    w.settle();
+    let before = w.store_ops[&Side::A];
+    w.inject_step_ms = 10;
+    w.stall(Side::A);
+    for i in 0..3 {
+        w.say(&c.wayne, &format!("m{i}"));
+    }
+    assert_eq!(w.store_ops[&Side::A], before);
+    w.advance(1_000);
+    assert_eq!(w.store_ops[&Side::A], before, "not due yet");
+    w.advance(1_000);
+    assert_eq!(w.stores[&Side::A].len(), 3, "due: stored");
+    assert_eq!(w.store_ops[&Side::A] - before, 3, "one put each");
+    w.say(&c.wayne, "late");
+    assert_eq!(w.mirror(Side::A).held_back().len(), 1);
+    w.flush_store(Side::A);
+    assert_eq!(
+        w.stores[&Side::A].len(),
+        4,
+        "shutdown: the held one stored too"
+    );
+    w.restore(Side::A);
+    w.settle();
+    assert!(w.stores[&Side::A].is_empty(), "acknowledged: deleted");
+    assert_eq!(
+        w.store_ops[&Side::A] - before,
+        8,
+        "one put and one delete each"
+    );
+    assert_eq!(all_bodies(&w.take(&c.scott)), ["m0", "m1", "m2", "late"]);
+}
+
+/// Write-behind and refusals: the master loses A's users (its link timeout passed, say, while
+/// the mirror's pings were late) but the link stays up, so held messages reach it, are refused
+/// (`not-acceptable`), and go again once the mirror has rejoined their senders. Every message
+/// reaches the master's users once, and the store ends empty: nothing put is left undeleted.
+#[test]
+fn refused_held_messages_are_sent_again_and_leave_nothing_stored() {
+    let (mut w, c) = full_room();
+    w.settle();
+    w.clear_inboxes();
+    w.inject_step_ms = 10;
+    for i in 0..15 {
+        w.say(&c.wayne, &format!("a{i}"));
+    }
+    // The master evicts A's users; the mirror is not told.
+    w.at_master(|m, now| {
+        m.link(now, Side::A.domain(), false);
+        m.link(now, Side::A.mirror(), false);
+        m.link(now, Side::A.domain(), true);
+        m.link(now, Side::A.mirror(), true);
+    });
+    for i in 0..15 {
+        w.say(&c.wayne, &format!("b{i}"));
+    }
+    w.advance(1_000);
+    w.advance(3_000);
+    w.settle();
+    w.settle();
+    let want: Vec<String> = (0..15)
+        .map(|i| format!("a{i}"))
+        .chain((0..15).map(|i| format!("b{i}")))
+        .collect();
+    assert_eq!(all_bodies(&w.take(&c.scott)), want);
+    assert!(
+        w.mirror(Side::A).export_queue().is_empty(),
+        "all acknowledged"
+    );
+    assert!(w.mirror(Side::A).held_back().is_empty());
+    assert!(w.stores[&Side::A].is_empty(), "{:?}", w.stores[&Side::A]);
 }

@@ -5,8 +5,8 @@
          master_quota/3, master_new/4, master_routes/2, master_presence/4, master_snapshot/7, master_iq/3,
          master_history/5, master_begin/2, master_end/2, master_outbound/3, master_left/3,
          master_link/4, master_groupchat/3, master_actions/1, master_config/4,
-         mirror_new/12, mirror_handles/2, mirror_local/3, mirror_unavailable/3, mirror_remote/3, mirror_timeout/2,
-         mirror_link/4, mirror_drain/1, mirror_s2s_closing/3, mirror_s2s_closed/3, mirror_s2s_in_closed/3, mirror_import/3, mirror_persist/1, mirror_status/1,
+         mirror_new/13, mirror_handles/2, mirror_local/3, mirror_unavailable/3, mirror_remote/3, mirror_timeout/2,
+         mirror_link/4, mirror_drain/1, mirror_s2s_closing/3, mirror_s2s_closed/3, mirror_s2s_in_closed/3, mirror_import/3, mirror_persist/1, mirror_flush_store/1, mirror_status/1,
          watch_new/2, watch_ping/3, watch_timeout/2, watch_status/1]).
 -on_load(init/0).
 
@@ -37,7 +37,7 @@ master_groupchat(_M, _Now, _Xml) -> ?NOT_LOADED.
 master_actions(_M) -> ?NOT_LOADED.
 master_config(_M, _Now, _Room, _Form) -> ?NOT_LOADED.
 mirror_new(_Service, _Masters, _QueueLimit, _JoinTimeout, _HistorySize, _PingInterval, _PingTimeout,
-           _CatchUpMargin, _MaxDepth, _MaxSize, _MaxLocalOccupants, _MaxRooms) -> ?NOT_LOADED.
+           _CatchUpMargin, _MaxDepth, _MaxSize, _MaxLocalOccupants, _MaxRooms, _StoreAfter) -> ?NOT_LOADED.
 mirror_handles(_M, _Jid) -> ?NOT_LOADED.
 mirror_local(_M, _Now, _Xml) -> ?NOT_LOADED.
 mirror_unavailable(_M, _Now, _Xml) -> ?NOT_LOADED.
@@ -50,6 +50,7 @@ mirror_s2s_closed(_M, _Now, _Domain) -> ?NOT_LOADED.
 mirror_s2s_in_closed(_M, _Now, _Domain) -> ?NOT_LOADED.
 mirror_import(_M, _Now, _Items) -> ?NOT_LOADED.
 mirror_persist(_M) -> ?NOT_LOADED.
+mirror_flush_store(_M) -> ?NOT_LOADED.
 mirror_status(_M) -> ?NOT_LOADED.
 watch_new(_Trusted, _TimeoutSeconds) -> ?NOT_LOADED.
 watch_ping(_W, _Now, _Xml) -> ?NOT_LOADED.

@@ -140,6 +140,7 @@ mod_opt_type(link_timeout) -> econf:pos_int();
 mod_opt_type(ping_interval) -> econf:pos_int();
 mod_opt_type(ping_timeout) -> econf:pos_int();
 mod_opt_type(catch_up_margin) -> econf:pos_int();
+mod_opt_type(store_after) -> econf:non_neg_int();
 mod_opt_type(max_local_occupants) -> econf:pos_int();
 mod_opt_type(max_rooms) -> econf:pos_int();
 mod_opt_type(max_rooms_per_mirror) -> econf:pos_int();
@@ -159,6 +160,7 @@ mod_options(Host) ->
      {ping_interval, 30},
      {ping_timeout, 20},
      {catch_up_margin, 30},
+     {store_after, 2},
      {max_local_occupants, 1000},
      {max_rooms, 1000},
      {max_rooms_per_mirror, 1000},
@@ -209,6 +211,13 @@ mod_doc() ->
             #{value => ?T("Seconds"),
               desc => ?T("Mirror role: after an outage the mirror asks for history from this "
                          "long before the newest message it has (clock skew). The default is 30.")}},
+           {store_after,
+            #{value => ?T("Seconds"),
+              desc => ?T("Mirror role: a message sent over a link that is up is stored only if "
+                         "the master has not acknowledged it after this long (write-behind); "
+                         "queued messages are stored at once, held ones when the link goes down "
+                         "and when the module stops. 0 stores every message at once. "
+                         "The default is 2.")}},
            {max_local_occupants,
             #{value => ?T("Number"),
               desc => ?T("Mirror role: local occupants per mirrored room; a join past it gets "
@@ -786,7 +795,8 @@ init_mirror(Host, Opts, Proc) ->
                                      gen_mod:get_opt(ping_interval, Opts), gen_mod:get_opt(ping_timeout, Opts),
                                      gen_mod:get_opt(catch_up_margin, Opts),
                                      gen_mod:get_opt(max_stanza_depth, Opts), gen_mod:get_opt(max_stanza_size, Opts),
-                                     gen_mod:get_opt(max_local_occupants, Opts), gen_mod:get_opt(max_rooms, Opts)) of
+                                     gen_mod:get_opt(max_local_occupants, Opts), gen_mod:get_opt(max_rooms, Opts),
+                                     gen_mod:get_opt(store_after, Opts)) of
                 {error, Reason} ->
                     {error, Reason};
                 {ok, M} ->
@@ -973,6 +983,11 @@ terminate(_Reason, #{host := Host, service := Service, watched := Watched} = Sta
     case Service of
         undefined -> ok;
         _ ->
+            %% What the engine holds back from the store (write-behind) is stored now.
+            case persistent_term:get({?MODULE, mirror, Host}, undefined) of
+                {M, _} -> _ = call(fun() -> dmuc_nif:mirror_flush_store(M) end);
+                undefined -> ok
+            end,
             persist(State),
             ejabberd_hooks:delete(user_send_packet, Host, ?MODULE, user_send_packet, ?SEND_PRIO),
             ejabberd_hooks:delete(user_receive_packet, Host, ?MODULE, user_receive_packet, 50),

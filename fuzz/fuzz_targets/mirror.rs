@@ -104,6 +104,11 @@ fuzz_target!(|data: &[u8]| {
                 let _ = m.queue_depth(ROOM);
                 let _ = m.in_flight(ROOM);
                 let _ = m.handles(&inp.text());
+                let _ = m.held_back();
+                if inp.byte() % 4 == 0 {
+                    // A clean shutdown's first half: what is held back goes to the store.
+                    m.flush_store();
+                }
             }
             _ => {
                 drive::world_action(&mut inp, &mut w);

@@ -14,6 +14,11 @@ use crate::queue::user_domain;
 use crate::stanza::{self, Condition};
 use crate::time::Timestamp;
 
+/// Messages held back from the store that make the mirror ask for their acknowledgement early
+/// (see [`Mirror::ask_early_ack`]): one ping round then spares the store at least this many puts
+/// and as many deletes.
+pub(super) const EARLY_ACK_ITEMS: usize = 10;
+
 impl Mirror {
     /// Down: every remote occupant is shown leaving (status 333) to the local occupants, who go
     /// on chatting; their messages, and those still in flight, queue for the master.
@@ -25,6 +30,8 @@ impl Mirror {
         }
         link.schedule(now.plus_ms(interval));
         warn!(%master, "link down: remote occupants shown as gone, messages queue");
+        // What was held back from the store (write-behind) waits for the link now: stored.
+        self.release_store(None);
         for room in self.rooms_of(master) {
             self.lose(&room);
         }
@@ -73,8 +80,29 @@ impl Mirror {
                     self.redo_lost_requests(now, master, round);
                 }
                 self.link_back(now, master);
+                self.ask_early_ack(master);
             }
             None => {}
+        }
+    }
+
+    /// Write-behind under load: while at least [`EARLY_ACK_ITEMS`] messages are held back from
+    /// the store, the next ping round to `master` goes half `store_after` after the oldest of
+    /// them was sent (unless a ping is on its way, or a round is due sooner), so that its answer
+    /// acknowledges them before they are due for the store. Fewer held messages are not worth
+    /// the ping's bytes on a slow link: they are stored when due, as without write-behind.
+    pub(super) fn ask_early_ack(&mut self, master: &str) {
+        if self.store.held() < EARLY_ACK_ITEMS {
+            return;
+        }
+        let Some(due) = self.store.next_due() else {
+            return;
+        };
+        let at = Timestamp(due.0.saturating_sub(self.config.store_after_ms / 2));
+        if let Some(link) = self.links.get_mut(master) {
+            if !link.down && !link.awaiting() {
+                link.schedule(at);
+            }
         }
     }
 

@@ -241,7 +241,7 @@ impl Mirror {
                             round: 0,
                             seq: self.store.next_seq(),
                         };
-                        self.store.put(&room, &item);
+                        self.store.put(&room, &item, None);
                         r.out.queue.push_back(item);
                     }
                 } else {
@@ -591,7 +591,11 @@ impl Mirror {
             return Ok(Verdict::Consumed);
         }
         // Stored until a ping answer acknowledges it, whether it goes now or waits: a restart
-        // before then must not lose it.
+        // before then must not lose it. One that goes now is held back from the store for
+        // `store_after`: acknowledged by then, it never reaches it (write-behind, see store).
+        let due = (!hold && self.config.store_after_ms > 0)
+            .then(|| now.plus_ms(self.config.store_after_ms));
+        let master = r.master.clone();
         let item = Queued {
             user: user.clone(),
             nick: nick.clone(),
@@ -600,7 +604,7 @@ impl Mirror {
             round,
             seq: self.store.next_seq(),
         };
-        self.store.put(&r.replica.jid, &item);
+        self.store.put(&r.replica.jid, &item, due);
         if hold {
             r.out.queue.push_back(item);
         } else {
@@ -628,12 +632,14 @@ impl Mirror {
         let name = shown.name().to_string();
         // A direct session (a second device on a nick) gets the room's own copy instead.
         let served = r.served();
+        let element = shown.clone();
         if is_historic(&shown) {
             r.replica.history.push(Entry::with_text(shown, &text, now));
         }
-        self.transmits.fan_out(text, &name, served);
+        self.transmits.fan_out_with(text, &name, served, Some(element));
         if !hold {
             self.send(&el);
+            self.ask_early_ack(&master);
         }
         Ok(Verdict::Consumed)
     }

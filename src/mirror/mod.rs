@@ -112,12 +112,17 @@ pub struct MirrorConfig {
     /// Depth and size of the stanzas the mirror accepts from local users, masters and
     /// outsiders (see [`crate::bounds`]).
     pub limits: Limits,
+    /// Write-behind: a message sent to the master over a link that is up reaches the host's
+    /// store only if the master has not acknowledged it after this long (0: at once). Queued
+    /// messages (the link is down) are stored at once, held ones when a link goes down and at
+    /// [`Mirror::flush_store`]. See docs/protocol.md, "Storage format and cost".
+    pub store_after_ms: u64,
 }
 
 impl MirrorConfig {
     /// Defaults: a queue of 1000 messages, joins time out after 30 s, 20 messages of history, a
     /// ping every 30 s answered within 20 s, a catch-up margin of 30 s, 1000 local occupants per
-    /// room and 1000 rooms, the default [`Limits`].
+    /// room and 1000 rooms, the default [`Limits`], messages stored once unacknowledged for 2 s.
     pub fn new(service: impl Into<String>, masters: Vec<String>) -> Self {
         MirrorConfig {
             service: service.into().to_ascii_lowercase(),
@@ -134,6 +139,7 @@ impl MirrorConfig {
             max_local_occupants: 1000,
             max_rooms: 1000,
             limits: Limits::default(),
+            store_after_ms: 2_000,
         }
     }
 }
@@ -312,6 +318,38 @@ impl Mirror {
         self.store.poll()
     }
 
+    /// Shutdown: every message held back from the store (write-behind, see
+    /// [`MirrorConfig::store_after_ms`]) is released to [`Mirror::poll_store`] now, so that a
+    /// restart loses none. Call it, then drain `poll_store`, before the host stops.
+    pub fn flush_store(&mut self) {
+        let held = self.store.held();
+        if held > 0 {
+            info!(items = held, "storing the messages not yet acknowledged");
+        }
+        self.release_store(None);
+    }
+
+    /// Hand the host the held puts whose time has come (all with `None`), in storage form,
+    /// written from the queue that holds them.
+    pub(super) fn release_store(&mut self, now: Option<Timestamp>) {
+        let due = self.store.release(now);
+        if due.is_empty() {
+            return;
+        }
+        let mut due: BTreeSet<u64> = due.into_iter().collect();
+        for r in self.rooms.values() {
+            for q in r.out.unacknowledged() {
+                if due.remove(&q.seq) {
+                    self.store.released(q.seq, q.to_xml(&r.replica.jid));
+                }
+            }
+        }
+        if !due.is_empty() {
+            // Held means unacknowledged, so in a queue: a bug if not. Nothing to store.
+            warn!(items = due.len(), "held queue items not found in any queue");
+        }
+    }
+
     /// Are changes to the stored queue waiting for [`Mirror::poll_store`]?
     pub fn store_pending(&self) -> bool {
         !self.store.is_empty()
@@ -327,6 +365,21 @@ impl Mirror {
             .collect()
     }
 
+    /// The items of [`Mirror::export_queue`] held back from the store for now (write-behind,
+    /// see [`MirrorConfig::store_after_ms`]): the host's store holds the others. For status and
+    /// tests.
+    pub fn held_back(&self) -> Vec<String> {
+        self.rooms
+            .values()
+            .flat_map(|r| {
+                r.out
+                    .unacknowledged()
+                    .filter(|q| self.store.is_held(q.seq))
+                    .map(|q| q.to_xml(&r.replica.jid))
+            })
+            .collect()
+    }
+
     /// The next stanza to route, as text: a fan-out comes one addressed copy per call.
     pub fn poll_transmit(&mut self) -> Option<String> {
         self.transmits.pop_text()
@@ -336,6 +389,15 @@ impl Mirror {
     /// (see [`Transmit`]). Interleaves with [`Mirror::poll_transmit`]: the order is the same.
     pub fn poll_transmit_batch(&mut self) -> Option<Transmit> {
         self.transmits.pop()
+    }
+
+    /// [`Mirror::poll_transmit_batch`] as elements (see [`crate::transmit`]): the next stanza
+    /// and no recipients, or a fan-out's stanza without `to` and its recipients, in the same
+    /// order. An error only if the engine's own text did not parse.
+    pub fn poll_transmit_element(
+        &mut self,
+    ) -> Option<Result<(Element, Option<Vec<String>>), Error>> {
+        self.transmits.pop_element()
     }
 
     /// When [`Mirror::handle_timeout`] should next be called.
@@ -350,11 +412,12 @@ impl Mirror {
                     .chain(r.roster_iq.as_ref().map(|(_, d)| *d))
             })
             .chain(self.links.values().filter_map(Link::deadline))
+            .chain(self.store.next_due())
             .min()
     }
 
     fn send(&mut self, el: &Element) {
-        self.transmits.push(stanza::serialize(el));
+        self.transmits.push_element(el.clone());
     }
 
     fn id(&mut self, prefix: &str) -> String {
@@ -651,6 +714,8 @@ impl Mirror {
     /// never answered counts as an empty history; a roster request never answered means the
     /// link is down after all.
     pub fn handle_timeout(&mut self, now: Timestamp) {
+        // Messages the master has not acknowledged in time go to the store.
+        self.release_store(Some(now));
         let rooms: Vec<String> = self.rooms.keys().cloned().collect();
         let mut lost = BTreeSet::new();
         for room in rooms {
@@ -754,10 +819,10 @@ impl Mirror {
             stanza::set_attr(&mut q.stanza, "from", q.user.clone());
             if q.seq == 0 {
                 q.seq = self.store.next_seq();
-                self.store.put(&room, &q);
+                self.store.put(&room, &q, None);
             } else if readdressed {
                 // The store keeps what will be sent.
-                self.store.put(&room, &q);
+                self.store.put(&room, &q, None);
             }
             r.out.queue.push_back(q);
             let link = self.links.entry(master).or_default();

@@ -63,7 +63,7 @@ impl Mirror {
                     if r.out.refuse(to.as_str(), id) == Refusal::Delivered {
                         // Acknowledged, so deleted from storage: it is ours to deliver again.
                         if let Some(q) = r.out.refused.last() {
-                            self.store.put(&r.replica.jid, q);
+                            self.store.put(&r.replica.jid, q, None);
                         }
                     }
                 }

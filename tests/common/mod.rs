@@ -150,6 +150,8 @@ pub struct World {
     pub inboxes: BTreeMap<String, Vec<Element>>,
     /// Errors the mirrors returned (a host logs and bounces them).
     pub mirror_errors: Vec<(Side, dmuc::Error)>,
+    /// Virtual time between two injected stanzas (1 s unless a test floods).
+    pub inject_step_ms: u64,
     queue: VecDeque<Packet>,
 }
 
@@ -211,8 +213,24 @@ impl World {
             links,
             inboxes: BTreeMap::new(),
             mirror_errors: Vec::new(),
+            inject_step_ms: 1000,
             queue: VecDeque::new(),
         }
+    }
+
+    /// Start the mirrors afresh with a changed configuration (before anyone joins).
+    pub fn configure_mirrors(&mut self, f: impl Fn(&mut MirrorConfig)) {
+        for side in [Side::A, Side::B] {
+            let mut c = MirrorConfig::new(side.mirror(), vec![MUC_SERVICE.into()]);
+            f(&mut c);
+            self.mirrors.insert(side, Mirror::new(c));
+        }
+    }
+
+    /// The host's timer-free side of a shutdown: what the mirror holds back goes to the store.
+    pub fn flush_store(&mut self, side: Side) {
+        self.mirrors.get_mut(&side).unwrap().flush_store();
+        self.drain_mirror(side);
     }
 
     pub fn mirror(&self, side: Side) -> &Mirror {
@@ -243,7 +261,7 @@ impl World {
     /// A user sends a stanza, which goes as far as the first hop; call [`World::run`] to let it
     /// (and anything else under way) go on. Several injections before a run are concurrent.
     pub fn inject(&mut self, from: &str, stanza: &str) {
-        self.now = self.now.plus_ms(1000);
+        self.now = self.now.plus_ms(self.inject_step_ms);
         let side = side_of(&domain_of(from)).expect("user on a known server");
         if side == Side::Master {
             self.route(Side::Master, stanza.to_string());
@@ -445,8 +463,10 @@ impl World {
                 }
             }
         }
-        // The per-item changes add up to exactly what is not yet acknowledged.
-        let mut stored: Vec<&String> = store.values().collect();
+        // The per-item changes add up to exactly what is not yet acknowledged, but for what
+        // is held back from the store (write-behind).
+        let held = m.held_back();
+        let mut stored: Vec<&String> = store.values().chain(held.iter()).collect();
         let exported = m.export_queue();
         let mut exported: Vec<&String> = exported.iter().collect();
         stored.sort();

@@ -22,6 +22,8 @@ from test_dmuc_flow import DIST
      r"dmuc_ping_timeout.*positive whole number"),
     (f'Component "{CONFERENCE}" "muc"\n    modules_enabled = {{ "dmuc" }}\n    dmuc_link_timeout = 0',
      r"dmuc_link_timeout.*positive whole number"),
+    ('Component "mirror.bad.localhost" "dmuc"\n    dmuc_masters = { "conference.x.localhost" }\n    dmuc_store_after = -1',
+     r"dmuc_store_after.*number of seconds, 0 or more"),
 ])
 def test_bad_option_stops_the_module(block, message):
     server = Prosody("bad.localhost", extra_blocks=[block], plugin_paths=[os.path.abspath(DIST)])

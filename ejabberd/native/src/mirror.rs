@@ -64,6 +64,7 @@ fn mirror_new(
     max_size: u64,
     max_local_occupants: u64,
     max_rooms: u64,
+    store_after_s: u64,
 ) -> Result<ResourceArc<MirrorRes>, NifError> {
     let masters = domain_list("masters", masters)?;
     if masters.is_empty() {
@@ -98,6 +99,8 @@ fn mirror_new(
     if catch_up_margin_s > 0 {
         c.catch_up_margin_ms = catch_up_margin_s * 1000;
     }
+    // 0 is a setting here (store at once), not "the default".
+    c.store_after_ms = store_after_s.saturating_mul(1000);
     Ok(ResourceArc::new(MirrorRes(Mutex::new(Mirror::new(c)))))
 }
 
@@ -173,6 +176,14 @@ fn mirror_import(
         m.import_queue(Timestamp(now), &items);
         Ok(Verdict::Consumed)
     })
+}
+
+/// Shutdown: what the engine holds back from the store (write-behind) is released to
+/// `mirror_persist`.
+#[rustler::nif]
+fn mirror_flush_store(r: ResourceArc<MirrorRes>) -> rustler::Atom {
+    crate::lock(&r.0).flush_store();
+    rustler::types::atom::ok()
 }
 
 /// `[{put, Key, Item} | {delete, Key, <<>>}]`: the changes to the stored queue since the last

@@ -452,8 +452,10 @@ impl World {
                 }
             }
         }
-        // The per-item changes add up to exactly what is not yet acknowledged.
-        let mut stored: Vec<&String> = store.values().collect();
+        // The per-item changes add up to exactly what is not yet acknowledged, but for what
+        // is held back from the store (write-behind).
+        let held = m.held_back();
+        let mut stored: Vec<&String> = store.values().chain(held.iter()).collect();
         let exported = m.export_queue();
         let mut exported: Vec<&String> = exported.iter().collect();
         stored.sort();

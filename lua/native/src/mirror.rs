@@ -81,6 +81,21 @@ pub fn new(lua: &Lua, config: LuaTable) -> LuaResult<LuaMirror> {
     if let Some(n) = positive(&config, "max_rooms", "dmuc_max_rooms")? {
         c.max_rooms = n as usize;
     }
+    // Seconds, 0 (store at once) or more; fractions allowed.
+    match config.get::<LuaValue>("store_after")? {
+        LuaValue::Nil => {}
+        LuaValue::Integer(i) if i >= 0 => c.store_after_ms = (i as u64).saturating_mul(1000),
+        LuaValue::Number(n) if n >= 0.0 && n.is_finite() => {
+            c.store_after_ms = (n * 1000.0).round() as u64
+        }
+        _ => {
+            return Err(ShimError::Option {
+                option: "dmuc_store_after",
+                reason: "expected a number of seconds, 0 or more".into(),
+            }
+            .into())
+        }
+    }
     Ok(LuaMirror(Mirror::new(c), log::Logger::from_config(lua, &config)?))
 }
 
@@ -152,6 +167,16 @@ impl LuaUserData for LuaMirror {
                 None => (None, None),
             })
         });
+        // As poll_transmit_batch, as stanza objects (`set_stanza_mt` first): `stanza`, or
+        // `stanza, recipients` (a fan-out, the stanza without `to`), or nothing. The engine hands
+        // its elements over: no text to write here and parse again in the host.
+        methods.add_method_mut("poll_transmit_stanza", |lua, this, ()| {
+            let Some(next) = this.0.poll_transmit_element() else {
+                return Ok((None, None));
+            };
+            let (el, to) = next.map_err(ShimError::from)?;
+            Ok((Some(crate::stanza::from_element(lua, &el)?), to))
+        });
         methods.add_method_mut(
             "import_queue",
             |lua, this, (t, items): (f64, Vec<String>)| {
@@ -160,6 +185,12 @@ impl LuaUserData for LuaMirror {
                 Ok(n)
             },
         );
+        // Shutdown: what is held back from the store (write-behind) comes from poll_store now.
+        methods.add_method_mut("flush_store", |lua, this, ()| {
+            this.0.flush_store();
+            log::flush(lua, &this.1);
+            Ok(())
+        });
         // `"put", key, item` or `"delete", key`, or nothing: one change to the stored queue.
         methods.add_method_mut("poll_store", |_, this, ()| {
             Ok(match this.0.poll_store() {
