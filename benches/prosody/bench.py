@@ -977,6 +977,9 @@ def table_rows(res: Dict[str, Any]) -> List[tuple]:
     rows.append(("flood", f"flood: mirror server CPU vs plain MUC server CPU ({get(f, 'messages', default='?')} "
                  f"messages from one of {get(f, 'users', default='?')} users; µs/message)",
                  fmt_us(a), fmt_us(b), ratio(a, b)))
+    b = get(f, "plain-remote", "cpu_us_per_message")
+    rows.append(("flood", "flood: mirror server CPU vs the users' server without a mirror (plain MUC, "
+                 "the room across the link; µs/message)", fmt_us(a), fmt_us(b), ratio(a, b)))
     return rows
 
 

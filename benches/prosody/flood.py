@@ -1,14 +1,17 @@
 """The flood row of `make bench`: one user floods a room with 2,000 groupchat messages.
 
-Two setups, both up at once, measured in the same run:
+Three setups, all up at once, measured in the same run:
   - dmuc: the room on fairfax (the master), its K occupants all on raleigh behind raleigh's
     mirror. The mirror serves them (fan-out, echo) and stores each message until the master
     acknowledges it; the figure is raleigh's CPU.
   - plain: the same room on a plain Prosody MUC server, with the same K users as its own local
     users; the figure is that server's CPU.
-So the row compares what the mirror's server spends on a flood with what a plain MUC server
-spends hosting the same room for the same users. The servers' CPU is the scheduler's accounting
-of their processes (see Run.cpu). Nothing here is asserted about time.
+  - plain-remote: no dmuc; the room on fairfax, the same K users on raleigh joining it across
+    the link, as plain MUC serves them; the figure is raleigh's CPU.
+The first row compares what the mirror's server spends on a flood with what a plain MUC server
+spends hosting the same room for the same users; the second, with what the users' own server
+spends without a mirror. The servers' CPU is the scheduler's accounting of their processes (see
+Run.cpu). Nothing here is asserted about time.
 
 Run on its own (about a minute): /usr/bin/python3 benches/prosody/bench.py --only flood
 A `DMUC_BENCH_DIST=/path/to/dist/prosody` runs the dmuc side with another build (a before/after).
@@ -37,8 +40,10 @@ async def flood(bench, stack: contextlib.AsyncExitStack, started, Run, ClientHub
         started("flood-dmuc", [RALEIGH], {FAIRFAX: [], RALEIGH: users}, bench.log, mode="dmuc"))
     pl_fed = await stack.enter_async_context(
         started("flood-plain", [], {FAIRFAX: users}, bench.log, mode="plain"))
+    pr_fed = await stack.enter_async_context(
+        started("flood-plain-remote", [RALEIGH], {FAIRFAX: [], RALEIGH: users}, bench.log, mode="plain"))
     out: Dict[str, Any] = {"messages": n, "users": k}
-    setups = [("dmuc", dm_fed, RALEIGH), ("plain", pl_fed, FAIRFAX)]
+    setups = [("dmuc", dm_fed, RALEIGH), ("plain", pl_fed, FAIRFAX), ("plain-remote", pr_fed, RALEIGH)]
     runs = {}
     for mode, fed, home in setups:
         hub = await stack.enter_async_context(ClientHub(watch=[fed.link] if fed.link else []))

@@ -68,7 +68,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 
 import servers
 from servers import (CONFERENCE, FAIRFAX, LOOPBACK, RALEIGH, HarnessError, Prosody, S2SLink, S2SProxy,
-                     TwoServers, _listening_ports_of, _live_processes, free_port)
+                     TwoServers, _listening_ports_of, _live_processes, free_ports)
 
 ERL = "/usr/bin/erl"
 # ERL_LIBS makes the ejabberd application and its deps (p1_*, fast_*, ...) loadable.
@@ -276,10 +276,7 @@ class Ejabberd:
         # Unique per process and instance: parallel tests never share a node name or cookie.
         self.node = f"dmuc_{re.sub(r'[^A-Za-z0-9_]', '_', self.name)}_{secrets.token_hex(4)}@localhost"
         self.cookie = secrets.token_hex(16)
-        self.c2s_port = free_port()
-        self.s2s_port = free_port()
-        self.api_port = free_port()
-        self.dist_port = free_port()
+        self.c2s_port, self.s2s_port, self.api_port, self.dist_port = free_ports(4)
         self.proc: Optional[subprocess.Popen] = None
         self.dns = DNSResponder(self.s2s_routes, self.dns_log_path)
         self._pending_accounts: List[Tuple[str, str]] = []
@@ -401,8 +398,7 @@ class Ejabberd:
                 self._start_once(timeout)
             except _PortsTaken:
                 self.stop()
-                self.c2s_port, self.s2s_port, self.api_port, self.dist_port = (
-                    free_port(), free_port(), free_port(), free_port())
+                self.c2s_port, self.s2s_port, self.api_port, self.dist_port = free_ports(4)
                 continue
             except BaseException:
                 self.stop()   # a half-started node would hold its ports (the logs stay)

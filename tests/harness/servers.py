@@ -60,6 +60,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int) -> List[int]:
+    """`n` distinct loopback TCP ports that were free a moment ago. Each socket stays bound until
+    all are picked: free_port() twice in a row can return the same port (the kernel hands a
+    just-closed one out again), and a server given one port for two listeners fails to start."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(s)
+            s.bind((LOOPBACK, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def _lua_str(value: str) -> str:
     """A Lua string literal (double-quoted, escaped)."""
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
@@ -168,8 +184,7 @@ class Prosody:
         self.log_path = os.path.join(self.dir, "prosody.log")
         # stdout/stderr of the process: Lua errors before logging starts, Rust panics.
         self.console_path = os.path.join(self.dir, "console.log")
-        self.c2s_port = free_port()
-        self.s2s_port = free_port()
+        self.c2s_port, self.s2s_port = free_ports(2)
         self.proc: Optional[subprocess.Popen] = None
 
     # -- config ---------------------------------------------------------------------------
@@ -248,7 +263,7 @@ class Prosody:
                 return
             except _PortsTaken:
                 self.stop()
-                self.c2s_port, self.s2s_port = free_port(), free_port()
+                self.c2s_port, self.s2s_port = free_ports(2)
         raise HarnessError(f"{self.name}: could not bind free ports after {attempts} attempts\n" + self.log_tail())
 
     def _start_once(self, timeout: float) -> None:

@@ -11,6 +11,7 @@
 
 use dmuc::stanza;
 use minidom::{Element, Node};
+use mlua::ffi;
 use mlua::prelude::*;
 
 const STANZA_MT_KEY: &str = "dmuc.stanza_mt";
@@ -33,69 +34,117 @@ pub fn parse_stanza(lua: &Lua, text: LuaString) -> LuaResult<(Option<LuaTable>, 
 }
 
 /// An element of the engine's as a stanza object.
+///
+/// Built with the raw C API (one protected call for the whole tree): through mlua's safe table
+/// API each key and value was a call of its own, and building a fan-out's stanza and the
+/// master's copy was a sixth of a Prosody mirror's CPU under a flood. The walk holds only
+/// borrows, so a memory error raised from inside it (a longjmp) leaks nothing but Lua's own.
 pub fn from_element(lua: &Lua, el: &Element) -> LuaResult<LuaTable> {
-    let mt: LuaTable = lua.named_registry_value(STANZA_MT_KEY)?;
     let ns = el.ns();
-    build(lua, &mt, el, &ns, true)
+    // SAFETY: the closure runs in a protected call with the stack guarded by mlua; it only
+    // pushes values and leaves exactly one (the table) on top of what it found.
+    unsafe {
+        lua.exec_raw::<LuaTable>((), |state| {
+            ffi::luaL_checkstack(state, 4, std::ptr::null());
+            push_str(state, STANZA_MT_KEY);
+            ffi::lua_rawget(state, ffi::LUA_REGISTRYINDEX);
+            let mt = ffi::lua_gettop(state);
+            push_element(state, mt, el, &ns, true);
+            // [mt, t] -> [t]
+            ffi::lua_rotate(state, mt, 1);
+            ffi::lua_settop(state, mt);
+        })
+    }
 }
 
-/// One element; `default` when its parent (or it, for the stanza) carries no `xmlns` because it
-/// is in the stanza's namespace `top_ns`.
-fn build(lua: &Lua, mt: &LuaTable, el: &Element, top_ns: &str, root: bool) -> LuaResult<LuaTable> {
-    let t = lua.create_table()?;
-    t.raw_set("name", el.name())?;
-    let attr = lua.create_table()?;
+unsafe fn push_str(state: *mut ffi::lua_State, s: &str) {
+    ffi::lua_pushlstring(state, s.as_ptr() as *const std::os::raw::c_char, s.len());
+}
+
+/// `t[key] = value` for the table at `t` (an absolute index), both strings.
+unsafe fn set_str(state: *mut ffi::lua_State, t: i32, key: &str, value: &str) {
+    push_str(state, key);
+    push_str(state, value);
+    ffi::lua_rawset(state, t);
+}
+
+/// Push `el` as a stanza object with metatable `mt` (an absolute index). `top_ns` and `root` as
+/// for the text form: an element in the stanza's namespace under a parent in it carries no
+/// `xmlns`, nor does the stanza itself. Recursion is bounded by the engine's own depth limit
+/// (every element it holds was parsed within [`dmuc::bounds::Limits::CEILING`]).
+unsafe fn push_element(
+    state: *mut ffi::lua_State,
+    mt: i32,
+    el: &Element,
+    top_ns: &str,
+    root: bool,
+) {
+    // t, attr, tags, a child, a key and a value, a concatenation's three parts.
+    ffi::luaL_checkstack(state, 8, std::ptr::null());
+    let nodes = el.nodes().count();
+    ffi::lua_createtable(state, nodes as i32, 4);
+    let t = ffi::lua_gettop(state);
+    set_str(state, t, "name", el.name());
     let ns = el.ns();
+    ffi::lua_createtable(state, 0, 4);
+    let attr = ffi::lua_gettop(state);
     if !root && ns != top_ns {
-        attr.raw_set("xmlns", ns.as_str())?;
+        set_str(state, attr, "xmlns", &ns);
     }
     for ((ans, name), value) in el.attrs().iter() {
         if ans.is_none() {
-            attr.raw_set(name.as_str(), value.as_str())?;
+            set_str(state, attr, name.as_str(), value.as_str());
         } else if ans.as_str() == XML_NS {
-            attr.raw_set(format!("xml:{}", name.as_str()), value.as_str())?;
+            push_str(state, "xml:");
+            push_str(state, name.as_str());
+            ffi::lua_concat(state, 2);
+            push_str(state, value.as_str());
+            ffi::lua_rawset(state, attr);
         } else {
-            attr.raw_set(
-                format!("{}\u{1}{}", ans.as_str(), name.as_str()),
-                value.as_str(),
-            )?;
+            push_str(state, ans.as_str());
+            push_str(state, "\u{1}");
+            push_str(state, name.as_str());
+            ffi::lua_concat(state, 3);
+            push_str(state, value.as_str());
+            ffi::lua_rawset(state, attr);
         }
     }
-    t.raw_set("attr", attr)?;
-    let tags = lua.create_table()?;
+    push_str(state, "attr");
+    ffi::lua_pushvalue(state, attr);
+    ffi::lua_rawset(state, t);
+    ffi::lua_createtable(state, el.children().count() as i32, 0);
+    let tags = ffi::lua_gettop(state);
     let (mut n, mut ntags) = (0, 0);
+    // In the stanza's namespace under a parent in it: no xmlns, as the stream's default. Under
+    // a foreign parent every element keeps its xmlns (a top_ns no element has).
+    let inherits = ns == top_ns;
     for node in el.nodes() {
+        n += 1;
         match node {
             Node::Element(child) => {
-                // In the stanza's namespace under a parent in it: no xmlns, as the stream's
-                // default. Under a foreign parent it is explicit, whatever it is.
-                let inherits = ns == top_ns;
-                let c = if inherits {
-                    build(lua, mt, child, top_ns, false)?
+                if inherits {
+                    push_element(state, mt, child, top_ns, false);
                 } else {
-                    build_foreign(lua, mt, child)?
-                };
-                n += 1;
-                t.raw_set(n, &c)?;
+                    push_element(state, mt, child, "\u{0}", false);
+                }
                 ntags += 1;
-                tags.raw_set(ntags, c)?;
+                ffi::lua_pushvalue(state, -1);
+                ffi::lua_rawseti(state, tags, ntags);
+                ffi::lua_rawseti(state, t, n);
             }
             Node::Text(s) => {
-                n += 1;
-                t.raw_set(n, s.as_str())?;
+                push_str(state, s.as_str());
+                ffi::lua_rawseti(state, t, n);
             }
         }
     }
-    t.raw_set("tags", tags)?;
-    t.set_metatable(Some(mt.clone()))?;
-    Ok(t)
-}
-
-/// An element under a parent outside the stanza's namespace: every element keeps its `xmlns`,
-/// as util.xml gives it (the serializer leaves out one equal to its parent's).
-fn build_foreign(lua: &Lua, mt: &LuaTable, el: &Element) -> LuaResult<LuaTable> {
-    // A top_ns no element has: every xmlns is written, and children stay "foreign".
-    build(lua, mt, el, "\u{0}", false)
+    push_str(state, "tags");
+    ffi::lua_pushvalue(state, tags);
+    ffi::lua_rawset(state, t);
+    ffi::lua_pushvalue(state, mt);
+    ffi::lua_setmetatable(state, t);
+    // Leave only t.
+    ffi::lua_settop(state, t);
 }
 
 /// `stanza_text(stanza, max_depth)`: a stanza object as XML text, as util.stanza's `tostring`
