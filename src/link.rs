@@ -6,6 +6,11 @@
 //! flight" (see [`Link::acknowledged`]). A ping that gets no answer within `timeout`, or comes back
 //! as an s2s bounce, means the link is down; a ping answered while down means it is back.
 //!
+//! While the link is down the mirror probes: a round after [`PROBE_FIRST_MS`], then at twice
+//! the wait each time, up to the ping interval, so that the link's return is found within seconds
+//! of it and an outage of hours costs a round per interval. Anything heard from the master, and
+//! any local message, while the link is down starts a probe at once ([`Link::probe_now`]).
+//!
 //! Pings are counted in rounds. A message sent to the master is tagged with the current round;
 //! the answer to round `r`'s ping from the message's domain acknowledges every message tagged
 //! `r` or earlier.
@@ -13,6 +18,10 @@
 use std::collections::BTreeMap;
 
 use crate::time::Timestamp;
+
+/// The first probe round after the link goes down comes this long after it; each next one
+/// twice as long after the one before, up to the ping interval.
+pub const PROBE_FIRST_MS: u64 = 1_000;
 
 /// A ping on its way.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +59,10 @@ pub struct Link {
     /// Outages seen since the mirror started.
     pub outages: u64,
     next_ping: Option<Timestamp>,
+    /// While down: the wait after the next probe round (doubles up to the interval).
+    backoff_ms: u64,
+    /// When the last round started.
+    last_round: Option<Timestamp>,
     round: u64,
     outstanding: BTreeMap<String, Outstanding>,
 }
@@ -73,7 +86,8 @@ impl Link {
     }
 
     /// Start a ping round: one ping per domain, ids chosen by the caller. The next round is due
-    /// `interval` ms from now; each ping must be answered within `timeout` ms.
+    /// `interval` ms from now (while down, the probe backoff's wait, at most `interval`); each
+    /// ping must be answered within `timeout` ms.
     pub fn start_round(
         &mut self,
         now: Timestamp,
@@ -83,6 +97,7 @@ impl Link {
     ) {
         let round = self.round;
         self.round += 1;
+        self.last_round = Some(now);
         for (id, domain) in pings {
             self.outstanding.insert(
                 id,
@@ -93,7 +108,27 @@ impl Link {
                 },
             );
         }
-        self.next_ping = Some(now.plus_ms(interval));
+        let wait = if self.down {
+            let wait = self.backoff_ms.clamp(1, interval.max(1));
+            self.backoff_ms = wait.saturating_mul(2).min(interval);
+            wait
+        } else {
+            interval
+        };
+        self.next_ping = Some(now.plus_ms(wait));
+    }
+
+    /// While the link is down: probe at once, unless a round started less than
+    /// [`PROBE_FIRST_MS`] ago (at most one a second, however busy the users are). For traffic
+    /// from the master, and local messages, while down. A probe still on its way does not
+    /// count: it may have gone into the dead connection.
+    pub fn probe_now(&mut self, now: Timestamp) {
+        let recent = self
+            .last_round
+            .is_some_and(|t| now.since(t) < PROBE_FIRST_MS);
+        if self.down && !recent {
+            self.schedule(now);
+        }
     }
 
     /// Did a ping go unanswered past its deadline? Expired pings are forgotten.
@@ -136,6 +171,7 @@ impl Link {
         self.down = true;
         self.down_since = Some(now);
         self.outages += 1;
+        self.backoff_ms = PROBE_FIRST_MS;
         true
     }
 
@@ -157,6 +193,11 @@ impl Link {
             .map(|o| o.deadline)
             .chain(self.next_ping)
             .min()
+    }
+
+    /// When the next ping round is due.
+    pub fn deadline_of_round(&self) -> Option<Timestamp> {
+        self.next_ping
     }
 
     /// Stop pinging (no room needs this link any more).
@@ -194,5 +235,37 @@ mod tests {
         assert!(l.go_up(Timestamp(2000)) && !l.go_up(Timestamp(2001)));
         assert_eq!(l.outages, 1);
         assert_eq!(l.last_resync, Some(Timestamp(2000)));
+    }
+
+    #[test]
+    fn probes_back_off_while_down_and_traffic_probes_at_once() {
+        let mut l = Link::default();
+        assert!(l.go_down(Timestamp(0)));
+        let mut at = Timestamp(0);
+        let mut waits = Vec::new();
+        for i in 0..8 {
+            l.start_round(at, 30_000, 20_000, [(format!("p{i}"), "a".into())]);
+            let next = l.deadline_of_round().unwrap();
+            waits.push(next.0 - at.0);
+            at = next;
+        }
+        assert_eq!(waits, [1_000, 2_000, 4_000, 8_000, 16_000, 30_000, 30_000, 30_000]);
+        // A round just started: traffic changes nothing for a second, then probes at once.
+        l.start_round(at, 30_000, 20_000, [("q".into(), "a".into())]);
+        let next = l.deadline_of_round();
+        l.probe_now(Timestamp(at.0 + 999));
+        assert_eq!(l.deadline_of_round(), next);
+        let now = Timestamp(at.0 + 1_000);
+        l.probe_now(now);
+        assert!(l.due(now));
+        // Up again, rounds are an interval apart; down again, the backoff starts over.
+        assert!(l.go_up(now));
+        l.start_round(now, 30_000, 20_000, [("u".into(), "a".into())]);
+        assert_eq!(l.deadline_of_round(), Some(now.plus_ms(30_000)));
+        l.probe_now(now);
+        assert!(!l.due(now));
+        assert!(l.go_down(now));
+        l.start_round(now, 30_000, 20_000, [("d".into(), "a".into())]);
+        assert_eq!(l.deadline_of_round(), Some(now.plus_ms(1_000)));
     }
 }

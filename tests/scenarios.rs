@@ -974,6 +974,57 @@ fn silent_partition_found_by_pings_delivers_exactly_once() {
     assert!(w.master.errors.is_empty(), "{:?}", w.master.errors);
 }
 
+/// A black hole (stanzas lost, nobody told) at the default timers. The mirror finds it within a
+/// ping interval plus its timeout. While it lasts the mirror probes 1 s after, then 2 s, 4 s, …
+/// up to the interval: ten minutes down cost about twenty-five probe rounds, and the link's return
+/// is found within one interval. A local message while the link is down probes at once, so with
+/// the link back the first message finds it, and goes out.
+#[test]
+fn probes_back_off_while_down_and_a_local_message_probes_at_once() {
+    let (mut w, c) = full_room();
+    w.black_hole(Side::A);
+    let found = w
+        .advance_until(100, 60_000, |w| !w.mirror(Side::A).link_up(MUC_SERVICE))
+        .expect("the black hole is found");
+    assert!(found <= 50_100, "within interval + timeout: {found} ms");
+    // Ten minutes down. Each round pings from the users' domain and the mirror service.
+    let before = w.link(Side::A).dropped;
+    w.advance_until(1_000, 600_000, |_| false);
+    let rounds = (w.link(Side::A).dropped - before) / 2;
+    // 1 + 2 + 4 + 8 + 16 s, then one every 30 s: 5 + 19 rounds, give or take the edges.
+    assert!((22..=26).contains(&rounds), "{rounds} probe rounds in ten minutes");
+    w.restore(Side::A);
+    let back = w
+        .advance_until(100, 31_000, |w| w.mirror(Side::A).link_up(MUC_SERVICE))
+        .expect("the return is found");
+    assert!(back <= 30_100, "within one interval: {back} ms");
+    w.settle();
+    w.clear_inboxes();
+
+    // Down again, long enough for the probes to be an interval apart.
+    w.black_hole(Side::A);
+    w.advance_until(100, 60_000, |w| !w.mirror(Side::A).link_up(MUC_SERVICE))
+        .expect("found again");
+    w.advance_until(1_000, 300_000, |_| false);
+    // Just after a probe round went into the void: the next is an interval away.
+    let dropped = w.link(Side::A).dropped;
+    w.advance_until(100, 31_000, |w| w.link(Side::A).dropped > dropped)
+        .expect("a probe round");
+    w.restore(Side::A);
+    w.say(&c.wayne, "is anyone there?");
+    // The host runs the engine's timer at once (it is due now): within a step.
+    let back = w
+        .advance_until(100, 30_000, |w| w.mirror(Side::A).link_up(MUC_SERVICE))
+        .expect("the message's probe finds the link");
+    assert!(back <= 100, "at once: {back} ms");
+    w.settle();
+    for u in [&c.scott, &c.kevin, &c.ann] {
+        assert_eq!(all_bodies(&w.take(u)), ["is anyone there?"], "{u}");
+    }
+    assert!(w.mirror_errors.is_empty(), "{:?}", w.mirror_errors);
+    assert!(w.master.errors.is_empty(), "{:?}", w.master.errors);
+}
+
 /// The mirror's server restarts while messages are queued. The host stored the queue; the new
 /// mirror imports it, waits for a ping answer, then joins each sender for the delivery (their
 /// sessions died with the server), sends their messages with the time they were written, and

@@ -8,7 +8,7 @@ use tracing::{info, warn};
 
 use super::room::{Pending, Sync};
 use super::Mirror;
-use crate::link::Pong;
+use crate::link::{Pong, PROBE_FIRST_MS};
 use crate::ns;
 use crate::queue::user_domain;
 use crate::stanza::{self, Condition};
@@ -28,7 +28,8 @@ impl Mirror {
         if !link.go_down(now) {
             return;
         }
-        link.schedule(now.plus_ms(interval));
+        // The first probe soon (see crate::link): the return is found within seconds.
+        link.schedule(now.plus_ms(PROBE_FIRST_MS.min(interval)));
         warn!(%master, "link down: remote occupants shown as gone, messages queue");
         // What was held back from the store (write-behind) waits for the link now: stored.
         self.release_store(None);

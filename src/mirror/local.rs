@@ -566,6 +566,12 @@ impl Mirror {
         // While older messages still wait for the link (a resync is under way), a new one waits
         // behind them: the master gets each sender's messages in order.
         let hold = r.out.must_hold(down);
+        if down {
+            // Someone is talking: if the link is back, find out now, not at the next probe.
+            if let Some(link) = self.links.get_mut(&r.master) {
+                link.probe_now(now);
+            }
+        }
         // The room has not archived this message yet, so its copies here would lack the room's
         // stanza-id: we propose one, which the master's archive adopts (see stanza_ids). It
         // travels inside the stanza, so a queued or resent message keeps it.

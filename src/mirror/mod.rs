@@ -563,6 +563,14 @@ impl Mirror {
         if !self.handles(from.as_str()) {
             return Ok(Verdict::Pass);
         }
+        // Traffic from a master whose link is down: the link may be back, probe at once (an s2s
+        // bounce is our own server's word, not the master's).
+        if !is_bounce(&el) {
+            let master = from.domain().as_str().to_ascii_lowercase();
+            if let Some(link) = self.links.get_mut(&master) {
+                link.probe_now(now);
+            }
+        }
         let links = &self.links;
         let kind = classify_remote(&el, &from, &to, &self.config.service, |master, id| {
             links.get(master).is_some_and(|l| l.is_ours(id))

@@ -92,6 +92,8 @@ pub enum LinkState {
     Cut,
     /// The link is stalled: stanzas wait, in order, until it is restored.
     Stalled,
+    /// A black hole: stanzas are lost and nobody is told.
+    Lost,
 }
 
 /// The s2s link between the master server and one mirror server.
@@ -363,6 +365,29 @@ impl World {
         self.run();
     }
 
+    /// The link becomes a black hole: stanzas are lost, nobody is told.
+    pub fn black_hole(&mut self, side: Side) {
+        self.links.get_mut(&side).unwrap().state = LinkState::Lost;
+    }
+
+    /// Advance time in `step_ms` steps until `done` holds or `limit_ms` have passed; the time it
+    /// took, or `None`.
+    pub fn advance_until(
+        &mut self,
+        step_ms: u64,
+        limit_ms: u64,
+        done: impl Fn(&World) -> bool,
+    ) -> Option<u64> {
+        let start = self.now;
+        while self.now.since(start) < limit_ms {
+            self.advance(step_ms);
+            if done(self) {
+                return Some(self.now.since(start));
+            }
+        }
+        None
+    }
+
     /// The link stalls: stanzas are held, in order; nobody is told.
     pub fn stall(&mut self, side: Side) {
         self.links.get_mut(&side).unwrap().state = LinkState::Stalled;
@@ -512,7 +537,7 @@ impl World {
         let link = self.links.get_mut(&link_side).unwrap();
         match link.state {
             LinkState::Up => self.cross(link_side, packet),
-            LinkState::Cut => link.dropped += 1,
+            LinkState::Cut | LinkState::Lost => link.dropped += 1,
             LinkState::Stalled => link.held.push_back(packet),
         }
     }
