@@ -1299,10 +1299,30 @@ impl Master {
         self.apply_link_events();
     }
 
+    /// The host saw an s2s session of `service` (this MUC service) with `domain` close, in
+    /// either direction, for any reason (Prosody: `s2sout-destroyed`, `s2sin-destroyed`). If
+    /// `domain` is a trusted mirror or one of its users' domains, the master probes the mirror:
+    /// the ping comes from [`Master::poll_transmit`], its answer goes to [`Master::handle_ping`].
+    /// No answer within the probe timeout evicts the mirror's occupants; an answer (an idle
+    /// close) evicts nobody. See [`crate::link_watch`].
+    pub fn handle_s2s_closed(&mut self, now: Timestamp, service: &str, domain: &str) {
+        self.watch.handle_s2s_closed(now, service, domain);
+        while let Some(x) = self.watch.poll_transmit() {
+            self.transmits.push_back(x);
+        }
+    }
+
     /// An XEP-0199 ping addressed to the MUC service. A ping from a trusted mirror (or from a
     /// user domain it speaks for) proves its link alive; the engine queues the answer and returns
     /// true. Other pings return false and are the host's to answer.
+    ///
+    /// An IQ result or error answering one of the master's probes (see
+    /// [`Master::handle_s2s_closed`]) is taken too, and returns true.
     pub fn handle_ping(&mut self, now: Timestamp, xml: &str) -> Result<bool, Error> {
+        if self.watch.handle_answer(now, xml)? {
+            self.apply_link_events();
+            return Ok(true);
+        }
         let reply = self.watch.handle_ping(now, xml)?;
         self.apply_link_events();
         Ok(match reply {

@@ -51,6 +51,16 @@ pub fn parse_within(xml: &str, limits: &Limits) -> Result<Element, Error> {
 }
 
 /// Write an element as text.
+/// Is this the error an s2s layer sends back when it cannot deliver (a bounce):
+/// `remote-server-not-found` or `remote-server-timeout`?
+pub fn is_s2s_bounce(el: &Element) -> bool {
+    stanza_type(el) == Some("error")
+        && el.get_child("error", ns::JABBER_CLIENT).is_some_and(|e| {
+            e.has_child("remote-server-not-found", ns::XMPP_STANZAS)
+                || e.has_child("remote-server-timeout", ns::XMPP_STANZAS)
+        })
+}
+
 pub fn serialize(el: &Element) -> String {
     String::from(el)
 }

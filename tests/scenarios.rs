@@ -1025,6 +1025,65 @@ fn probes_back_off_while_down_and_a_local_message_probes_at_once() {
     assert!(w.master.errors.is_empty(), "{:?}", w.master.errors);
 }
 
+/// An s2s reset at the default timers: the sessions close and new ones fail. The master probes
+/// the mirror when its sessions close; no answer within the probe timeout (5 s) evicts the
+/// mirror's users there, instead of after the link timeout (120 s). The mirror, told of its
+/// closed sessions too, pings at once and shows the master's users gone once that ping times out.
+#[test]
+fn a_reset_evicts_the_mirrors_users_within_the_probe_timeout() {
+    let (mut w, c) = full_room();
+    w.s2s_close(Side::A, true);
+    let evicted = w
+        .advance_until(100, 130_000, |w| !w.master.room.occupants.contains_key("Wayne"))
+        .expect("the master evicts A's users");
+    assert!(evicted <= 5_100, "within the probe timeout: {evicted} ms");
+    assert!(!w.master.room.occupants.contains_key("Keith"));
+    let p = presences(&w.take(&c.scott));
+    assert!(
+        p.iter().any(|p| p.statuses == ["333"]),
+        "shown leaving for a technical reason: {p:?}"
+    );
+    let lost = w
+        .advance_until(100, 60_000, |w| !w.mirror(Side::A).link_up(MUC_SERVICE))
+        .map(|t| t + evicted)
+        .expect("the mirror finds out");
+    assert!(lost <= 20_100, "within a ping timeout of the close: {lost} ms");
+    // The link comes back: the mirror's probes find it, and everyone is back on both sides.
+    w.restore(Side::A);
+    w.settle();
+    assert!(w.master.room.occupants.contains_key("Wayne"));
+    let mut view = w.mirror(Side::A).occupants(ROOM);
+    view.sort();
+    assert_eq!(view, ["Ann", "Keith", "Kevin", "Scott", "Wayne"]);
+    assert!(w.mirror_errors.is_empty(), "{:?}", w.mirror_errors);
+    assert!(w.master.errors.is_empty(), "{:?}", w.master.errors);
+}
+
+/// Servers close idle s2s sessions. The master's probe after the close is answered over a new
+/// session: nobody is evicted, nobody is shown leaving.
+#[test]
+fn an_idle_close_evicts_nobody() {
+    let (mut w, c) = full_room();
+    let mark = w.mark(Side::A);
+    w.s2s_close(Side::A, false);
+    w.advance_until(100, 30_000, |_| false);
+    let probes: Vec<_> = w
+        .link(Side::A)
+        .since(mark, Dir::ToMirror)
+        .into_iter()
+        .filter(|s| s.attr("id").is_some_and(|i| i.starts_with("dmuc-probe-")))
+        .collect();
+    assert_eq!(probes.len(), 1, "one probe: {probes:?}");
+    assert!(w.master.room.occupants.contains_key("Wayne"));
+    for u in [&c.scott, &c.kevin, &c.wayne] {
+        let p = presences(&w.take(u));
+        assert!(p.iter().all(|p| p.statuses.is_empty() || p.statuses != ["333"]), "{u}: {p:?}");
+    }
+    assert!(w.mirror(Side::A).link_up(MUC_SERVICE));
+    assert!(w.mirror_errors.is_empty(), "{:?}", w.mirror_errors);
+    assert!(w.master.errors.is_empty(), "{:?}", w.master.errors);
+}
+
 /// The mirror's server restarts while messages are queued. The host stored the queue; the new
 /// mirror imports it, waits for a ping answer, then joins each sender for the delivery (their
 /// sessions died with the server), sends their messages with the time they were written, and

@@ -27,11 +27,7 @@ pub(super) fn origin_id(m: &Element) -> Option<&str> {
 
 /// Is this the error an s2s layer sends back when it cannot deliver (a bounce)?
 pub(super) fn is_bounce(el: &Element) -> bool {
-    stanza::stanza_type(el) == Some("error")
-        && el.get_child("error", ns::JABBER_CLIENT).is_some_and(|e| {
-            e.has_child("remote-server-not-found", ns::XMPP_STANZAS)
-                || e.has_child("remote-server-timeout", ns::XMPP_STANZAS)
-        })
+    stanza::is_s2s_bounce(el)
 }
 
 /// Does this leave end the occupant's stay for good (kick, ban, affiliation change, shutdown,
@@ -78,6 +74,9 @@ pub(super) fn classify_local(el: &Element, room: String, nick: Option<String>) -
 pub(super) enum FromMaster {
     /// The answer (or bounce) of one of the mirror's pings.
     PingAnswer { master: String },
+    /// A ping from the master service itself to the mirror service (its probe after an s2s
+    /// session closed): answered.
+    Ping,
     /// To a local user directly (join errors, message errors): the mirror observes it.
     ToUser,
     /// To a user's escaped address at the mirror: deliver it to the user.
@@ -105,6 +104,14 @@ pub(super) fn classify_remote(
     }
     if to.node().is_some() {
         return FromMaster::Escaped;
+    }
+    if el.name() == "iq"
+        && stanza::stanza_type(el) == Some("get")
+        && from.node().is_none()
+        && to.resource().is_none()
+        && el.has_child("ping", ns::PING)
+    {
+        return FromMaster::Ping;
     }
     FromMaster::Room {
         room: from.to_bare().to_string(),

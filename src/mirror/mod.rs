@@ -581,6 +581,11 @@ impl Mirror {
                 self.pong(now, &master, id, is_bounce(&el));
                 return Ok(Verdict::Consumed);
             }
+            FromMaster::Ping => {
+                let reply = stanza::iq_result(&el, &self.config.service);
+                self.send(&reply);
+                return Ok(Verdict::Consumed);
+            }
             FromMaster::ToUser => return Ok(self.observe(now, &el, &from, &to)),
             FromMaster::Escaped => return self.escaped(now, el, &to),
             FromMaster::Room { room, nick } => (room, nick),

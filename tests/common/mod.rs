@@ -365,6 +365,24 @@ impl World {
         self.run();
     }
 
+    /// Every s2s session between the master's server and `side` closes. With `broken`, the link
+    /// is gone too (a reset: new connections fail, stanzas are lost); without, it stays up (an
+    /// idle close: the next stanza opens a new session). Each end's host reports the closes.
+    pub fn s2s_close(&mut self, side: Side, broken: bool) {
+        if broken {
+            self.links.get_mut(&side).unwrap().state = LinkState::Lost;
+        }
+        let now = self.now;
+        self.master.s2s_closed(now, side.domain());
+        self.master.s2s_closed(now, side.mirror());
+        self.flush_master();
+        let m = self.mirrors.get_mut(&side).unwrap();
+        m.handle_s2s_closed(now, MUC_SERVICE);
+        m.handle_s2s_in_closed(now, MUC_SERVICE);
+        self.drain_mirror(side);
+        self.run();
+    }
+
     /// The link becomes a black hole: stanzas are lost, nobody is told.
     pub fn black_hole(&mut self, side: Side) {
         self.links.get_mut(&side).unwrap().state = LinkState::Lost;

@@ -398,6 +398,14 @@ impl MasterHost {
         self.drain_actions(now);
     }
 
+    /// An s2s session with `domain` closed, for whatever reason (mod_dmuc's `s2sout-destroyed`
+    /// and `s2sin-destroyed` hooks): the engine probes the mirror.
+    pub fn s2s_closed(&mut self, now: Timestamp, domain: &str) {
+        self.engine.handle_s2s_closed(now, super::MUC_SERVICE, domain);
+        self.drain_engine();
+        self.drain_actions(now);
+    }
+
     fn pre_hook(&mut self, now: Timestamp, text: &str, granted: &str) -> Option<PresenceVerdict> {
         match self.engine.handle_presence(now, text, Some(granted)) {
             Ok(v) => {
@@ -773,6 +781,17 @@ impl MasterHost {
             if el.get_child("query", MUC_OWNER).is_some() {
                 self.configure(now, el);
             }
+            return;
+        }
+        if matches!(kind, Some("result") | Some("error"))
+            && el.attr("to").is_some_and(|t| !t.contains('@'))
+        {
+            // An answer to the service itself: mod_dmuc hands it to the engine (its probes).
+            if let Err(e) = self.engine.handle_ping(now, text) {
+                self.errors.push(e);
+            }
+            self.drain_engine();
+            self.drain_actions(now);
             return;
         }
         if kind == Some("get") && el.attr("to").is_some_and(|t| !t.contains('@')) {
