@@ -365,10 +365,13 @@ if host_type == "component" and component_module == "muc" then
 		return lines;
 	end;
 
-	-- Pings from mirrors prove their link alive; the engine answers them.
+	-- Pings from mirrors prove their link alive; the engine answers them. Answers to the
+	-- engine's own probes (below) come here too.
 	module:hook("iq/host", function(event)
 		local stanza = event.stanza;
-		if stanza.attr.type ~= "get" or not stanza:get_child("ping", "urn:xmpp:ping") then return end
+		local t = stanza.attr.type;
+		local answer = t == "result" or t == "error";
+		if not answer and (t ~= "get" or not stanza:get_child("ping", "urn:xmpp:ping")) then return end
 		local text, why = bounded_text(stanza);
 		if not text then refuse(event.origin, stanza, why); return true; end
 		local mine = call_for(stanza, master, "handle_ping", time_now(), text);
@@ -376,6 +379,20 @@ if host_type == "component" and component_module == "muc" then
 		status_lines[module.host]();
 		if mine then return true; end
 	end, 100);
+
+	-- An s2s session of this service closed (a reset, a write error, or just idle): if it was
+	-- with a mirror or its users' domain, the engine probes the mirror, and evicts its occupants
+	-- if the probe goes unanswered. Only authenticated sessions fire these events.
+	local function s2s_closed(event)
+		local session = event.session;
+		local remote = session and (session.direction == "outgoing" and session.to_host or session.from_host);
+		if remote then
+			call(master, "handle_s2s_closed", time_now(), module.host, remote);
+			drain_master();
+		end
+	end
+	module:hook("s2sout-destroyed", s2s_closed);
+	module:hook("s2sin-destroyed", s2s_closed);
 
 	-- A message a mirror sent again after an outage, which the room already has: drop it. A
 	-- message whose mirror proposed a stanza-id the engine accepts is archived under it.
@@ -559,8 +576,8 @@ if host_type == "component" and component_module == "muc" then
 		end
 	end, 10);
 
-	-- Link loss comes from the mirrors' pings (above), not from s2s session events: a session
-	-- that one side closes for being idle is no lost link.
+	-- Link loss comes from the mirrors' pings, or from a probe after an s2s session closed
+	-- (above) that goes unanswered: a session that one side closes for being idle is no lost link.
 
 	module:log("info", "dmuc master: trusted mirrors %s", table.concat(trusted, ", "));
 

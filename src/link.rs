@@ -118,17 +118,20 @@ impl Link {
         self.next_ping = Some(now.plus_ms(wait));
     }
 
-    /// While the link is down: probe at once, unless a round started less than
-    /// [`PROBE_FIRST_MS`] ago (at most one a second, however busy the users are). For traffic
-    /// from the master, and local messages, while down. A probe still on its way does not
-    /// count: it may have gone into the dead connection.
+    /// While the link is down: probe at once, or [`PROBE_FIRST_MS`] after the last round if it
+    /// started less than that ago (at most one a second, however busy the users are). For
+    /// traffic from the master, and local messages, while down. A probe still on its way does
+    /// not count: it may have gone into the dead connection.
     pub fn probe_now(&mut self, now: Timestamp) {
-        let recent = self
-            .last_round
-            .is_some_and(|t| now.since(t) < PROBE_FIRST_MS);
-        if self.down && !recent {
-            self.schedule(now);
+        if !self.down {
+            return;
         }
+        // A round that started under a second ago: the next goes a second after it.
+        let at = match self.last_round {
+            Some(t) if now.since(t) < PROBE_FIRST_MS => t.plus_ms(PROBE_FIRST_MS),
+            _ => now,
+        };
+        self.schedule(at);
     }
 
     /// Did a ping go unanswered past its deadline? Expired pings are forgotten.
@@ -154,6 +157,11 @@ impl Link {
         if bounced {
             return Some(Pong::Bounced);
         }
+        // An older ping from the same domain still unanswered was lost with a connection that
+        // died as it came up (this answer came on the stream after it): it proves nothing now,
+        // and must not take the link down when it expires.
+        self.outstanding
+            .retain(|_, x| x.domain != o.domain || x.round > o.round);
         self.last_pong = Some(now);
         Some(Pong::Alive {
             round: o.round,
@@ -238,6 +246,17 @@ mod tests {
     }
 
     #[test]
+    fn a_later_answer_from_a_domain_forgets_its_older_lost_ping() {
+        let mut l = Link::default();
+        l.start_round(Timestamp(0), 1000, 5000, [("a1".into(), "a".into()), ("s1".into(), "s".into())]);
+        l.start_round(Timestamp(1000), 1000, 5000, [("a2".into(), "a".into()), ("s2".into(), "s".into())]);
+        // a1 was lost; a2 answered: a1 is forgotten, s1 (another stream) is not.
+        assert!(l.answer(Timestamp(1100), "a2", false).is_some());
+        assert!(!l.is_ours("a1") && l.is_ours("s1"));
+        assert!(l.expire(Timestamp(5000)), "s1 still expires");
+    }
+
+    #[test]
     fn probes_back_off_while_down_and_traffic_probes_at_once() {
         let mut l = Link::default();
         assert!(l.go_down(Timestamp(0)));
@@ -250,12 +269,11 @@ mod tests {
             at = next;
         }
         assert_eq!(waits, [1_000, 2_000, 4_000, 8_000, 16_000, 30_000, 30_000, 30_000]);
-        // A round just started: traffic changes nothing for a second, then probes at once.
+        // A round just started: traffic brings the next to a second after it.
         l.start_round(at, 30_000, 20_000, [("q".into(), "a".into())]);
-        let next = l.deadline_of_round();
         l.probe_now(Timestamp(at.0 + 999));
-        assert_eq!(l.deadline_of_round(), next);
-        let now = Timestamp(at.0 + 1_000);
+        assert_eq!(l.deadline_of_round(), Some(at.plus_ms(1_000)));
+        let now = Timestamp(at.0 + 1_500);
         l.probe_now(now);
         assert!(l.due(now));
         // Up again, rounds are an interval apart; down again, the backoff starts over.

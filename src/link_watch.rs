@@ -98,7 +98,8 @@ impl LinkWatch {
     }
 
     /// The host saw an s2s session with `domain` close (either direction, any reason). Each
-    /// trusted mirror that is `domain` or speaks for it, and whose link is up, is probed: a ping
+    /// trusted mirror that is `domain` or speaks for it, and whose link is not known to be down,
+    /// is probed: a ping
     /// from `service` (the MUC service) to the mirror service, from [`LinkWatch::poll_transmit`].
     pub fn handle_s2s_closed(&mut self, now: Timestamp, service: &str, domain: &str) {
         let domain = domain.to_ascii_lowercase();
@@ -109,8 +110,10 @@ impl LinkWatch {
             .map(|t| t.mirror.clone())
             .collect();
         for mirror in mirrors {
-            // Only a mirror with a link to lose: heard from, and up.
-            if self.heard.get(&mirror).is_none_or(|h| h.down) {
+            // Only a mirror with a link to lose: up, or not heard from yet (a host whose rooms
+            // keep their own engines tells the watch only of pings, and the first may not have
+            // come: its joins did).
+            if self.heard.get(&mirror).is_some_and(|h| h.down) {
                 continue;
             }
             if self.probes.values().any(|p| p.mirror == mirror) {

@@ -27,7 +27,8 @@
          code_change/3]).
 -export([muc_filter_presence/3, muc_process_iq/2, multicast_route/1, filter_packet/1,
          leave_room/4, user_send_packet/1, user_receive_packet/1, c2s_self_presence/1, c2s_terminated/2, route/1,
-         muc_filter_message/3, filter_pong/1, s2s_out_closed/2, s2s_in_closed/2, get_commands_spec/0,
+         muc_filter_message/3, filter_pong/1, s2s_out_closed/2, s2s_in_closed/2,
+         watch_s2s_out_closed/2, watch_s2s_in_closed/2, get_commands_spec/0,
          dmuc_status/0, guard_send/1, guard_s2s/1]).
 
 -include("logger.hrl").
@@ -701,6 +702,20 @@ filter_packet(#iq{type = get, to = #jid{luser = <<>>, lresource = <<>>, lserver 
                     end
             end
     end;
+filter_packet(#iq{type = T, id = <<"dmuc-probe-", _/binary>>,
+                  to = #jid{luser = <<>>, lresource = <<>>, lserver = Service}} = IQ)
+  when T == result; T == error ->
+    %% The answer (or bounce) to the link watch's probe of a mirror after an s2s session closed.
+    case persistent_term:get({?MODULE, watch, Service}, undefined) of
+        undefined -> IQ;
+        {W, Proc} ->
+            case call(fun() -> dmuc_nif:watch_answer(W, now_ms(), enc(limits(ejabberd_router:host_of_route(Service)), IQ)) end) of
+                {true, Events, At} ->
+                    gen_server:cast(Proc, {link_events, Service, Events, At}),
+                    drop;
+                _ -> IQ
+            end
+    end;
 filter_packet(#iq{type = result, from = #jid{luser = <<>>, lresource = <<>>} = From} = IQ) ->
     case xmpp:get_subtag(IQ, #disco_info{}) of
         #disco_info{node = <<>>, features = F} = Info ->
@@ -772,16 +787,23 @@ init_watch(Host, Opts, Proc) ->
         [] -> [];
         Trusted ->
             Services = gen_mod:get_module_opt_hosts(Host, mod_muc),
-            lists:foldl(
-              fun(_, {error, _} = E) -> E;
-                 (Service, Acc) ->
-                      case dmuc_nif:watch_new(Trusted, gen_mod:get_opt(link_timeout, Opts)) of
-                          {ok, W} ->
-                              persistent_term:put({?MODULE, watch, Service}, {W, Proc}),
-                              [Service | Acc];
-                          {error, _} = E -> E
-                      end
-              end, [], Services)
+            case lists:foldl(
+                   fun(_, {error, _} = E) -> E;
+                      (Service, Acc) ->
+                           case dmuc_nif:watch_new(Trusted, gen_mod:get_opt(link_timeout, Opts)) of
+                               {ok, W} ->
+                                   persistent_term:put({?MODULE, watch, Service}, {W, Proc}),
+                                   [Service | Acc];
+                               {error, _} = E -> E
+                           end
+                   end, [], Services) of
+                {error, _} = E -> E;
+                Watched ->
+                    %% An s2s session closing makes the watches probe the mirror.
+                    ejabberd_hooks:add(s2s_out_closed, Host, ?MODULE, watch_s2s_out_closed, 60),
+                    ejabberd_hooks:add(s2s_in_closed, Host, ?MODULE, watch_s2s_in_closed, 60),
+                    Watched
+            end
     end.
 
 %% Mirror role: the engine, its stored queue, its hooks and route.
@@ -848,6 +870,21 @@ handle_cast({s2s_out_closed, Pid, FromTo}, State) ->
 handle_cast({link_events, Service, Events, At}, State) ->
     tell_rooms(Service, Events),
     {noreply, arm_watch(Service, At, State)};
+handle_cast({watch_s2s_closed, Remote}, #{watched := Watched} = State) ->
+    {noreply, lists:foldl(
+                fun(Service, St) ->
+                        case persistent_term:get({?MODULE, watch, Service}, undefined) of
+                            undefined -> St;
+                            {W, _} ->
+                                case call(fun() -> dmuc_nif:watch_s2s_closed(W, now_ms(), Service, Remote) end) of
+                                    {Probes, Events, At} when is_list(Probes) ->
+                                        route_out(Probes),
+                                        tell_rooms(Service, Events),
+                                        arm_watch(Service, At, St);
+                                    _ -> St
+                                end
+                        end
+                end, State, Watched)};
 handle_cast(_Msg, State) -> {noreply, State}.
 
 %% Route what the mirror engine made, in order (only this process does), and re-arm its timer.
@@ -980,6 +1017,12 @@ store_counters(Service) ->
 
 terminate(_Reason, #{host := Host, service := Service, watched := Watched} = State) ->
     [persistent_term:erase({?MODULE, watch, S}) || S <- Watched],
+    case Watched of
+        [] -> ok;
+        _ ->
+            ejabberd_hooks:delete(s2s_out_closed, Host, ?MODULE, watch_s2s_out_closed, 60),
+            ejabberd_hooks:delete(s2s_in_closed, Host, ?MODULE, watch_s2s_in_closed, 60)
+    end,
     case Service of
         undefined -> ok;
         _ ->
@@ -1117,6 +1160,28 @@ s2s_out_closed(#{server := LServer, remote_server := RServer} = State, _Reason) 
     end,
     State;
 s2s_out_closed(State, _Reason) -> State.
+
+%% Master role: an s2s session of this host with a remote domain closed, in either direction,
+%% for any reason. The link watches probe the mirror that is, or speaks for, that domain; this
+%% module's process does it (the hook runs in the connection's process).
+watch_s2s_out_closed(#{server_host := ServerHost, remote_server := RServer} = State, _Reason) ->
+    gen_server:cast(gen_mod:get_module_proc(ServerHost, ?MODULE), {watch_s2s_closed, RServer}),
+    State;
+watch_s2s_out_closed(#{server := LServer, remote_server := RServer} = State, _Reason) ->
+    gen_server:cast(gen_mod:get_module_proc(ejabberd_router:host_of_route(LServer), ?MODULE),
+                    {watch_s2s_closed, RServer}),
+    State;
+watch_s2s_out_closed(State, _Reason) -> State.
+
+watch_s2s_in_closed(#{server_host := ServerHost} = State, _Reason) ->
+    Domains = case maps:get(auth_domains, State, undefined) of
+                  undefined -> [];
+                  Set -> sets:to_list(Set)
+              end,
+    Proc = gen_mod:get_module_proc(ServerHost, ?MODULE),
+    [gen_server:cast(Proc, {watch_s2s_closed, D}) || D <- Domains],
+    State;
+watch_s2s_in_closed(State, _Reason) -> State.
 
 %% An s2s connection from a master closed: what it was sending may be lost; the rooms catch up.
 s2s_in_closed(#{server_host := ServerHost} = State, _Reason) ->

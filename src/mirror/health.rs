@@ -19,6 +19,13 @@ use crate::time::Timestamp;
 /// and as many deletes.
 pub(super) const EARLY_ACK_ITEMS: usize = 10;
 
+/// A roster or history request counts as lost when a ping from the mirror service sent after
+/// it is answered and its own answer has not come this long after it was sent. A ping round
+/// goes this long after each such request ([`Mirror::check_request_soon`]): a request lost in a
+/// connection that died as it came up (the first stanzas on a new s2s stream can be) is asked
+/// again within seconds, not at the next ping interval or its timeout.
+pub(super) const LOST_REQUEST_GRACE_MS: u64 = 2_000;
+
 impl Mirror {
     /// Down: every remote occupant is shown leaving (status 333) to the local occupants, who go
     /// on chatting; their messages, and those still in flight, queue for the master.
@@ -107,6 +114,16 @@ impl Mirror {
         }
     }
 
+    /// A roster or history request went to `master` at `now`: a ping round soon after it
+    /// tells whether it was lost (see [`LOST_REQUEST_GRACE_MS`]).
+    pub(super) fn check_request_soon(&mut self, now: Timestamp, master: &str) {
+        if let Some(link) = self.links.get_mut(master) {
+            if !link.down {
+                link.schedule(now.plus_ms(LOST_REQUEST_GRACE_MS + 500));
+            }
+        }
+    }
+
     /// The master answered the mirror service's ping of `round`: a roster or history request
     /// sent before it on the same stream, whose answer (sent before the ping's) has not come, was
     /// lost with a dying connection. Ask again.
@@ -115,9 +132,18 @@ impl Mirror {
             let Some(r) = self.rooms.get(&room) else {
                 continue;
             };
-            // A host may answer pings before its rooms answer (ejabberd): give the answer a ping
-            // timeout's head start before calling it lost.
-            if r.sync_round > round || now.since(r.sync_sent) < self.config.ping_timeout_ms {
+            if r.sync_round > round {
+                continue;
+            }
+            // A host may answer pings before its rooms answer (ejabberd): give the answer a
+            // head start before calling it lost, and ask again once it has had it.
+            if now.since(r.sync_sent) < LOST_REQUEST_GRACE_MS {
+                if r.roster_iq.is_some() || r.history_iq.is_some() {
+                    let at = r.sync_sent.plus_ms(LOST_REQUEST_GRACE_MS + 500);
+                    if let Some(link) = self.links.get_mut(master) {
+                        link.schedule(at);
+                    }
+                }
                 continue;
             }
             if r.roster_iq.is_some() {

@@ -56,6 +56,45 @@ fn watch_timeout(r: ResourceArc<WatchRes>, now: u64) -> Result<Outcome, NifError
     })
 }
 
+/// `([ProbeXml], [{Mirror, Up}], NextTimeoutMs | 0)`: an s2s session of `service` with
+/// `domain` closed; the probes to route (see dmuc::link_watch).
+#[rustler::nif]
+fn watch_s2s_closed(
+    r: ResourceArc<WatchRes>,
+    now: u64,
+    service: String,
+    domain: String,
+) -> Result<(Vec<String>, Vec<(String, bool)>, u64), NifError> {
+    let mut w = crate::lock(&r.0);
+    w.handle_s2s_closed(Timestamp(now), &service, &domain);
+    let mut probes = Vec::new();
+    while let Some(x) = w.poll_transmit() {
+        probes.push(x);
+    }
+    let mut events = Vec::new();
+    while let Some(e) = w.poll_event() {
+        events.push((e.mirror, e.up));
+    }
+    Ok((probes, events, w.poll_timeout().map(|t| t.0).unwrap_or(0)))
+}
+
+/// `(Consumed, [{Mirror, Up}], NextTimeoutMs | 0)`: an IQ result or error to the service; if it
+/// answers a probe, it is consumed.
+#[rustler::nif]
+fn watch_answer(
+    r: ResourceArc<WatchRes>,
+    now: u64,
+    xml: String,
+) -> Result<(bool, Vec<(String, bool)>, u64), NifError> {
+    let mut w = crate::lock(&r.0);
+    let consumed = w.handle_answer(Timestamp(now), &xml)?;
+    let mut events = Vec::new();
+    while let Some(e) = w.poll_event() {
+        events.push((e.mirror, e.up));
+    }
+    Ok((consumed, events, w.poll_timeout().map(|t| t.0).unwrap_or(0)))
+}
+
 /// `[{Mirror, Up, LastSeenMs, Outages}]`.
 #[rustler::nif]
 fn watch_status(r: ResourceArc<WatchRes>) -> Result<Vec<(String, bool, u64, u64)>, NifError> {

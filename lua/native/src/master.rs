@@ -220,6 +220,14 @@ impl LuaUserData for LuaMaster {
                 Ok(())
             },
         );
+        methods.add_method_mut(
+            "handle_s2s_closed",
+            |lua, this, (t, service, domain): (f64, String, String)| {
+                this.0.handle_s2s_closed(now(t), &service, &domain);
+                log::flush(lua, &this.1);
+                Ok(())
+            },
+        );
         methods.add_method_mut("handle_ping", |lua, this, (t, xml): (f64, String)| {
             let r = this.0.handle_ping(now(t), &xml);
             log::flush(lua, &this.1);
