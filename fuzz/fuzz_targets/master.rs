@@ -223,12 +223,19 @@ fuzz_target!(|data: &[u8]| {
                     2 => B_DOMAIN.to_string(),
                     _ => inp.attr(),
                 };
-                let up = inp.byte() % 2 == 0;
-                e.handle_link(now, &d, up);
+                match inp.byte() % 3 {
+                    0 => e.handle_link(now, &d, true),
+                    1 => e.handle_link(now, &d, false),
+                    // An s2s session closed: the watch probes; its answer comes as op 14.
+                    _ => e.handle_s2s_closed(now, MUC_SERVICE, &d),
+                }
             }
             14 => {
-                let t = match inp.byte() % 2 {
+                let t = match inp.byte() % 4 {
                     0 => format!("<iq from='{}' to='{MUC_SERVICE}' type='get' id='{}'><ping xmlns='urn:xmpp:ping'/>{}</iq>", mirror_domain(&mut inp), inp.attr(), inp.payload()),
+                    // An answer (or bounce) to a probe: ids count from 1.
+                    1 => format!("<iq from='{}' to='{MUC_SERVICE}' type='result' id='dmuc-probe-{}'/>", mirror_domain(&mut inp), inp.byte() % 4),
+                    2 => format!("<iq from='{}' to='{MUC_SERVICE}' type='error' id='dmuc-probe-{}'><error type='cancel'><remote-server-not-found xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>", mirror_domain(&mut inp), inp.byte() % 4),
                     _ => inp.next_text(),
                 };
                 let _ = e.handle_ping(now, &t);

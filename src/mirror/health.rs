@@ -20,10 +20,10 @@ use crate::time::Timestamp;
 pub(super) const EARLY_ACK_ITEMS: usize = 10;
 
 /// A roster or history request counts as lost when a ping from the mirror service sent after
-/// it is answered and its own answer has not come this long after it was sent. A ping round
-/// goes this long after each such request ([`Mirror::check_request_soon`]): a request lost in a
-/// connection that died as it came up (the first stanzas on a new s2s stream can be) is asked
-/// again within seconds, not at the next ping interval or its timeout.
+/// it is answered and its own answer has not come this long after it was sent. After an outage a
+/// ping round goes this long after the roster request ([`Mirror::check_request_soon`]): one lost
+/// in a connection that died as it came up (the first stanzas on a new s2s stream can be) is
+/// asked again within seconds, not at the next ping interval or its timeout.
 pub(super) const LOST_REQUEST_GRACE_MS: u64 = 2_000;
 
 impl Mirror {
@@ -114,7 +114,7 @@ impl Mirror {
         }
     }
 
-    /// A roster or history request went to `master` at `now`: a ping round soon after it
+    /// A roster request went to `master` at `now` (after an outage): a ping round soon after it
     /// tells whether it was lost (see [`LOST_REQUEST_GRACE_MS`]).
     pub(super) fn check_request_soon(&mut self, now: Timestamp, master: &str) {
         if let Some(link) = self.links.get_mut(master) {

@@ -157,11 +157,7 @@ impl Mirror {
         stanza::set_attr(&mut iq, "id", id);
         stanza::set_attr(&mut iq, "type", "get");
         iq.append_child(request.into());
-        let master = r.master.clone();
         self.send(&iq);
-        if catch_up {
-            self.check_request_soon(now, &master);
-        }
     }
 
     /// The master refused to take back a local user after an outage (banned meanwhile, nick
