@@ -472,13 +472,29 @@ muc_filter_presence(#presence{} = Pkt, #state{server_host = SH} = State, Nick) -
         {refused, Out} ->
             route_out(Out),
             drop;
-        {{join, Mirror, true}, Out} ->
+        {{join, Mirror, Sync}, Out} ->
             route_out(Out),
-            snapshot(M, State, Mirror, Nick),
+            watch_hear(State, Mirror),
+            case Sync of
+                true -> snapshot(M, State, Mirror, Nick);
+                false -> ok
+            end,
             strip_marker(Pkt);
         {_, Out} ->
             route_out(Out),
             strip_marker(Pkt)
+    end.
+
+%% A join through a mirror: the service's link watch hears the mirror (it times the mirror's
+%% silence from now, and probes it if an s2s session closes, before its first ping comes).
+watch_hear(#state{host = Service}, Mirror) ->
+    case persistent_term:get({?MODULE, watch, Service}, undefined) of
+        undefined -> ok;
+        {W, Proc} ->
+            case call(fun() -> dmuc_nif:watch_hear(W, now_ms(), Mirror) end) of
+                {_, Events, At} -> gen_server:cast(Proc, {link_events, Service, Events, At});
+                _ -> ok
+            end
     end.
 
 %% The room as the mirror needs it: a config form carrying the whois rule and whether mod_mam

@@ -81,3 +81,42 @@ def test_a_reset_is_seen_on_both_sides_within_seconds(make_mixed_servers, master
                   f"the queued message delivered in {delivered:.1f} s")
 
     run(scenario(), timeout=DETECT * 2 + RECOVER * 2 + 60)
+
+
+# A black hole at the defaults takes minutes to find on the master's side (the link timeout), so
+# it runs in the two single-server pairings only; the mixed ones run it at fast timers
+# (test_dmuc_link_loss.py).
+MIRROR_BOUND = 30 + 20 + 5      # ping_interval + ping_timeout, plus a probe round's slack
+MASTER_BOUND = 120 + 30         # link_timeout, plus the margin: the last ping may have been 30 s old
+
+
+@pytest.mark.parametrize("master, mirror", [("prosody", "prosody"), ("ejabberd", "ejabberd")])
+def test_a_black_hole_is_found_within_the_ping_bounds(make_mixed_servers, master, mirror):
+    env = default_env(make_mixed_servers, master, mirror)
+    _register(env)
+
+    async def scenario():
+        async with ClientHub(watch=[env.link]) as hub:
+            clients, everyone = await _setup(env, hub)
+            alice, wayne = clients["Alice"], clients["Wayne"]
+            t0 = time.monotonic()
+            env.link.cut("blackhole")
+            await hub.wait_for(lambda: "Alice" not in wayne.occupants(ROOM), MIRROR_BOUND,
+                               f"the mirror finds the black hole (wayne sees {wayne.occupants(ROOM)})")
+            mirror_saw = time.monotonic() - t0
+            await hub.wait_for(lambda: alice.occupants(ROOM) == {"Alice"}, MASTER_BOUND,
+                               f"the master finds it (alice sees {alice.occupants(ROOM)})")
+            master_saw = time.monotonic() - t0
+            env.link.restore()
+            t1 = time.monotonic()
+            wayne.send_groupchat(ROOM, "anyone back?")
+            await hub.wait_for(lambda: all(c.occupants(ROOM) == everyone for c in clients.values())
+                               and alice.groupchat(ROOM, "anyone back?"), RECOVER,
+                               "everyone sees everyone again: "
+                               + ", ".join(f"{n} sees {sorted(c.occupants(ROOM))}" for n, c in clients.items()))
+            back = time.monotonic() - t1
+            assert back <= RESYNC, f"resynced in {back:.1f} s: more than {RESYNC} s"
+            print(f"\n{master}/{mirror} at the defaults: black hole found by the mirror after {mirror_saw:.0f} s, "
+                  f"by the master after {master_saw:.0f} s; after the restore everyone back in {back:.1f} s")
+
+    run(scenario(), timeout=MIRROR_BOUND + MASTER_BOUND + RECOVER + 60)

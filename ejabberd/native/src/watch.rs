@@ -48,6 +48,15 @@ fn watch_ping(r: ResourceArc<WatchRes>, now: u64, xml: String) -> Result<Outcome
     run(&r, |w| w.handle_ping(Timestamp(now), &xml))
 }
 
+/// A room saw a join through `mirror`: the watch hears it (its silence is timed from now).
+#[rustler::nif]
+fn watch_hear(r: ResourceArc<WatchRes>, now: u64, mirror: String) -> Result<Outcome, NifError> {
+    run(&r, |w| {
+        w.hear(Timestamp(now), &mirror.to_ascii_lowercase());
+        Ok(None)
+    })
+}
+
 #[rustler::nif]
 fn watch_timeout(r: ResourceArc<WatchRes>, now: u64) -> Result<Outcome, NifError> {
     run(&r, |w| {
