@@ -416,6 +416,19 @@ log_refusal(Peer, Fmt, Args) ->
 
 %% Call the engine; an error or a panic is logged, never raised into the hook. NIF results
 %% come as {ok, Value} or {error, Reason}; this returns Value or {error, Reason}.
+%% call/1 in a process that is not the host's own (a c2s, s2s or router process running a hook):
+%% the engine's logs go under Host, and the process is left as it was.
+call_for(undefined, F) -> call(F);
+call_for(Host, F) ->
+    Old = put(?LOG_HOST_KEY, Host),
+    try call(F)
+    after
+        case Old of
+            undefined -> erase(?LOG_HOST_KEY);
+            _ -> put(?LOG_HOST_KEY, Old)
+        end
+    end.
+
 call(F) ->
     Result = try F()
              catch throw:{dmuc_limit, Limit} ->
@@ -707,7 +720,8 @@ filter_packet(#iq{type = get, to = #jid{luser = <<>>, lresource = <<>>, lserver 
             case xmpp:get_subtag(IQ, #ping{}) of
                 false -> IQ;
                 _ ->
-                    case call(fun() -> dmuc_nif:watch_ping(W, now_ms(), enc(limits(ejabberd_router:host_of_route(Service)), IQ)) end) of
+                    case call_for(ejabberd_router:host_of_route(Service),
+                                  fun() -> dmuc_nif:watch_ping(W, now_ms(), enc(limits(ejabberd_router:host_of_route(Service)), IQ)) end) of
                         {error, {limit, _} = Why} -> refuse(IQ, Why), drop;
                         {<<>>, _, _} -> IQ;
                         {Reply, Events, At} ->
@@ -725,7 +739,8 @@ filter_packet(#iq{type = T, id = <<"dmuc-probe-", _/binary>>,
     case persistent_term:get({?MODULE, watch, Service}, undefined) of
         undefined -> IQ;
         {W, Proc} ->
-            case call(fun() -> dmuc_nif:watch_answer(W, now_ms(), enc(limits(ejabberd_router:host_of_route(Service)), IQ)) end) of
+            case call_for(ejabberd_router:host_of_route(Service),
+                          fun() -> dmuc_nif:watch_answer(W, now_ms(), enc(limits(ejabberd_router:host_of_route(Service)), IQ)) end) of
                 {true, Events, At} ->
                     gen_server:cast(Proc, {link_events, Service, Events, At}),
                     drop;
@@ -839,6 +854,7 @@ init_mirror(Host, Opts, Proc) ->
                     {error, Reason};
                 {ok, M} ->
                     persistent_term:put({?MODULE, mirror, Host}, {M, Proc}),
+                    persistent_term:put({?MODULE, proc_host, Proc}, Host),
                     persistent_term:put({?MODULE, mirror_service, Service}, {M, Proc}),
                     persistent_term:put({?MODULE, limits, Service}, limits(Host)),
                     %% On disc like the old whole-queue table (each write reaches the file), but a
@@ -1057,6 +1073,7 @@ terminate(_Reason, #{host := Host, service := Service, watched := Watched} = Sta
             ejabberd_hooks:delete(s2s_in_closed, Host, ?MODULE, s2s_in_closed, 50),
             ejabberd_router:unregister_route(Service),
             persistent_term:erase({?MODULE, mirror, Host}),
+            persistent_term:erase({?MODULE, proc_host, gen_mod:get_module_proc(Host, ?MODULE)}),
             persistent_term:erase({?MODULE, mirror_service, Service})
     end,
     ok.
@@ -1065,7 +1082,7 @@ code_change(_OldVsn, State, _Extra) -> {ok, State}.
 
 %% Run a mirror call; this module's process routes what it produced. Returns consumed | pass.
 mirror_run(_M, Proc, F) ->
-    case call(F) of
+    case call_for(persistent_term:get({?MODULE, proc_host, Proc}, undefined), F) of
         {Verdict, _, _} ->
             gen_server:cast(Proc, drain),
             Verdict;
