@@ -248,8 +248,18 @@ mod tests {
     #[test]
     fn a_later_answer_from_a_domain_forgets_its_older_lost_ping() {
         let mut l = Link::default();
-        l.start_round(Timestamp(0), 1000, 5000, [("a1".into(), "a".into()), ("s1".into(), "s".into())]);
-        l.start_round(Timestamp(1000), 1000, 5000, [("a2".into(), "a".into()), ("s2".into(), "s".into())]);
+        l.start_round(
+            Timestamp(0),
+            1000,
+            5000,
+            [("a1".into(), "a".into()), ("s1".into(), "s".into())],
+        );
+        l.start_round(
+            Timestamp(1000),
+            1000,
+            5000,
+            [("a2".into(), "a".into()), ("s2".into(), "s".into())],
+        );
         // a1 was lost; a2 answered: a1 is forgotten, s1 (another stream) is not.
         assert!(l.answer(Timestamp(1100), "a2", false).is_some());
         assert!(!l.is_ours("a1") && l.is_ours("s1"));
@@ -268,7 +278,10 @@ mod tests {
             waits.push(next.0 - at.0);
             at = next;
         }
-        assert_eq!(waits, [1_000, 2_000, 4_000, 8_000, 16_000, 30_000, 30_000, 30_000]);
+        assert_eq!(
+            waits,
+            [1_000, 2_000, 4_000, 8_000, 16_000, 30_000, 30_000, 30_000]
+        );
         // A round just started: traffic brings the next to a second after it.
         l.start_round(at, 30_000, 20_000, [("q".into(), "a".into())]);
         l.probe_now(Timestamp(at.0 + 999));

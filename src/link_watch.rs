@@ -360,10 +360,16 @@ mod tests {
             .handle_answer(Timestamp(2100), &answer("other", "result", MIRROR, ""))
             .unwrap());
         assert!(!w
-            .handle_answer(Timestamp(2100), &answer("dmuc-probe-1", "result", "evil.example", ""))
+            .handle_answer(
+                Timestamp(2100),
+                &answer("dmuc-probe-1", "result", "evil.example", "")
+            )
             .unwrap());
         assert!(w
-            .handle_answer(Timestamp(2100), &answer("dmuc-probe-1", "result", MIRROR, ""))
+            .handle_answer(
+                Timestamp(2100),
+                &answer("dmuc-probe-1", "result", MIRROR, "")
+            )
             .unwrap());
         w.handle_timeout(Timestamp(7000));
         assert_eq!(w.poll_event(), None);

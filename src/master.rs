@@ -44,13 +44,13 @@ use crate::elements::{
 use crate::error::Error;
 use crate::escape;
 use crate::link_watch::LinkWatch;
+use crate::mirror_quota::MirrorQuota;
 use crate::ns;
+use crate::rate::LogLimiter;
 use crate::recent::Recent;
 use crate::room_history::{self, Entry};
-use crate::stanza::{self, Condition};
-use crate::mirror_quota::MirrorQuota;
-use crate::rate::LogLimiter;
 use crate::room_rules::RoomRules;
+use crate::stanza::{self, Condition};
 use crate::stanza_ids::{self, Adoption};
 use crate::time::Timestamp;
 use xmpp_parsers::muc::muc::History;
@@ -738,9 +738,10 @@ impl Master {
         // mirror asks again when one of its occupants becomes a moderator.
         let reveal = self.rooms.get(room).is_some_and(|state| {
             state.config.as_ref().map(whois_of) == Some(Whois::Anyone)
-                || state.by_real.values().any(|r| {
-                    r.mirror == mirror && r.role.as_deref() == Some("moderator")
-                })
+                || state
+                    .by_real
+                    .values()
+                    .any(|r| r.mirror == mirror && r.role.as_deref() == Some("moderator"))
         }) || roster
             .items
             .iter()
@@ -982,7 +983,8 @@ impl Master {
                     el.append_child(evicted_marker());
                 }
             }
-            if el.name() == "presence" && nick.as_deref().is_some_and(|n| state.shared(n, &mirror)) {
+            if el.name() == "presence" && nick.as_deref().is_some_and(|n| state.shared(n, &mirror))
+            {
                 el.append_child(sessions_marker());
             }
             stanza::set_attr(&mut el, "to", mirror.as_str());
@@ -1072,9 +1074,8 @@ impl Master {
             .unwrap_or_default();
         let previous = state.config.take();
         let rules = self.config.rules;
-        let form = form.or_else(|| {
-            derived_config(previous.as_ref(), codes).map(|f| rules.sign(&f))
-        });
+        let form =
+            form.or_else(|| derived_config(previous.as_ref(), codes).map(|f| rules.sign(&f)));
         let mut pushes = Vec::new();
         if let Some(form) = &form {
             let was_anyone = previous.as_ref().map(whois_of) == Some(Whois::Anyone);

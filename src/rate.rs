@@ -63,8 +63,11 @@ impl LogLimiter {
     /// last one; `None`: not now (counted).
     pub fn allow(&mut self, peer: &str, now: Timestamp) -> Option<u64> {
         if self.peers.len() >= PEERS && !self.peers.contains_key(peer) {
-            let mut by_age: Vec<(String, Timestamp)> =
-                self.peers.iter().map(|(p, (t, _))| (p.clone(), *t)).collect();
+            let mut by_age: Vec<(String, Timestamp)> = self
+                .peers
+                .iter()
+                .map(|(p, (t, _))| (p.clone(), *t))
+                .collect();
             by_age.sort_by_key(|(_, t)| *t);
             for (p, _) in by_age.into_iter().take(PEERS / 2) {
                 self.peers.remove(&p);

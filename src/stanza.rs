@@ -217,7 +217,10 @@ pub fn error_element(condition: Condition, text: &str, by: &str) -> Element {
     let mut err = Element::from(StanzaError::new(kind, cond, "en", ""));
     set_attr(&mut err, "by", by);
     for node in err.take_nodes() {
-        if !node.as_element().is_some_and(|c| c.is("text", ns::XMPP_STANZAS)) {
+        if !node
+            .as_element()
+            .is_some_and(|c| c.is("text", ns::XMPP_STANZAS))
+        {
             err.append_node(node);
         }
     }

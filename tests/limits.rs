@@ -42,7 +42,10 @@ fn refused_with_resource_constraint(m: &mut Master, now: Timestamp, user: &str, 
     );
     let sent = out(|| m.poll_transmit());
     assert_eq!(sent.len(), 1, "{sent:?}");
-    assert_eq!(error_condition(&sent[0]).as_deref(), Some("resource-constraint"));
+    assert_eq!(
+        error_condition(&sent[0]).as_deref(),
+        Some("resource-constraint")
+    );
     // The mirror's own user: told through the mirror, behind what it sent before.
     assert!(
         sent[0].attr("to").is_some_and(|t| t.ends_with(A_MIRROR)),
@@ -55,7 +58,10 @@ fn refused_with_resource_constraint(m: &mut Master, now: Timestamp, user: &str, 
 #[test]
 fn rooms_per_mirror() {
     let mut m = master(|c| c.max_rooms_per_mirror = 2);
-    let rooms = ["r1@conference.fairfax.tridsys.com", "r2@conference.fairfax.tridsys.com"];
+    let rooms = [
+        "r1@conference.fairfax.tridsys.com",
+        "r2@conference.fairfax.tridsys.com",
+    ];
     for (i, room) in rooms.iter().enumerate() {
         let user = format!("u{i}@{A_DOMAIN}/pc");
         assert!(matches!(
@@ -118,7 +124,11 @@ fn joins_per_second_per_mirror() {
     for i in 0..3 {
         let user = format!("u{i}@{A_DOMAIN}/pc");
         assert!(matches!(
-            m.handle_presence(NOW, &join(&user, ROOM, &format!("N{i}")), Some(&format!("N{i}"))),
+            m.handle_presence(
+                NOW,
+                &join(&user, ROOM, &format!("N{i}")),
+                Some(&format!("N{i}"))
+            ),
             Ok(PresenceVerdict::MirrorJoin { .. })
         ));
     }
@@ -148,15 +158,36 @@ fn local_occupants_and_rooms_at_a_mirror() {
     };
     for u in ["a", "b"] {
         let sent = local_join(&mut m, &format!("{u}@{A_DOMAIN}/pc"), ROOM);
-        assert!(sent.iter().any(|e| e.attr("to").is_some_and(|t| t.starts_with(ROOM))), "{sent:?}");
+        assert!(
+            sent.iter()
+                .any(|e| e.attr("to").is_some_and(|t| t.starts_with(ROOM))),
+            "{sent:?}"
+        );
     }
     let sent = local_join(&mut m, &format!("c@{A_DOMAIN}/pc"), ROOM);
-    assert_eq!(sent.len(), 1, "refused here, nothing to the master: {sent:?}");
-    assert_eq!(error_condition(&sent[0]).as_deref(), Some("resource-constraint"));
-    assert_eq!(sent[0].attr("to"), Some(format!("c@{A_DOMAIN}/pc").as_str()));
+    assert_eq!(
+        sent.len(),
+        1,
+        "refused here, nothing to the master: {sent:?}"
+    );
+    assert_eq!(
+        error_condition(&sent[0]).as_deref(),
+        Some("resource-constraint")
+    );
+    assert_eq!(
+        sent[0].attr("to"),
+        Some(format!("c@{A_DOMAIN}/pc").as_str())
+    );
     let second = "other@conference.fairfax.tridsys.com";
     assert!(!local_join(&mut m, &format!("d@{A_DOMAIN}/pc"), second).is_empty());
-    let sent = local_join(&mut m, &format!("e@{A_DOMAIN}/pc"), "third@conference.fairfax.tridsys.com");
+    let sent = local_join(
+        &mut m,
+        &format!("e@{A_DOMAIN}/pc"),
+        "third@conference.fairfax.tridsys.com",
+    );
     assert_eq!(sent.len(), 1, "{sent:?}");
-    assert_eq!(error_condition(&sent[0]).as_deref(), Some("resource-constraint"));
+    assert_eq!(
+        error_condition(&sent[0]).as_deref(),
+        Some("resource-constraint")
+    );
 }

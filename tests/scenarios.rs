@@ -992,7 +992,10 @@ fn probes_back_off_while_down_and_a_local_message_probes_at_once() {
     w.advance_until(1_000, 600_000, |_| false);
     let rounds = (w.link(Side::A).dropped - before) / 2;
     // 1 + 2 + 4 + 8 + 16 s, then one every 30 s: 5 + 19 rounds, give or take the edges.
-    assert!((22..=26).contains(&rounds), "{rounds} probe rounds in ten minutes");
+    assert!(
+        (22..=26).contains(&rounds),
+        "{rounds} probe rounds in ten minutes"
+    );
     w.restore(Side::A);
     let back = w
         .advance_until(100, 31_000, |w| w.mirror(Side::A).link_up(MUC_SERVICE))
@@ -1034,7 +1037,9 @@ fn a_reset_evicts_the_mirrors_users_within_the_probe_timeout() {
     let (mut w, c) = full_room();
     w.s2s_close(Side::A, true);
     let evicted = w
-        .advance_until(100, 130_000, |w| !w.master.room.occupants.contains_key("Wayne"))
+        .advance_until(100, 130_000, |w| {
+            !w.master.room.occupants.contains_key("Wayne")
+        })
         .expect("the master evicts A's users");
     assert!(evicted <= 5_100, "within the probe timeout: {evicted} ms");
     assert!(!w.master.room.occupants.contains_key("Keith"));
@@ -1047,7 +1052,10 @@ fn a_reset_evicts_the_mirrors_users_within_the_probe_timeout() {
         .advance_until(100, 60_000, |w| !w.mirror(Side::A).link_up(MUC_SERVICE))
         .map(|t| t + evicted)
         .expect("the mirror finds out");
-    assert!(lost <= 20_100, "within a ping timeout of the close: {lost} ms");
+    assert!(
+        lost <= 20_100,
+        "within a ping timeout of the close: {lost} ms"
+    );
     // The link comes back: the mirror's probes find it, and everyone is back on both sides.
     w.restore(Side::A);
     w.settle();
@@ -1077,7 +1085,11 @@ fn an_idle_close_evicts_nobody() {
     assert!(w.master.room.occupants.contains_key("Wayne"));
     for u in [&c.scott, &c.kevin, &c.wayne] {
         let p = presences(&w.take(u));
-        assert!(p.iter().all(|p| p.statuses.is_empty() || p.statuses != ["333"]), "{u}: {p:?}");
+        assert!(
+            p.iter()
+                .all(|p| p.statuses.is_empty() || p.statuses != ["333"]),
+            "{u}: {p:?}"
+        );
     }
     assert!(w.mirror(Side::A).link_up(MUC_SERVICE));
     assert!(w.mirror_errors.is_empty(), "{:?}", w.mirror_errors);
@@ -1168,12 +1180,23 @@ fn a_queued_leave_is_of_the_users_nick_and_stored_as_sent() {
     w.cut(Side::A);
     w.send(
         &c.wayne,
-        &format!("<presence from='{}' to='{ROOM}/Someone' type='unavailable'/>", c.wayne),
+        &format!(
+            "<presence from='{}' to='{ROOM}/Someone' type='unavailable'/>",
+            c.wayne
+        ),
     );
     let stored: Vec<String> = w.stores[&Side::A].values().cloned().collect();
     assert_eq!(stored.len(), 1, "{stored:?}");
-    assert!(stored[0].contains(&format!("to='{ROOM}/Wayne'")), "{stored:?}");
-    let older = |x: &String| x.replace(&format!("to='{ROOM}/Wayne'"), &format!("to='{ROOM}/Someone'"));
+    assert!(
+        stored[0].contains(&format!("to='{ROOM}/Wayne'")),
+        "{stored:?}"
+    );
+    let older = |x: &String| {
+        x.replace(
+            &format!("to='{ROOM}/Wayne'"),
+            &format!("to='{ROOM}/Someone'"),
+        )
+    };
     let store = w.stores.get_mut(&Side::A).unwrap();
     for v in store.values_mut() {
         *v = older(v);
@@ -1187,7 +1210,9 @@ fn a_queued_leave_is_of_the_users_nick_and_stored_as_sent() {
     w.mirrors.insert(Side::A, fresh);
     // The world checks, as it drains the mirror, that the store equals the queue.
     w.drain_mirror(Side::A);
-    assert!(w.stores[&Side::A].values().all(|x| x.contains(&format!("to='{ROOM}/Wayne'"))));
+    assert!(w.stores[&Side::A]
+        .values()
+        .all(|x| x.contains(&format!("to='{ROOM}/Wayne'"))));
     let mark = w.links[&Side::A].log.len();
     w.restore(Side::A);
     w.settle();

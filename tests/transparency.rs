@@ -318,18 +318,32 @@ fn a_second_session_on_a_nick_gets_what_the_room_makes_for_it() {
     };
     // The laptop's join, broadcast: Juliet's copy is the mirror's; each session's goes to it.
     m.begin_broadcast(ROOM);
-    assert_eq!(m.handle_outbound(now, &presence(&juliet, "phone", false)).unwrap(), Outbound::Drop);
+    assert_eq!(
+        m.handle_outbound(now, &presence(&juliet, "phone", false))
+            .unwrap(),
+        Outbound::Drop
+    );
     for (to, id) in [(&phone, "phone"), (&laptop, "laptop")] {
         match m.handle_outbound(now, &presence(to, id, true)).unwrap() {
-            Outbound::Replace(x) => assert!(escaped(&x, to) && x.contains(&format!("id='{id}'")), "{x}"),
+            Outbound::Replace(x) => {
+                assert!(escaped(&x, to) && x.contains(&format!("id='{id}'")), "{x}")
+            }
             other => panic!("{other:?}"),
         }
     }
     m.end_broadcast(ROOM);
     let out: Vec<String> = std::iter::from_fn(|| m.poll_transmit()).collect();
     assert_eq!(out.len(), 1, "{out:?}");
-    assert!(out[0].contains("<sessions xmlns='urn:xmpp:dmuc:0'/>"), "{}", out[0]);
-    assert!(out[0].contains("id='phone'"), "the first session's copy stands for the nick: {}", out[0]);
+    assert!(
+        out[0].contains("<sessions xmlns='urn:xmpp:dmuc:0'/>"),
+        "{}",
+        out[0]
+    );
+    assert!(
+        out[0].contains("id='phone'"),
+        "the first session's copy stands for the nick: {}",
+        out[0]
+    );
     // Anything else the room sends the second session goes to it as it is, a message too.
     let message = format!(
         "<message from='{ROOM}/Juliet' to='{laptop}' type='groupchat' id='g1'><body>hi</body></message>"
@@ -345,7 +359,11 @@ fn a_second_session_on_a_nick_gets_what_the_room_makes_for_it() {
     // Once the laptop has left, the nick is the mirror's to serve again: no marker.
     m.handle_left(ROOM, &laptop);
     m.begin_broadcast(ROOM);
-    assert_eq!(m.handle_outbound(now, &presence(&phone, "p2", true)).unwrap(), Outbound::Drop);
+    assert_eq!(
+        m.handle_outbound(now, &presence(&phone, "p2", true))
+            .unwrap(),
+        Outbound::Drop
+    );
     m.end_broadcast(ROOM);
     let out: Vec<String> = std::iter::from_fn(|| m.poll_transmit()).collect();
     assert_eq!(out.len(), 1, "{out:?}");
@@ -401,7 +419,10 @@ fn a_resent_join_unbracketed_leaves_the_occupant_list_to_the_mirror() {
          <item affiliation='owner' role='moderator'/></x></presence>"
     );
     assert_eq!(m.handle_outbound(now, &scott).unwrap(), Outbound::Drop);
-    assert!(matches!(m.handle_outbound(now, &own("j1")).unwrap(), Outbound::Replace(_)));
+    assert!(matches!(
+        m.handle_outbound(now, &own("j1")).unwrap(),
+        Outbound::Replace(_)
+    ));
     // The re-sent join: Scott's unchanged presence is the list again, then Romeo's own.
     m.handle_presence(
         now,
@@ -448,7 +469,8 @@ fn joins_with_unparsable_nicks_are_refused_as_rooms_refuse_them() {
         )
     );
     assert!(m.poll_transmit().is_none());
-    let message = format!("<message from='{wayne}' to='{to}' type='chat'><body>hi</body></message>");
+    let message =
+        format!("<message from='{wayne}' to='{to}' type='chat'><body>hi</body></message>");
     assert_eq!(
         m.handle_local(now, &message).unwrap(),
         dmuc::mirror::Verdict::Pass
@@ -898,7 +920,11 @@ fn real_jids_reach_a_mirror_only_with_a_moderator_there() {
     let first = rosters(&w, mark);
     assert_eq!(first.len(), 1, "{first:?}");
     assert_eq!(first[0].attr("jids"), Some("withheld"));
-    assert!(first[0].children().all(|i| i.attr("jid").is_none()), "{:?}", first[0]);
+    assert!(
+        first[0].children().all(|i| i.attr("jid").is_none()),
+        "{:?}",
+        first[0]
+    );
     // Keith, a participant, sees no real JID.
     let scott_for_keith = w
         .inbox(&keith)
@@ -913,7 +939,8 @@ fn real_jids_reach_a_mirror_only_with_a_moderator_there() {
     let again = rosters(&w, mark);
     assert!(
         again.iter().any(|r| r.attr("jids").is_none()
-            && r.children().any(|i| i.attr("jid").is_some_and(|j| j.starts_with("scott@")))),
+            && r.children()
+                .any(|i| i.attr("jid").is_some_and(|j| j.starts_with("scott@")))),
         "{again:?}"
     );
     let scott_for_wayne = w
@@ -959,7 +986,8 @@ fn a_users_forged_dmuc_elements_go_nowhere() {
         .filter(|c| c.ns() == "urn:xmpp:dmuc:0")
         .collect();
     assert!(
-        ours.iter().all(|c| c.name() == "dedup" && c.attr("id") != Some("mine")),
+        ours.iter()
+            .all(|c| c.name() == "dedup" && c.attr("id") != Some("mine")),
         "{:?}",
         sent[0]
     );

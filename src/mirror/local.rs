@@ -642,7 +642,8 @@ impl Mirror {
         if is_historic(&shown) {
             r.replica.history.push(Entry::with_text(shown, &text, now));
         }
-        self.transmits.fan_out_with(text, &name, served, Some(element));
+        self.transmits
+            .fan_out_with(text, &name, served, Some(element));
         if !hold {
             self.send(&el);
             self.ask_early_ack(&master);

@@ -6,8 +6,8 @@ use minidom::Element;
 use tracing::{debug, info, warn};
 
 use super::classify::{final_leave, fingerprint, is_bounce, is_historic};
-use super::replica::{current_presence, Occupant};
 use super::outbound::Refusal;
+use super::replica::{current_presence, Occupant};
 use super::room::Sync;
 use super::{split, Mirror, Verdict};
 
@@ -19,8 +19,8 @@ use crate::error::Error;
 use crate::escape;
 use crate::ns;
 use crate::room_history::{self, Entry};
-use crate::stanza::{self, Condition};
 use crate::room_rules::RoomRules;
+use crate::stanza::{self, Condition};
 use crate::stanza_ids;
 use crate::time::Timestamp;
 
@@ -155,7 +155,10 @@ impl Mirror {
                 && stanza::stanza_type(&el) == Some("unavailable")
                 && from.resource().is_some();
             if let Some(r) = self.rooms.get_mut(&room).filter(|_| listed) {
-                if r.pending.values().any(|p| p.user == user.as_str() && !p.direct) {
+                if r.pending
+                    .values()
+                    .any(|p| p.user == user.as_str() && !p.direct)
+                {
                     r.listed.entry(user.to_string()).or_default().push(el);
                     return Ok(Verdict::Consumed);
                 }

@@ -132,10 +132,7 @@ impl MirrorRoom {
             .local
             .iter()
             .any(|(u, (n, _))| n == nick && self.direct.contains(u))
-            || self
-                .pending
-                .get(nick)
-                .is_some_and(|p| p.direct)
+            || self.pending.get(nick).is_some_and(|p| p.direct)
     }
 
     /// Ready to send what waits in the queue (in sync, no rejoins or resends outstanding)?

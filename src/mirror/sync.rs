@@ -393,7 +393,12 @@ impl Mirror {
         for item in roster.items {
             let nick = item.name.clone();
             let presence = roster_presence(&r.replica.jid, item);
-            if let Some(o) = r.replica.occupants.get_mut(&nick).filter(|o| o.local.is_none()) {
+            if let Some(o) = r
+                .replica
+                .occupants
+                .get_mut(&nick)
+                .filter(|o| o.local.is_none())
+            {
                 o.presence = presence;
             }
         }

@@ -401,7 +401,8 @@ impl MasterHost {
     /// An s2s session with `domain` closed, for whatever reason (mod_dmuc's `s2sout-destroyed`
     /// and `s2sin-destroyed` hooks): the engine probes the mirror.
     pub fn s2s_closed(&mut self, now: Timestamp, domain: &str) {
-        self.engine.handle_s2s_closed(now, super::MUC_SERVICE, domain);
+        self.engine
+            .handle_s2s_closed(now, super::MUC_SERVICE, domain);
         self.drain_engine();
         self.drain_actions(now);
     }

@@ -56,7 +56,9 @@ pub fn flush(lua: &Lua, logger: &Logger) {
 pub struct LuaRefusals(LogLimiter);
 
 pub fn refusals(_: &Lua, interval: f64) -> LuaResult<LuaRefusals> {
-    Ok(LuaRefusals(LogLimiter::new((interval.max(0.0) * 1000.0) as u64)))
+    Ok(LuaRefusals(LogLimiter::new(
+        (interval.max(0.0) * 1000.0) as u64,
+    )))
 }
 
 impl LuaUserData for LuaRefusals {

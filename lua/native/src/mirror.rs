@@ -96,7 +96,10 @@ pub fn new(lua: &Lua, config: LuaTable) -> LuaResult<LuaMirror> {
             .into())
         }
     }
-    Ok(LuaMirror(Mirror::new(c), log::Logger::from_config(lua, &config)?))
+    Ok(LuaMirror(
+        Mirror::new(c),
+        log::Logger::from_config(lua, &config)?,
+    ))
 }
 
 fn now(t: f64) -> Timestamp {
