@@ -406,6 +406,8 @@ if host_type == "component" and component_module == "muc" then
 		if not text then refuse(event.origin, stanza, why); return true; end
 		if master:routes_via_mirror(stanza.attr.from or "") then
 			duplicate, stanza_id = call_for(stanza, master, "handle_groupchat", time_now(), text);
+			-- The mirror's acknowledgement of the message.
+			drain_master();
 		end
 		-- A proposal is for the master, whoever sent it: no occupant sees it.
 		stanza:remove_children("stanza-id", "urn:xmpp:dmuc:0");

@@ -45,6 +45,7 @@
 //! `begin_broadcast`/`end_broadcast`, passes every stanza its MUC sends to an occupant behind a
 //! mirror through `handle_outbound`, and drains `poll_transmit` and `poll_action` after each call.
 
+pub mod ack;
 pub mod bounds;
 pub mod elements;
 pub mod error;

@@ -11,6 +11,13 @@
 //! of it and an outage of hours costs a round per interval. Anything heard from the master, and
 //! any local message, while the link is down starts a probe at once ([`Link::probe_now`]).
 //!
+//! Traffic is proof of life. Anything heard from the master, and anything sent to it, counts
+//! as a ping: a round goes only when the link has been quiet for `interval` in either direction
+//! ([`Link::quiet_since`]; the master too must hear from the mirror), or when a message has
+//! waited too long for the master's acknowledgement (see [`crate::mirror`]). A busy room costs
+//! no pings, an idle one a round per interval, with one ping in it unless messages wait for an
+//! acknowledgement.
+//!
 //! Pings are counted in rounds. A message sent to the master is tagged with the current round;
 //! the answer to round `r`'s ping from the message's domain acknowledges every message tagged
 //! `r` or earlier.
@@ -65,12 +72,47 @@ pub struct Link {
     last_round: Option<Timestamp>,
     round: u64,
     outstanding: BTreeMap<String, Outstanding>,
+    /// When anything last came from the master.
+    last_heard: Option<Timestamp>,
+    /// When anything last went to the master.
+    last_sent: Option<Timestamp>,
+    /// The master acknowledges messages itself (`<ack xmlns='urn:xmpp:dmuc:0'/>`): no ping
+    /// round is needed to spare the store.
+    pub acks_seen: bool,
 }
 
 impl Link {
     /// The round a message sent now belongs to.
     pub fn round(&self) -> u64 {
         self.round
+    }
+
+    /// Something came from the master at `now` (not an s2s bounce).
+    pub fn heard(&mut self, now: Timestamp) {
+        self.last_heard = self.last_heard.max(Some(now));
+    }
+
+    /// Something went to the master at `now`.
+    pub fn sent(&mut self, now: Timestamp) {
+        self.last_sent = self.last_sent.max(Some(now));
+    }
+
+    /// Since when the link has been quiet in one direction at least: the older of the last
+    /// stanza heard and the last sent. `None` before either.
+    pub fn quiet_since(&self) -> Option<Timestamp> {
+        match (self.last_heard, self.last_sent) {
+            (Some(h), Some(s)) => Some(h.min(s)),
+            (h, s) => h.or(s),
+        }
+    }
+
+    /// When a round is due for quiet, with rounds `interval` apart: while up and no ping is on
+    /// its way (its answer, or its expiry, decides what comes next).
+    pub fn quiet_round(&self, interval: u64) -> Option<Timestamp> {
+        if self.down || self.awaiting() {
+            return None;
+        }
+        self.quiet_since().map(|t| t.plus_ms(interval))
     }
 
     /// Ask for a ping round at `at` unless one is already due earlier.
@@ -85,9 +127,10 @@ impl Link {
         self.next_ping.is_some_and(|t| t <= now)
     }
 
-    /// Start a ping round: one ping per domain, ids chosen by the caller. The next round is due
-    /// `interval` ms from now (while down, the probe backoff's wait, at most `interval`); each
-    /// ping must be answered within `timeout` ms.
+    /// Start a ping round: one ping per domain, ids chosen by the caller. While down the next
+    /// round is due after the probe backoff's wait (at most `interval`); while up, when the
+    /// link is quiet again ([`Link::quiet_round`]). Each ping must be answered within `timeout`
+    /// ms.
     pub fn start_round(
         &mut self,
         now: Timestamp,
@@ -108,14 +151,14 @@ impl Link {
                 },
             );
         }
-        let wait = if self.down {
+        self.sent(now);
+        self.next_ping = if self.down {
             let wait = self.backoff_ms.clamp(1, interval.max(1));
             self.backoff_ms = wait.saturating_mul(2).min(interval);
-            wait
+            Some(now.plus_ms(wait))
         } else {
-            interval
+            None
         };
-        self.next_ping = Some(now.plus_ms(wait));
     }
 
     /// While the link is down: probe at once, or [`PROBE_FIRST_MS`] after the last round if it
@@ -163,6 +206,7 @@ impl Link {
         self.outstanding
             .retain(|_, x| x.domain != o.domain || x.round > o.round);
         self.last_pong = Some(now);
+        self.heard(now);
         Some(Pong::Alive {
             round: o.round,
             domain: o.domain,
@@ -194,7 +238,8 @@ impl Link {
         true
     }
 
-    /// When the link needs attention next: a ping round, or a ping's deadline.
+    /// When the link needs attention next, besides its quiet rounds: a round asked for, or a
+    /// ping's deadline.
     pub fn deadline(&self) -> Option<Timestamp> {
         self.outstanding
             .values()
@@ -203,21 +248,47 @@ impl Link {
             .min()
     }
 
-    /// When the next ping round is due.
+    /// When the next round asked for is due (probes, early checks).
     pub fn deadline_of_round(&self) -> Option<Timestamp> {
         self.next_ping
     }
 
-    /// Stop pinging (no room needs this link any more).
+    /// Stop pinging (no room needs this link any more). Quiet counts from the next stanza.
     pub fn idle(&mut self) {
         self.next_ping = None;
         self.outstanding.clear();
+        self.last_heard = None;
+        self.last_sent = None;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn traffic_either_way_postpones_the_quiet_round() {
+        let mut l = Link::default();
+        assert_eq!(l.quiet_round(1000), None, "nothing yet");
+        l.sent(Timestamp(0));
+        assert_eq!(l.quiet_round(1000), Some(Timestamp(1000)));
+        l.heard(Timestamp(500));
+        // Sent at 0, heard at 500: quiet in one direction since 0.
+        assert_eq!(l.quiet_round(1000), Some(Timestamp(1000)));
+        l.sent(Timestamp(800));
+        assert_eq!(l.quiet_round(1000), Some(Timestamp(1500)));
+        l.heard(Timestamp(300));
+        assert_eq!(
+            l.quiet_round(1000),
+            Some(Timestamp(1500)),
+            "time only goes on"
+        );
+        assert!(l.go_down(Timestamp(900)));
+        assert_eq!(l.quiet_round(1000), None, "while down, probes");
+        l.idle();
+        assert!(l.go_up(Timestamp(901)));
+        assert_eq!(l.quiet_round(1000), None, "an idle link starts over");
+    }
 
     #[test]
     fn a_pong_acknowledges_its_round_and_a_silence_expires() {
@@ -289,10 +360,13 @@ mod tests {
         let now = Timestamp(at.0 + 1_500);
         l.probe_now(now);
         assert!(l.due(now));
-        // Up again, rounds are an interval apart; down again, the backoff starts over.
+        // Up again, rounds go when the link is quiet; down again, the backoff starts over.
         assert!(l.go_up(now));
         l.start_round(now, 30_000, 20_000, [("u".into(), "a".into())]);
-        assert_eq!(l.deadline_of_round(), Some(now.plus_ms(30_000)));
+        assert_eq!(l.deadline_of_round(), None);
+        assert_eq!(l.quiet_round(30_000), None, "a ping on its way");
+        assert!(l.answer(now, "u", false).is_some());
+        assert_eq!(l.quiet_round(30_000), Some(now.plus_ms(30_000)));
         l.probe_now(now);
         assert!(!l.due(now));
         assert!(l.go_down(now));

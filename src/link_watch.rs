@@ -187,21 +187,27 @@ impl LinkWatch {
             return Ok(None);
         }
         let from = stanza::jid_attr(&iq, "iq", "from")?;
-        let domain = from.domain().as_str().to_ascii_lowercase();
+        if !self.hear_from(now, from.domain().as_str()) {
+            return Ok(None);
+        }
+        let to = iq.attr("to").unwrap_or_default().to_string();
+        Ok(Some(stanza::serialize(&stanza::iq_result(&iq, &to))))
+    }
+
+    /// A stanza came from `domain`: each trusted mirror that is `domain` or speaks for it is
+    /// heard from (traffic is proof of life, see [`crate::link`]). False if there is none.
+    pub fn hear_from(&mut self, now: Timestamp, domain: &str) -> bool {
+        let domain = domain.to_ascii_lowercase();
         let mirrors: Vec<String> = self
             .trusted
             .iter()
             .filter(|t| t.mirror == domain || t.may_speak_for(&domain))
             .map(|t| t.mirror.clone())
             .collect();
-        if mirrors.is_empty() {
-            return Ok(None);
-        }
         for mirror in &mirrors {
             self.hear(now, mirror);
         }
-        let to = iq.attr("to").unwrap_or_default().to_string();
-        Ok(Some(stanza::serialize(&stanza::iq_result(&iq, &to))))
+        !mirrors.is_empty()
     }
 
     /// The mirror was heard from (a ping, a join, a message): its link is up.

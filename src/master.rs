@@ -36,6 +36,7 @@ use jid::Jid;
 use minidom::Element;
 use tracing::{debug, info, warn};
 
+use crate::ack;
 use crate::bounds::Limits;
 use crate::elements::{
     Affiliation, Config, Dmuc, HistoryResult, Role, Room, Roster, RosterAffiliation, RosterItem,
@@ -110,8 +111,8 @@ pub struct MasterConfig {
     /// occupant's copy on its own). Without brackets the master forwards each occupant's presence
     /// to a mirror once per change, recognising the other copies of the same presence.
     pub unbracketed_presence: bool,
-    /// A mirror that has not pinged (or sent a join) for this long is lost: its occupants are
-    /// evicted. Longer than the mirrors' ping interval plus their ping timeout.
+    /// A mirror not heard from (a ping, a join, a message, anything) for this long is lost: its
+    /// occupants are evicted. Longer than the mirrors' ping interval plus their ping timeout.
     pub link_timeout_ms: u64,
     /// Can the host's archive take the stanza-id a mirror proposes for its user's message (see
     /// [`crate::stanza_ids`])? Also decides what the mirrors are told in the room's config.
@@ -136,12 +137,13 @@ pub struct MasterConfig {
 }
 
 impl Default for MasterConfig {
-    /// No trusted mirrors, bracketed presence, a link timeout of 120 s, no stanza-id adoption.
+    /// No trusted mirrors, bracketed presence, a link timeout of 360 s (the mirrors' default
+    /// 300 s interval and 20 s timeout, and 40 s of margin), no stanza-id adoption.
     fn default() -> Self {
         MasterConfig {
             trusted_mirrors: Vec::new(),
             unbracketed_presence: false,
-            link_timeout_ms: 120_000,
+            link_timeout_ms: 360_000,
             stanza_ids: Adoption::Never,
             archived_element: false,
             rules: RoomRules::default(),
@@ -573,6 +575,10 @@ impl Master {
             .get(&room)
             .and_then(|r| r.by_real.get(&from_s))
             .cloned();
+        if let Some(r) = &known {
+            // Any presence of an occupant behind a mirror proves its link (crate::link).
+            self.hear(now, &r.mirror);
+        }
         match stanza::stanza_type(&p) {
             Some("unavailable") => {
                 // A leave that carries the marker is one the mirror has not shown (a leave to
@@ -782,6 +788,11 @@ impl Master {
                 expected: "iq",
                 got: iq.name().to_string(),
             });
+        }
+        if let Some(from) = iq.attr("from").and_then(|f| Jid::new(f).ok()) {
+            // A mirror's sync requests and answers prove its link too.
+            self.watch.hear_from(now, from.domain().as_str());
+            self.apply_link_events();
         }
         match stanza::stanza_type(&iq) {
             Some("result") | Some("error") => {
@@ -1365,6 +1376,9 @@ impl Master {
         };
         self.hear(now, &mirror);
         if let Some(id) = stanza::dedup_key(&m) {
+            // The mirror showed its users the message already: it gets the acknowledgement
+            // instead of the echo (crate::ack), a second copy too (what it sent again arrived).
+            self.send(&ack::message(&room, &mirror, id));
             let bare = from.split('/').next().unwrap_or_default();
             let key = format!("{bare} {id}");
             let fresh = self

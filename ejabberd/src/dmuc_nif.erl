@@ -8,7 +8,7 @@
          mirror_new/13, mirror_handles/2, mirror_local/3, mirror_unavailable/3, mirror_remote/3, mirror_timeout/2,
          mirror_link/4, mirror_drain/1, mirror_s2s_closing/3, mirror_s2s_closed/3, mirror_s2s_in_closed/3, mirror_import/3, mirror_persist/1, mirror_flush_store/1, mirror_status/1,
          watch_new/2, watch_ping/3, watch_timeout/2, watch_status/1,
-         watch_s2s_closed/4, watch_answer/3, watch_hear/3]).
+         watch_s2s_closed/4, watch_answer/3, watch_hear/3, watch_hear_from/3]).
 -on_load(init/0).
 
 init() ->
@@ -60,3 +60,4 @@ watch_status(_W) -> ?NOT_LOADED.
 watch_s2s_closed(_W, _Now, _Service, _Domain) -> ?NOT_LOADED.
 watch_answer(_W, _Now, _Xml) -> ?NOT_LOADED.
 watch_hear(_W, _Now, _Mirror) -> ?NOT_LOADED.
+watch_hear_from(_W, _Now, _Domain) -> ?NOT_LOADED.

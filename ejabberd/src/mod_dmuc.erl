@@ -157,8 +157,8 @@ mod_options(Host) ->
      {queue_limit, 1000},
      {join_timeout, 30},
      {history_size, 20},
-     {link_timeout, 120},
-     {ping_interval, 30},
+     {link_timeout, 360},
+     {ping_interval, 300},
      {ping_timeout, 20},
      {catch_up_margin, 30},
      {store_after, 2},
@@ -198,12 +198,14 @@ mod_doc() ->
               desc => ?T("Mirror role: messages of history kept per room.")}},
            {link_timeout,
             #{value => ?T("Seconds"),
-              desc => ?T("Master role: a mirror that has not pinged for this long is lost, and "
-                         "its occupants leave the room (longer than the mirrors' ping interval "
-                         "plus their ping timeout). The default is 120.")}},
+              desc => ?T("Master role: a mirror not heard from (any stanza) for this long is "
+                         "lost, and its occupants leave the room (longer than the mirrors' ping "
+                         "interval plus their ping timeout). The default is 360.")}},
            {ping_interval,
             #{value => ?T("Seconds"),
-              desc => ?T("Mirror role: how often the mirror pings each master. The default is 30.")}},
+              desc => ?T("Mirror role: a link to a master quiet this long in either direction "
+                         "gets a ping (traffic counts as one); while it is down, the longest wait "
+                         "between probes. The default is 300.")}},
            {ping_timeout,
             #{value => ?T("Seconds"),
               desc => ?T("Mirror role: a ping unanswered this long means the link is down. "
@@ -495,8 +497,26 @@ muc_filter_presence(#presence{} = Pkt, #state{server_host = SH} = State, Nick) -
             strip_marker(Pkt);
         {_, Out} ->
             route_out(Out),
+            case dmuc_nif:master_routes(M, jid:encode(xmpp:get_from(Pkt))) of
+                true -> watch_hear_from(State, xmpp:get_from(Pkt));
+                false -> ok
+            end,
             strip_marker(Pkt)
     end.
+
+%% Anything from an occupant behind a mirror, or from a mirror, proves its link (traffic is
+%% proof of life: a busy mirror sends no pings).
+watch_hear_from(#state{host = Service}, #jid{lserver = Domain}) ->
+    case persistent_term:get({?MODULE, watch, Service}, undefined) of
+        undefined -> ok;
+        {W, Proc} ->
+            case call(fun() -> dmuc_nif:watch_hear_from(W, now_ms(), Domain) end) of
+                {_, [], _} -> ok;
+                {_, Events, At} -> gen_server:cast(Proc, {link_events, Service, Events, At});
+                _ -> ok
+            end
+    end;
+watch_hear_from(_State, _From) -> ok.
 
 %% A join through a mirror: the service's link watch hears the mirror (it times the mirror's
 %% silence from now, and probes it if an s2s session closes, before its first ping comes).
@@ -559,6 +579,7 @@ muc_process_iq(#iq{type = get} = IQ, #state{server_host = SH, jid = RoomJID} = S
         [] -> IQ;
         _ ->
             M = master(SH),
+            watch_hear_from(State, xmpp:get_from(IQ)),
             case call(fun() -> dmuc_nif:master_iq(M, now_ms(), enc(limits(SH), IQ)) end) of
                 {{history, Req}, Out} ->
                     route_out(Out),
@@ -617,7 +638,7 @@ evict(_) -> ok.
 %% ids"), when the engine accepts it, goes into the packet's meta: mod_mam's muc_filter_message
 %% (priority 50, after this hook) keeps a stanza_id it finds there, archives the message under
 %% it and puts it on the broadcast and the room's history.
-muc_filter_message(#message{} = Pkt, #state{server_host = SH}, _FromNick) ->
+muc_filter_message(#message{} = Pkt, #state{server_host = SH} = State, _FromNick) ->
     %% A proposal is for the master, whoever sent it: no occupant sees it.
     Clean = strip_proposal(Pkt),
     case get(?MASTER_KEY) of
@@ -632,6 +653,7 @@ muc_filter_message(#message{} = Pkt, #state{server_host = SH}, _FromNick) ->
                         _ -> Clean
                     end;
                 true ->
+                    watch_hear_from(State, xmpp:get_from(Pkt)),
                     case call(fun() -> dmuc_nif:master_groupchat(master(SH), now_ms(), enc(limits(SH), Pkt)) end) of
                         {error, {limit, _} = Why} -> refuse(Pkt, Why), drop;
                         {duplicate, Out} -> route_out(Out), drop;

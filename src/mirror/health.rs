@@ -70,19 +70,11 @@ impl Mirror {
             Some(Pong::Bounced) => self.link_lost(now, master),
             Some(Pong::Alive { round, domain }) => {
                 for room in self.rooms_of(master) {
-                    if let Some(r) = self.rooms.get_mut(&room) {
-                        for seq in r.out.acknowledge(round, &domain) {
-                            self.store.delete(seq);
-                        }
-                        if r.out.barrier && r.out.in_flight.is_empty() {
-                            r.out.barrier = false;
-                            if r.may_flush() {
-                                // What waited behind the barrier: sent as any message is.
-                                self.flush_queue(now, &room, false);
-                            }
-                        }
-                    }
-                    self.close_if_empty(&room);
+                    let keys = match self.rooms.get_mut(&room) {
+                        Some(r) => r.out.acknowledge(now, round, &domain),
+                        None => continue,
+                    };
+                    self.delivered(now, &room, keys);
                 }
                 if domain == self.config.service {
                     self.redo_lost_requests(now, master, round);
@@ -94,13 +86,51 @@ impl Mirror {
         }
     }
 
+    /// The master acknowledged, in a message from `room`, the items whose de-duplication keys
+    /// are `keys` (see [`crate::ack`]).
+    pub(super) fn ack(&mut self, now: Timestamp, room: &str, keys: &[String]) {
+        let Some(r) = self.rooms.get_mut(room) else {
+            return;
+        };
+        if let Some(link) = self.links.get_mut(&r.master) {
+            link.acks_seen = true;
+        }
+        let mut done = Vec::new();
+        for key in keys {
+            done.extend(r.out.acknowledge_key(now, key));
+        }
+        self.delivered(now, room, done);
+    }
+
+    /// Items of `room` (by storage key) arrived at the master: out of the store; what waited
+    /// behind the barrier goes; an empty room closes.
+    fn delivered(&mut self, now: Timestamp, room: &str, keys: Vec<u64>) {
+        for seq in keys {
+            self.store.delete(seq);
+        }
+        if let Some(r) = self.rooms.get_mut(room) {
+            if r.out.barrier && r.out.in_flight.is_empty() {
+                r.out.barrier = false;
+                if r.may_flush() {
+                    // What waited behind the barrier: sent as any message is.
+                    self.flush_queue(now, room, false);
+                }
+            }
+        }
+        self.close_if_empty(room);
+    }
+
     /// Write-behind under load: while at least [`EARLY_ACK_ITEMS`] messages are held back from
     /// the store, the next ping round to `master` goes half `store_after` after the oldest of
     /// them was sent (unless a ping is on its way, or a round is due sooner), so that its answer
     /// acknowledges them before they are due for the store. Fewer held messages are not worth
-    /// the ping's bytes on a slow link: they are stored when due, as without write-behind.
+    /// the ping's bytes on a slow link: they are stored when due, as without write-behind. Only
+    /// for a master that does not acknowledge messages itself (an older dmuc).
     pub(super) fn ask_early_ack(&mut self, master: &str) {
-        if self.store.held() < EARLY_ACK_ITEMS {
+        // A master that acknowledges by itself needs no ping for it.
+        if self.store.held() < EARLY_ACK_ITEMS
+            || self.links.get(master).is_some_and(|l| l.acks_seen)
+        {
             return;
         }
         let Some(due) = self.store.next_due() else {
@@ -203,6 +233,31 @@ impl Mirror {
         self.close_if_empty(room);
     }
 
+    /// When the next ping round to `master` is due: one asked for (a probe while down, an
+    /// early check), the link quiet for the ping interval in either direction, or a message
+    /// that has waited a ping timeout for the master's acknowledgement. `None` while a ping is on
+    /// its way (its answer or expiry decides), or when no room needs the link.
+    pub(super) fn round_due_at(&self, master: &str) -> Option<Timestamp> {
+        let link = self.links.get(master)?;
+        let rooms = self.rooms.values().filter(|r| r.master == master);
+        let unacknowledged = (!link.down && !link.awaiting())
+            .then(|| {
+                rooms
+                    .filter_map(|r| r.out.waiting_since)
+                    .min()
+                    .map(|t| t.plus_ms(self.config.ping_timeout_ms))
+            })
+            .flatten();
+        [
+            link.deadline_of_round(),
+            link.quiet_round(self.config.ping_interval_ms),
+            unacknowledged,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
     /// Expire unanswered pings, and start the ping rounds that are due.
     pub(super) fn ping(&mut self, now: Timestamp) {
         let masters: Vec<String> = self.links.keys().cloned().collect();
@@ -213,21 +268,20 @@ impl Mirror {
                 self.link_lost(now, &master);
             }
             let rooms = self.rooms_of(&master);
-            let Some(link) = self.links.get_mut(&master) else {
-                continue;
-            };
             if rooms.is_empty() {
-                link.idle();
+                if let Some(link) = self.links.get_mut(&master) {
+                    link.idle();
+                }
                 continue;
             }
-            if !link.due(now) {
+            if self.round_due_at(&master).is_none_or(|t| t > now) {
                 continue;
             }
-            // One ping per user domain: each shares the s2s stream of that domain's messages.
+            // One ping per user domain with something waiting for the master (each shares the
+            // s2s stream of that domain's messages and joins, and its answer acknowledges them).
             let mut domains = BTreeSet::new();
             for room in &rooms {
                 if let Some(r) = self.rooms.get(room) {
-                    domains.extend(r.replica.local.keys().map(|u| user_domain(u).to_string()));
                     domains.extend(r.pending.values().map(|p| user_domain(&p.user).to_string()));
                     domains.extend(
                         r.out
@@ -238,7 +292,8 @@ impl Mirror {
                     );
                 }
             }
-            // And one from the mirror service: it shares the streams of the sync requests.
+            // And one from the mirror service: it shares the streams of the sync requests, and
+            // is the whole round of an idle link.
             domains.insert(self.config.service.clone());
             let mut pings = Vec::new();
             for domain in domains {

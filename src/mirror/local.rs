@@ -357,8 +357,8 @@ impl Mirror {
         }
         debug!(%room, %nick, "forwarding a local join");
         let master = r.master.clone();
-        let first_ping = now.plus_ms(self.config.ping_interval_ms);
-        self.links.entry(master).or_default().schedule(first_ping);
+        // The link's rounds go when it is quiet (crate::link), counted from this join.
+        self.links.entry(master).or_default();
         let Some(r) = self.rooms.get_mut(&room) else {
             return Ok(Verdict::Consumed);
         };
@@ -614,7 +614,7 @@ impl Mirror {
         if hold {
             r.out.queue.push_back(item);
         } else {
-            r.out.in_flight.push_back(item);
+            r.out.send(now, item);
         }
         // Local users see the message as its sender wrote it (our origin-id and proposal are
         // for the master).

@@ -66,6 +66,7 @@ use jid::Jid;
 use minidom::Element;
 use tracing::{debug, info, warn};
 
+use crate::ack;
 use crate::bounds::Limits;
 use crate::error::Error;
 use crate::link::Link;
@@ -97,7 +98,8 @@ pub struct MirrorConfig {
     pub join_timeout_ms: u64,
     /// Messages of history kept per room, and served to local joins.
     pub history_size: usize,
-    /// How often the mirror pings each master it has rooms on.
+    /// A link to a master quiet this long in either direction gets a ping round (traffic
+    /// counts as pings, see [`crate::link`]); while down, the longest wait between probes.
     pub ping_interval_ms: u64,
     /// How long a ping may go unanswered before the link counts as down.
     pub ping_timeout_ms: u64,
@@ -121,7 +123,7 @@ pub struct MirrorConfig {
 
 impl MirrorConfig {
     /// Defaults: a queue of 1000 messages, joins time out after 30 s, 20 messages of history, a
-    /// ping every 30 s answered within 20 s, a catch-up margin of 30 s, 1000 local occupants per
+    /// ping after 300 s of quiet answered within 20 s, a catch-up margin of 30 s, 1000 local occupants per
     /// room and 1000 rooms, the default [`Limits`], messages stored once unacknowledged for 2 s.
     pub fn new(service: impl Into<String>, masters: Vec<String>) -> Self {
         MirrorConfig {
@@ -133,7 +135,7 @@ impl MirrorConfig {
             queue_limit: 1000,
             join_timeout_ms: 30_000,
             history_size: 20,
-            ping_interval_ms: 30_000,
+            ping_interval_ms: 300_000,
             ping_timeout_ms: 20_000,
             catch_up_margin_ms: 30_000,
             max_local_occupants: 1000,
@@ -201,6 +203,18 @@ pub struct Mirror {
     withdrawn: BTreeSet<String>,
     /// Local users the room itself sent its withdrawal (before their leave): none is made up.
     room_withdrew: BTreeSet<String>,
+    /// The time of the call being handled (every input gives it).
+    now: Timestamp,
+}
+
+/// The domain of a JID's text, lowercased (no validation: for routing decisions on JIDs the
+/// engine itself wrote).
+fn jid_domain(jid: &str) -> String {
+    let bare = jid.split('/').next().unwrap_or_default();
+    bare.rsplit('@')
+        .next()
+        .unwrap_or_default()
+        .to_ascii_lowercase()
 }
 
 fn split(jid: &Jid) -> (String, Option<String>) {
@@ -224,6 +238,7 @@ impl Mirror {
             recently_left: Recent::new(RECENTLY_LEFT),
             withdrawn: BTreeSet::new(),
             room_withdrew: BTreeSet::new(),
+            now: Timestamp(0),
         }
     }
 
@@ -412,11 +427,18 @@ impl Mirror {
                     .chain(r.roster_iq.as_ref().map(|(_, d)| *d))
             })
             .chain(self.links.values().filter_map(Link::deadline))
+            .chain(self.links.keys().filter_map(|m| self.round_due_at(m)))
             .chain(self.store.next_due())
             .min()
     }
 
     fn send(&mut self, el: &Element) {
+        // Anything to a master proves the link to it from our side (see crate::link).
+        if let Some(domain) = el.attr("to").map(jid_domain) {
+            if let Some(link) = self.links.get_mut(&domain) {
+                link.sent(self.now);
+            }
+        }
         self.transmits.push_element(el.clone());
     }
 
@@ -427,6 +449,7 @@ impl Mirror {
 
     /// A stanza from a local user addressed to a mirrored service.
     pub fn handle_local(&mut self, now: Timestamp, xml: &str) -> Result<Verdict, Error> {
+        self.now = self.now.max(now);
         let el = stanza::parse_within(xml, &self.config.limits)?;
         let from = stanza::jid_attr(&el, "stanza", "from")?;
         let to = el.attr("to").ok_or(Error::MissingAttribute {
@@ -464,6 +487,7 @@ impl Mirror {
     /// as if this presence had been sent to each (the status text, "Disconnected: ...", goes
     /// with it). Returns how many rooms it left: 0 for any other stanza.
     pub fn handle_local_unavailable(&mut self, now: Timestamp, xml: &str) -> Result<usize, Error> {
+        self.now = self.now.max(now);
         let el = stanza::parse_within(xml, &self.config.limits)?;
         if el.name() != "presence" || stanza::stanza_type(&el) != Some("unavailable") {
             return Ok(0);
@@ -536,7 +560,8 @@ impl Mirror {
     /// A stanza from a mirrored service: to the mirror service itself, to a user's escaped JID at
     /// the mirror, or to a local user (which the mirror only observes).
     pub fn handle_remote(&mut self, now: Timestamp, xml: &str) -> Result<Verdict, Error> {
-        let el = stanza::parse_within(xml, &self.config.limits)?;
+        self.now = self.now.max(now);
+        let mut el = stanza::parse_within(xml, &self.config.limits)?;
         let from = el.attr("from").ok_or(Error::MissingAttribute {
             element: "stanza",
             attribute: "from",
@@ -563,12 +588,22 @@ impl Mirror {
         if !self.handles(from.as_str()) {
             return Ok(Verdict::Pass);
         }
-        // Traffic from a master whose link is down: the link may be back, probe at once (an s2s
-        // bounce is our own server's word, not the master's).
+        // Anything from the master proves the link from it; from a master whose link is down,
+        // the link may be back: probe at once (an s2s bounce is our own server's word, not the
+        // master's).
         if !is_bounce(&el) {
             let master = from.domain().as_str().to_ascii_lowercase();
             if let Some(link) = self.links.get_mut(&master) {
+                link.heard(now);
                 link.probe_now(now);
+            }
+            // The master's acknowledgement of our users' messages (crate::ack).
+            let keys = ack::take(&mut el);
+            if !keys.is_empty() {
+                self.ack(now, &from.to_bare().to_string(), &keys);
+                if el.children().next().is_none() {
+                    return Ok(Verdict::Consumed);
+                }
             }
         }
         let links = &self.links;
@@ -641,6 +676,7 @@ impl Mirror {
     /// The host saw the s2s link to a master service go down or come up (its own s2s events).
     /// Pings find the same by themselves; this only makes it faster.
     pub fn handle_link(&mut self, now: Timestamp, master: &str, up: bool) {
+        self.now = self.now.max(now);
         let master = master.to_ascii_lowercase();
         if !self.config.masters.contains(&master) {
             return;
@@ -658,6 +694,7 @@ impl Mirror {
     /// what is in flight is sent again at once, ahead of anything newer (the master drops what it
     /// already has by origin-id), and a ping round starts.
     pub fn handle_s2s_closed(&mut self, now: Timestamp, domain: &str) {
+        self.now = self.now.max(now);
         self.handle_s2s_closing(now, domain);
         let domain = domain.to_ascii_lowercase();
         for room in self.rooms_of(&domain) {
@@ -672,6 +709,7 @@ impl Mirror {
     /// closing connection for a moment (ejabberd): what was in flight goes back to the queue,
     /// and newer messages wait behind it, until [`Mirror::handle_s2s_closed`] sends it.
     pub fn handle_s2s_closing(&mut self, now: Timestamp, domain: &str) {
+        self.now = self.now.max(now);
         let domain = domain.to_ascii_lowercase();
         let rooms = self.rooms_of(&domain);
         if rooms.is_empty() {
@@ -697,6 +735,7 @@ impl Mirror {
     /// into it may be lost, unbounced. Each room in sync catches up from the room's history;
     /// live messages wait behind the catch-up, so that each sender's messages stay in order.
     pub fn handle_s2s_in_closed(&mut self, now: Timestamp, domain: &str) {
+        self.now = self.now.max(now);
         let domain = domain.to_ascii_lowercase();
         if self.links.get(&domain).is_none_or(|l| l.down) {
             return;
@@ -727,6 +766,7 @@ impl Mirror {
     /// never answered counts as an empty history; a roster request never answered means the
     /// link is down after all.
     pub fn handle_timeout(&mut self, now: Timestamp) {
+        self.now = self.now.max(now);
         // Messages the master has not acknowledged in time go to the store.
         self.release_store(Some(now));
         let rooms: Vec<String> = self.rooms.keys().cloned().collect();
@@ -791,6 +831,7 @@ impl Mirror {
     /// in order, no keys) get keys here, and [`Mirror::poll_store`] asks the host to store them
     /// per item.
     pub fn import_queue(&mut self, now: Timestamp, items: &[String]) -> usize {
+        self.now = self.now.max(now);
         let mut parsed: Vec<(String, Queued)> = Vec::with_capacity(items.len());
         for text in items {
             match Queued::from_xml(text) {

@@ -323,7 +323,7 @@ impl Mirror {
                 }
                 out.push(q.delayed(&service));
                 q.round = round;
-                r.out.in_flight.push_back(q);
+                r.out.send(now, q);
             } else {
                 wrapped.remove(&q.user);
                 if !r.replica.local.contains_key(&q.user) {

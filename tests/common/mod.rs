@@ -104,6 +104,8 @@ pub struct Link {
     /// Every stanza that crossed, in order.
     pub log: Vec<(Dir, String)>,
     pub dropped: usize,
+    /// Of those, the pings (XEP-0199 gets) the mirror sent.
+    pub dropped_pings: usize,
 }
 
 impl Link {
@@ -113,6 +115,7 @@ impl Link {
             held: VecDeque::new(),
             log: Vec::new(),
             dropped: 0,
+            dropped_pings: 0,
         }
     }
 
@@ -154,6 +157,8 @@ pub struct World {
     pub mirror_errors: Vec<(Side, dmuc::Error)>,
     /// Virtual time between two injected stanzas (1 s unless a test floods).
     pub inject_step_ms: u64,
+    /// The master's acknowledgements are lost on the way (a master of an older dmuc sends none).
+    pub drop_acks: bool,
     queue: VecDeque<Packet>,
 }
 
@@ -216,6 +221,7 @@ impl World {
             inboxes: BTreeMap::new(),
             mirror_errors: Vec::new(),
             inject_step_ms: 1000,
+            drop_acks: false,
             queue: VecDeque::new(),
         }
     }
@@ -477,11 +483,11 @@ impl World {
         self.run();
     }
 
-    /// Let ping rounds pass (three intervals): what is in flight is acknowledged, rooms whose
-    /// users all left close, and a mirror whose link died unnoticed finds out.
+    /// Let ping rounds pass (three default intervals): what is in flight is acknowledged, rooms
+    /// whose users all left close, and a mirror whose link died unnoticed finds out.
     pub fn settle(&mut self) {
         for _ in 0..3 {
-            self.advance(31_000);
+            self.advance(301_000);
         }
     }
 
@@ -555,12 +561,23 @@ impl World {
         let link = self.links.get_mut(&link_side).unwrap();
         match link.state {
             LinkState::Up => self.cross(link_side, packet),
-            LinkState::Cut | LinkState::Lost => link.dropped += 1,
+            LinkState::Cut | LinkState::Lost => {
+                link.dropped += 1;
+                if side == Side::Master && packet.xml.contains("<ping xmlns='urn:xmpp:ping'") {
+                    link.dropped_pings += 1;
+                }
+            }
             LinkState::Stalled => link.held.push_back(packet),
         }
     }
 
     fn cross(&mut self, link_side: Side, packet: Packet) {
+        if self.drop_acks
+            && packet.side != Side::Master
+            && packet.xml.contains("<ack xmlns='urn:xmpp:dmuc:0'")
+        {
+            return;
+        }
         let dir = if packet.side == Side::Master {
             Dir::ToMaster
         } else {

@@ -57,6 +57,20 @@ fn watch_hear(r: ResourceArc<WatchRes>, now: u64, mirror: String) -> Result<Outc
     })
 }
 
+/// A room got a stanza from `domain` (an occupant behind a mirror, a mirror's request): each
+/// mirror that is or speaks for `domain` is heard (traffic is proof of life, see dmuc::link).
+#[rustler::nif]
+fn watch_hear_from(
+    r: ResourceArc<WatchRes>,
+    now: u64,
+    domain: String,
+) -> Result<Outcome, NifError> {
+    run(&r, |w| {
+        w.hear_from(Timestamp(now), &domain);
+        Ok(None)
+    })
+}
+
 #[rustler::nif]
 fn watch_timeout(r: ResourceArc<WatchRes>, now: u64) -> Result<Outcome, NifError> {
     run(&r, |w| {
