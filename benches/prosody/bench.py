@@ -62,6 +62,7 @@ from servers import CONFERENCE, FAIRFAX, RALEIGH, ServerSpec, federation  # noqa
 
 import plot  # noqa: E402  (benches/prosody/plot.py)
 from flood import flood  # noqa: E402  (benches/prosody/flood.py)
+from link_health import link_health  # noqa: E402  (benches/prosody/link_health.py)
 
 # DMUC_BENCH_DIST: measure another build of the Prosody module (a before/after comparison).
 DIST = os.environ.get("DMUC_BENCH_DIST", os.path.join(ROOT, "dist", "prosody"))
@@ -980,6 +981,36 @@ def table_rows(res: Dict[str, Any]) -> List[tuple]:
     b = get(f, "plain-remote", "cpu_us_per_message")
     rows.append(("flood", "flood: mirror server CPU vs the users' server without a mirror (plain MUC, "
                  "the room across the link; µs/message)", fmt_us(a), fmt_us(b), ratio(a, b)))
+    rows += link_health_rows(res.get("link_health", {}))
+    return rows
+
+
+def link_health_rows(h: Dict[str, Any]) -> List[tuple]:
+    """The link-health rows (benches/prosody/link_health.py), at the default settings."""
+    if not h:
+        return []
+    d, p = h.get("dmuc", {}), h.get("plain", {})
+    rows: List[tuple] = []
+    limit = h.get("detect_limit_s", 0)
+
+    def secs(x):
+        return f"not within {limit:.0f} s" if x is None else f"{x:.1f} s"
+
+    for kind, label in [("reset", "an s2s reset"), ("blackhole", "a silent black hole")]:
+        for side, who in [("master_side_s", "the master's side shows the remote users gone"),
+                          ("mirror_side_s", "the remote side shows the master's users gone")]:
+            a, b = get(d, kind, side), get(p, kind, side)
+            rows.append(("link health, defaults", f"{label}: {who}", secs(a), secs(b), ratio(a, b)))
+        a, b = get(d, kind, "recovery_s"), get(p, kind, "recovery_s")
+        rows.append(("link health, defaults", f"after {label}: a remote user speaks, until everyone sees "
+                     "everyone and has the message", secs(a), "rejoin by hand" if b is None else secs(b), ratio(a, b)))
+    a, b = get(d, "idle_bytes_per_hour"), get(p, "idle_bytes_per_hour")
+    rows.append(("link health, defaults", f"idle room with remote users: bytes per hour (measured over "
+                 f"{get(d, 'idle_seconds', default=0):.0f} s, {get(d, 'idle_pings', default='?')} ping(s))",
+                 "-" if a is None else f"{a} B", "-" if b is None else f"{b} B", ratio(a, b)))
+    a, b = get(d, "busy_ping_bytes"), get(p, "busy_ping_bytes")
+    rows.append(("link health, defaults", f"ping bytes in a busy minute ({get(d, 'busy_messages', default='?')} "
+                 "messages, both sides)", "-" if a is None else f"{a} B", "-" if b is None else f"{b} B", ratio(a, b)))
     return rows
 
 
@@ -1011,6 +1042,20 @@ def markdown(rows: List[tuple], res: Dict[str, Any]) -> str:
 
 
 async def main_async(bench: Bench, modes: Sequence[str], phases: Sequence[str]) -> None:
+    # The link-health phase mostly waits (default timers): it runs beside everything else.
+    health = (asyncio.create_task(link_health(bench, started, ClientHub, CONFERENCE))
+              if "health" in phases else None)
+    try:
+        await main_phases(bench, modes, phases)
+    except BaseException:
+        if health is not None:
+            health.cancel()
+        raise
+    if health is not None:
+        bench.results["link_health"] = await health
+
+
+async def main_phases(bench: Bench, modes: Sequence[str], phases: Sequence[str]) -> None:
     async with contextlib.AsyncExitStack() as stack:
         if "main" not in phases:
             modes = []
@@ -1033,8 +1078,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="a smaller workload, for a smoke run")
     ap.add_argument("--engine", help="output of `cargo bench --bench fanout` to include")
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated: dmuc,plain")
-    ap.add_argument("--only", default="main,flood",
-                    help="comma-separated phases: main (everything but the flood), flood")
+    ap.add_argument("--only", default="main,flood,health",
+                    help="comma-separated phases: main (everything but the flood and link health), "
+                         "flood, health (link health at the default timers, about 8 minutes)")
     args = ap.parse_args()
     if not os.path.exists(os.path.join(DIST, "dmuc_prosody.so")):
         print(f"{DIST} has no dmuc_prosody.so: run `make dist` first", file=sys.stderr)
