@@ -728,6 +728,7 @@ elseif host_type == "component" and component_module == "dmuc" then
 		handle_remote = function(origin, stanza) return run("handle_remote", origin, stanza) end;
 		s2s_closed = function(domain)
 			call(mirror, "handle_s2s_closed", time_now(), domain);
+			drain(mirror);
 			schedule();
 		end;
 	};
@@ -743,16 +744,22 @@ elseif host_type == "component" and component_module == "dmuc" then
 		flush_store();
 	end
 
-	-- The masters' broadcasts come on an incoming s2s session to this component: if one closes,
-	-- what it carried may be lost, and the rooms catch up.
-	module:hook("s2sin-destroyed", function(event)
-		local from = event.session and event.session.from_host;
-		if from and mirror:handles(from) then
-			call(mirror, "handle_s2s_in_closed", time_now(), from);
-			drain(mirror);
-			schedule();
+	-- An s2s session of this component with a master closed. Outgoing: the mirror service's
+	-- requests and pings went on it, and one written into it is lost with it (the engine pings
+	-- again at once; the users' sessions are the VirtualHost half's). Incoming: the master's
+	-- broadcasts came on it, and what it carried may be lost (the rooms catch up).
+	local function session_closed(method, remote_of)
+		return function(event)
+			local remote = event.session and event.session[remote_of];
+			if remote and mirror:handles(remote) then
+				call(mirror, method, time_now(), remote);
+				drain(mirror);
+				schedule();
+			end
 		end
-	end);
+	end
+	module:hook("s2sout-destroyed", session_closed("handle_s2s_closed", "to_host"));
+	module:hook("s2sin-destroyed", session_closed("handle_s2s_in_closed", "from_host"));
 
 	-- Stanzas from masters to the mirror service and to users' escaped JIDs at it.
 	local function from_master(event)

@@ -116,9 +116,10 @@ impl LinkWatch {
             if self.heard.get(&mirror).is_some_and(|h| h.down) {
                 continue;
             }
-            if self.probes.values().any(|p| p.mirror == mirror) {
-                continue;
-            }
+            // A probe on its way may have gone into a connection that was closing too (a host
+            // may close both directions at once, and route to a closing connection for a
+            // moment): this one replaces it, with its own timeout.
+            self.probes.retain(|_, p| p.mirror != mirror);
             self.next_probe += 1;
             let id = format!("dmuc-probe-{}", self.next_probe);
             let mut iq = minidom::Element::builder("iq", ns::JABBER_CLIENT).build();
@@ -357,10 +358,18 @@ mod tests {
             "<iq xmlns='jabber:client' from='conference.fairfax.localhost' id='dmuc-probe-1' \
              to='mirror.raleigh.localhost' type='get'><ping xmlns='urn:xmpp:ping'/></iq>"
         );
-        // One probe at a time: a second close adds none.
+        // A second close: the first probe may have gone into that connection. A new probe
+        // replaces it, with its own timeout; the first one's answer no longer counts.
         w.handle_s2s_closed(Timestamp(2001), SERVICE, MIRROR);
+        assert!(w.poll_transmit().unwrap().contains("id='dmuc-probe-2'"));
         assert_eq!(w.poll_transmit(), None);
-        assert_eq!(w.poll_timeout(), Some(Timestamp(7000)));
+        assert_eq!(w.poll_timeout(), Some(Timestamp(7001)));
+        assert!(!w
+            .handle_answer(
+                Timestamp(2100),
+                &answer("dmuc-probe-1", "result", MIRROR, "")
+            )
+            .unwrap());
         // Not an answer: another id, or from someone else.
         assert!(!w
             .handle_answer(Timestamp(2100), &answer("other", "result", MIRROR, ""))
@@ -368,16 +377,16 @@ mod tests {
         assert!(!w
             .handle_answer(
                 Timestamp(2100),
-                &answer("dmuc-probe-1", "result", "evil.example", "")
+                &answer("dmuc-probe-2", "result", "evil.example", "")
             )
             .unwrap());
         assert!(w
             .handle_answer(
                 Timestamp(2100),
-                &answer("dmuc-probe-1", "result", MIRROR, "")
+                &answer("dmuc-probe-2", "result", MIRROR, "")
             )
             .unwrap());
-        w.handle_timeout(Timestamp(7000));
+        w.handle_timeout(Timestamp(7001));
         assert_eq!(w.poll_event(), None);
         assert_eq!(w.poll_timeout(), Some(Timestamp(122_100)));
     }

@@ -919,27 +919,34 @@ handle_call(_Request, _From, State) -> {reply, ok, State}.
 handle_cast(drain, State) ->
     {noreply, persist(drain(State))};
 handle_cast({s2s_out_closed, Pid, FromTo}, State) ->
-    _ = erlang:monitor(process, Pid, [{tag, {s2s_out_gone, FromTo}}]),
+    _ = erlang:monitor(process, Pid, [{tag, {s2s_out_gone, mirror, FromTo}}]),
+    {noreply, State};
+handle_cast({watch_s2s_out_closed, Pid, FromTo}, State) ->
+    _ = erlang:monitor(process, Pid, [{tag, {s2s_out_gone, watch, FromTo}}]),
     {noreply, State};
 handle_cast({link_events, Service, Events, At}, State) ->
     tell_rooms(Service, Events),
     {noreply, arm_watch(Service, At, State)};
-handle_cast({watch_s2s_closed, Remote}, #{watched := Watched} = State) ->
-    {noreply, lists:foldl(
-                fun(Service, St) ->
-                        case persistent_term:get({?MODULE, watch, Service}, undefined) of
-                            undefined -> St;
-                            {W, _} ->
-                                case call(fun() -> dmuc_nif:watch_s2s_closed(W, now_ms(), Service, Remote) end) of
-                                    {Probes, Events, At} when is_list(Probes) ->
-                                        route_out(Probes),
-                                        tell_rooms(Service, Events),
-                                        arm_watch(Service, At, St);
-                                    _ -> St
-                                end
-                        end
-                end, State, Watched)};
+handle_cast({watch_s2s_closed, Remote}, State) ->
+    {noreply, watch_s2s_closed(Remote, State)};
 handle_cast(_Msg, State) -> {noreply, State}.
+
+%% The link watches probe the mirror that is, or speaks for, `Remote`.
+watch_s2s_closed(Remote, #{watched := Watched} = State) ->
+    lists:foldl(
+      fun(Service, St) ->
+              case persistent_term:get({?MODULE, watch, Service}, undefined) of
+                  undefined -> St;
+                  {W, _} ->
+                      case call(fun() -> dmuc_nif:watch_s2s_closed(W, now_ms(), Service, Remote) end) of
+                          {Probes, Events, At} when is_list(Probes) ->
+                              route_out(Probes),
+                              tell_rooms(Service, Events),
+                              arm_watch(Service, At, St);
+                          _ -> St
+                      end
+              end
+      end, State, Watched).
 
 %% Route what the mirror engine made, in order (only this process does), and re-arm its timer.
 drain(#{host := Host} = State) ->
@@ -1014,19 +1021,22 @@ handle_info({watch_timeout, Service}, #{watch_timers := Timers} = State) ->
                 _ -> {noreply, State1}
             end
     end;
-handle_info({{s2s_out_gone, FromTo}, _Ref, process, Pid, _Why}, State) ->
-    s2s_out_gone(FromTo, Pid, State);
-handle_info({s2s_out_gone, FromTo, Pid}, State) ->
-    s2s_out_gone(FromTo, Pid, State);
+handle_info({{s2s_out_gone, Role, FromTo}, _Ref, process, Pid, _Why}, State) ->
+    s2s_out_gone(Role, FromTo, Pid, State);
+handle_info({s2s_out_gone, Role, FromTo, Pid}, State) ->
+    s2s_out_gone(Role, FromTo, Pid, State);
 handle_info(_Info, State) -> {noreply, State}.
 
 %% The closed connection's process is gone; once ejabberd_s2s has forgotten it too (it does so
-%% on its own monitor, a moment later), the mirror sends again what was in flight.
-s2s_out_gone({_, RServer} = FromTo, Pid, #{host := Host} = State) ->
+%% on its own monitor, a moment later), the mirror sends again what was in flight, or the master's
+%% link watches probe.
+s2s_out_gone(Role, {_, RServer} = FromTo, Pid, #{host := Host} = State) ->
     case lists:member(Pid, ejabberd_s2s:get_connections_pids(FromTo)) of
         true ->
-            erlang:send_after(20, self(), {s2s_out_gone, FromTo, Pid}),
+            erlang:send_after(20, self(), {s2s_out_gone, Role, FromTo, Pid}),
             {noreply, State};
+        false when Role == watch ->
+            {noreply, watch_s2s_closed(RServer, State)};
         false ->
             case persistent_term:get({?MODULE, mirror, Host}, undefined) of
                 undefined -> {noreply, State};
@@ -1219,14 +1229,20 @@ s2s_out_closed(State, _Reason) -> State.
 %% Master role: an s2s session of this host with a remote domain closed, in either direction,
 %% for any reason. The link watches probe the mirror that is, or speaks for, that domain; this
 %% module's process does it (the hook runs in the connection's process).
-watch_s2s_out_closed(#{server_host := ServerHost, remote_server := RServer} = State, _Reason) ->
-    gen_server:cast(gen_mod:get_module_proc(ServerHost, ?MODULE), {watch_s2s_closed, RServer}),
+watch_s2s_out_closed(#{server_host := ServerHost, server := LServer, remote_server := RServer} = State,
+                     _Reason) ->
+    watch_out_closed(ServerHost, LServer, RServer),
     State;
 watch_s2s_out_closed(#{server := LServer, remote_server := RServer} = State, _Reason) ->
-    gen_server:cast(gen_mod:get_module_proc(ejabberd_router:host_of_route(LServer), ?MODULE),
-                    {watch_s2s_closed, RServer}),
+    watch_out_closed(ejabberd_router:host_of_route(LServer), LServer, RServer),
     State;
 watch_s2s_out_closed(State, _Reason) -> State.
+
+%% ejabberd routes to a closing outgoing connection for a moment: a probe sent now would go into
+%% it and be lost. The probe goes once the connection's process is gone (see s2s_out_gone/4).
+watch_out_closed(ServerHost, LServer, RServer) ->
+    gen_server:cast(gen_mod:get_module_proc(ServerHost, ?MODULE),
+                    {watch_s2s_out_closed, self(), {LServer, RServer}}).
 
 watch_s2s_in_closed(#{server_host := ServerHost} = State, _Reason) ->
     Domains = case maps:get(auth_domains, State, undefined) of

@@ -99,12 +99,15 @@ MASTER_BOUND = LINK_TIMEOUT + 10              # link timeout, from the last stan
 
 
 def host_idle_close(env) -> None:
-    """The master's server closes its s2s streams with the mirror's, as on an idle timeout: a
-    clean stream close, no error (Prosody's admin shell `s2s:closeall`, ejabberd's
-    `stop_s2s_connections`)."""
+    """The master's server closes its s2s streams with the mirror's server as on an idle timeout.
+    Prosody has no idle timeout of its own: its admin shell's `s2s:closeall` closes each stream
+    cleanly, as prosody-modules' mod_s2s_idle_timeout does. ejabberd's streams take their idle
+    timeout (`s2s_timeout`) as a `timeout` message: sent one now, each closes with the
+    `connection-timeout` stream error "Idle connection", as it would after an idle hour."""
     server = env.fairfax
     if hasattr(server, "rpc"):
-        server.rpc("ejabberd_s2s:stop_s2s_connections()")
+        server.rpc("[P ! timeout || Sup <- [ejabberd_s2s_in_sup, ejabberd_s2s_out_sup], "
+                   "{_, P, _, _} <- supervisor:which_children(Sup), is_pid(P)], ok")
         return
     for remote in (RALEIGH, MIRROR):
         out = subprocess.run(["prosodyctl", "--config", server.config_path, "shell", "s2s", "closeall", remote],
@@ -148,6 +151,9 @@ async def idle_then_close_then_black_hole(env, master: str, mirror: str, report:
         # The master probes; the mirror, told of its closed sessions, pings: both are answered.
         await hub.wait_for(lambda: answered("dmuc-probe-") and answered("dmuc-ping-"), 30,
                            "the master's probe and the mirror's ping after the close are answered")
+        # Streams close one by one, each may start a probe: past the probe timeout (5 s) of the
+        # last, an unanswered one would have evicted the mirror's users.
+        await asyncio.sleep(10)
         assert not _left(alice, "Wayne", t1) and not _left(wayne, "Alice", t1), "an idle close evicted someone"
         assert all(c.occupants(ROOM) == everyone for c in clients.values())
         report["close"] = len([s for s in env.link.stanzas() if s.time >= t1])
