@@ -991,12 +991,12 @@ def link_health_rows(h: Dict[str, Any]) -> List[tuple]:
         return []
     d, p = h.get("dmuc", {}), h.get("plain", {})
     rows: List[tuple] = []
-    limit = h.get("detect_limit_s", 0)
-
-    def secs(x):
-        return f"not within {limit:.0f} s" if x is None else f"{x:.1f} s"
-
     for kind, label in [("reset", "an s2s reset"), ("blackhole", "a silent black hole")]:
+        limit = get(h, "detect_limit_s", kind, default=0)
+
+        def secs(x):
+            return f"not within {limit:.0f} s" if x is None else f"{x:.1f} s"
+
         for side, who in [("master_side_s", "the master's side shows the remote users gone"),
                           ("mirror_side_s", "the remote side shows the master's users gone")]:
             a, b = get(d, kind, side), get(p, kind, side)

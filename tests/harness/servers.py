@@ -504,6 +504,15 @@ class ProxySnapshot:
         return len(select(self.stanzas, sender=sender, name=name, where=where))
 
 
+_DMUC_ACK = re.compile(r"<ack\b[^>]*\bxmlns=['\"]urn:xmpp:dmuc:0['\"]")
+
+
+def is_ack(s: Stanza) -> bool:
+    """Is this the master's acknowledgement of a mirror user's message (src/ack.rs)? Attribute
+    order is the server's (Prosody's varies)."""
+    return s.name == "message" and bool(_DMUC_ACK.search(s.raw))
+
+
 def select(stanzas: Iterable[Stanza], sender: Optional[str] = None, name: Optional[str] = None,
            where: Optional[Callable[[Stanza], bool]] = None) -> List[Stanza]:
     return [s for s in stanzas

@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from clients import ClientHub, run
-from servers import CONFERENCE, FAIRFAX, RALEIGH
+from servers import CONFERENCE, FAIRFAX, RALEIGH, is_ack
 
 ROOM = f"chatroom@{CONFERENCE}"
 MIRROR = f"mirror.{RALEIGH}"
@@ -93,7 +93,10 @@ def test_dmuc_flow(make_mixed_servers, master, mirror):
                                    "barrier")
                 sent = env.link.snapshot()
                 print(f"\n[{master} master, {mirror} mirror] messages: {sent.stanza_counts}")
-                assert sent.stanza_counts.get(FAIRFAX) == {"message": 2}, sent.stanza_counts
+                # Alice's message, the barrier, and the acknowledgement of Wayne's (src/ack.rs).
+                assert sent.stanza_counts.get(FAIRFAX) == {"message": 3}, sent.stanza_counts
+                acks = sent.count(sender=FAIRFAX, where=is_ack)
+                assert acks == 1, [s.raw for s in sent.stanzas]
                 assert sent.stanza_counts.get(RALEIGH) == {"message": 1}, sent.stanza_counts
                 for c in (alice, wayne, keith):
                     for b in (body, body2):

@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from clients import ClientHub, run
-from servers import CONFERENCE, FAIRFAX, RALEIGH
+from servers import CONFERENCE, FAIRFAX, RALEIGH, is_ack
 
 ROOM = f"chatroom@{CONFERENCE}"
 MIRROR = f"mirror.{RALEIGH}"
@@ -92,7 +92,11 @@ def test_first_join_second_join_messages_and_leaves(make_two_servers):
                                    "barrier")
                 sent = env.link.snapshot()
                 assert sent.stanza_counts.get(RALEIGH) == {"message": 1}, sent.stanza_counts
-                assert sent.stanza_counts.get(FAIRFAX) == {"message": 1}, sent.stanza_counts
+                # Back to raleigh: the barrier, and the master's acknowledgement of Wayne's
+                # message (in place of the echo plain MUC sends him; src/ack.rs).
+                assert sent.stanza_counts.get(FAIRFAX) == {"message": 2}, sent.stanza_counts
+                acks = sent.count(sender=FAIRFAX, where=is_ack)
+                assert acks == 1, [(s.sender, s.raw) for s in sent.stanzas]
                 for c in (alice, wayne, keith):
                     assert len(c.groupchat(ROOM, body)) == 1, (c.jid, c.groupchat(ROOM, body))
 
