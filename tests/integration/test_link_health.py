@@ -1,8 +1,8 @@
 """Link health at the default settings (issue 12): what an admin who keeps the defaults gets.
 
 No timer is shortened here: the mirror pings after 300 s of quiet and gives a ping 20 s, the
-master evicts a mirror it has heard nothing from for 360 s. An s2s reset (every connection aborted, new ones refused) must still be
-seen on both sides within 10 s: the mirror through its own server's s2s events and bounces, the
+master evicts a mirror it has heard nothing from for 360 s. An s2s reset (every connection
+aborted, new ones refused) must still be seen on both sides within 10 s: the mirror through its own server's s2s events and bounces, the
 master by probing the mirror when its s2s sessions close (an unanswered probe evicts the
 mirror's users after 5 s). When the link comes back, the mirror's probes (1 s after the loss,
 then doubling) find it, and at once when a local user speaks: then within 5 s the queue is
