@@ -42,6 +42,7 @@ import json
 import logging
 import math
 import os
+import re
 import platform
 import shutil
 import statistics
@@ -265,9 +266,25 @@ def describe(s) -> str:
     return f"{s.sender} -> {s.receiver}: {s.name}{typ} from={s.from_} to={s.to} [{', '.join(children)}] {len(s)} B"
 
 
+_KEY = re.compile(r"<(?:dedup|origin-id)\b[^>]*\bid=['\"]([^'\"]+)")
+_ACK = re.compile(r"<ack\b[^>]*")
+
+
+def _ack_key(s) -> Optional[str]:
+    """The key a master's acknowledgement (src/ack.rs) acknowledges, if `s` is one."""
+    if s.name != "message" or "urn:xmpp:dmuc:0" not in s.raw:
+        return None
+    m = _ACK.search(s.raw)
+    k = m and re.search(r"\bid=['\"]([^'\"]+)", m.group(0))
+    return k.group(1) if k else None
+
+
 def tally(snap, items: bool = False) -> Dict[str, Any]:
-    """Stanzas and their bytes in a snapshot, barrier messages left out."""
-    stanzas = [s for s in snap.stanzas if BARRIER not in s.raw]
+    """Stanzas and their bytes in a snapshot, barrier messages left out, and so are the master's
+    acknowledgements of messages not counted here (a barrier's, or one from before the window)."""
+    counted = [s for s in snap.stanzas if BARRIER not in s.raw]
+    keys = {k for s in counted for k in _KEY.findall(s.raw)}
+    stanzas = [s for s in counted if _ack_key(s) is None or _ack_key(s) in keys]
     by_sender: Dict[str, Dict[str, Any]] = {}
     for s in stanzas:
         d = by_sender.setdefault(s.sender, {"stanzas": 0, "bytes": 0, "kinds": {}})
